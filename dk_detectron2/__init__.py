@@ -1,0 +1,8 @@
+"""dk_detectron2: Deformable Kernels (Gao et al., ICLR 2020) for Detectron2.
+
+``import dk_detectron2`` loads the compiled operators, registers the DK backbones in Detectron2's
+``BACKBONE_REGISTRY`` and the embedded datasets, and exposes ``add_dk_config``.
+"""
+from . import layers  # noqa: F401
+
+__version__ = "0.1.0"

@@ -1,0 +1,365 @@
+"""Functional Deformable Kernel operators.
+
+Each public function validates its arguments (clear ``TypeError``/``ValueError`` naming the
+argument, the expected and the received shape/dtype/device), then calls the compiled operator
+``torch.ops.dk_detectron2.<name>``. This module also registers, for every compiled operator, its
+fake (meta) kernel, its autograd formula and its autocast rule, so the operators work under
+``torch.compile``, ``torch.jit.trace``, ``torch.autocast`` and ``torch.autograd.gradcheck``.
+
+Shapes are NCHW. ``K = (Kh, Kw)`` is the sampled kernel size, ``S = (Sh, Sw)`` the scope size
+(``S >= K``) and ``G`` the number of rotation groups. The bilinear rule, in kernel and in image
+space: a point with ``y <= -1`` or ``y >= size`` (same for x, and any non-finite coordinate) reads
+zero; otherwise corners outside the grid contribute zero. See ``dk_detectron2.layers.reference``
+for a readable pure-PyTorch definition of every operator.
+"""
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import _extension  # noqa: F401  (loads dk_detectron2._C, which defines the operators)
+
+__all__ = ["deform_kernel2d", "deform_kernel_conv2d", "nd_linear_sample"]
+
+IntPair = Union[int, Sequence[int]]
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_OPS = torch.ops.dk_detectron2
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------
+def _pair(name: str, value: IntPair, minimum: int) -> Tuple[int, int]:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        pair = (value, value)
+    elif isinstance(value, (tuple, list, torch.Size)) and len(value) == 2:
+        pair = tuple(value)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        bound = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _check_tensor(name: str, tensor, dim: int, layout: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(tensor).__name__}")
+    if tensor.dim() != dim:
+        raise ValueError(
+            f"{name} must be {dim}-D {layout}, got shape {tuple(tensor.shape)}"
+        )
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be floating point (float16, bfloat16, float32 or float64), "
+            f"got {tensor.dtype}"
+        )
+
+
+def _check_like(name: str, tensor: torch.Tensor, input: torch.Tensor) -> None:
+    if tensor.dtype != input.dtype:
+        raise TypeError(f"{name} must have the dtype of input ({input.dtype}), got {tensor.dtype}")
+    if tensor.device != input.device:
+        raise ValueError(
+            f"{name} must be on the device of input ({input.device}), got {tensor.device}"
+        )
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _validate(
+    input, offset, rotation, weight, kernel_size, stride, padding, dilation, rotation_groups
+):
+    """Checks every argument; returns the normalised pairs and the output size."""
+    _check_tensor("input", input, 4, "[B, C_in, H, W]")
+    _check_tensor("weight", weight, 4, "[C_out, C_in/groups, Sh, Sw]")
+    _check_like("weight", weight, input)
+    k = _pair("kernel_size", kernel_size, 1)
+    s = _pair("stride", stride, 1)
+    p = _pair("padding", padding, 0)
+    d = _pair("dilation", dilation, 1)
+    if isinstance(rotation_groups, bool) or not isinstance(rotation_groups, int):
+        raise TypeError(f"rotation_groups must be an int, got {rotation_groups!r}")
+    if rotation_groups < 1:
+        raise ValueError(f"rotation_groups must be positive, got {rotation_groups}")
+
+    batch, in_channels, height, width = input.shape
+    out_channels, channels_per_group, scope_h, scope_w = weight.shape
+    if scope_h < k[0] or scope_w < k[1]:
+        raise ValueError(
+            f"the scope (weight's last two dims, {scope_h}x{scope_w}) must be at least "
+            f"kernel_size {k[0]}x{k[1]}"
+        )
+    if channels_per_group < 1 or in_channels % channels_per_group != 0:
+        raise ValueError(
+            f"weight.size(1) ({channels_per_group}) must divide input channels ({in_channels}): "
+            "weight is [C_out, C_in/groups, Sh, Sw]"
+        )
+    groups = in_channels // channels_per_group
+    if out_channels % groups != 0:
+        raise ValueError(
+            f"weight.size(0) (C_out = {out_channels}) must be divisible by groups "
+            f"(C_in / weight.size(1) = {groups})"
+        )
+    if not (channels_per_group == 1 and out_channels == in_channels):
+        raise ValueError(
+            "only depthwise Deformable Kernels are supported: weight must be "
+            f"[C_in, 1, Sh, Sw] = [{in_channels}, 1, Sh, Sw], got {tuple(weight.shape)}"
+        )
+    if out_channels % rotation_groups != 0:
+        raise ValueError(
+            f"output channels ({out_channels}) must be divisible by rotation_groups "
+            f"({rotation_groups})"
+        )
+    out_h = _output_size(height, k[0], s[0], p[0], d[0])
+    out_w = _output_size(width, k[1], s[1], p[1], d[1])
+    if out_h < 1 or out_w < 1:
+        raise ValueError(
+            f"input of spatial size {height}x{width} is too small for kernel_size {k}, "
+            f"stride {s}, padding {p}, dilation {d} (output would be {out_h}x{out_w})"
+        )
+    taps = k[0] * k[1]
+    _check_tensor("rotation", rotation, 4, "[B, G*Kh*Kw*2, Ho, Wo]")
+    _check_like("rotation", rotation, input)
+    expected = (batch, rotation_groups * taps * 2, out_h, out_w)
+    if tuple(rotation.shape) != expected:
+        raise ValueError(
+            f"rotation must be [B, G*Kh*Kw*2, Ho, Wo] = {list(expected)} for G = "
+            f"{rotation_groups}, K = {k}, got {list(rotation.shape)}"
+        )
+    if offset is not None:
+        _check_tensor("offset", offset, 4, "[B, Kh*Kw*2, Ho, Wo]")
+        _check_like("offset", offset, input)
+        expected = (batch, taps * 2, out_h, out_w)
+        if tuple(offset.shape) != expected:
+            raise ValueError(
+                f"offset must be [B, Kh*Kw*2, Ho, Wo] = {list(expected)} for K = {k}, "
+                f"got {list(offset.shape)}"
+            )
+    return k, s, p, d, (batch, out_channels, out_h, out_w)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public operators
+# ------------------------------------------------------------------------------------------------
+def deform_kernel2d(
+    input: torch.Tensor,
+    rotation: torch.Tensor,
+    weight: torch.Tensor,
+    kernel_size: IntPair,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    rotation_groups: int = 1,
+) -> torch.Tensor:
+    """Local Deformable Kernel (depthwise): resamples each kernel tap from a larger scope.
+
+    Args:
+        input: [B, C, H, W].
+        rotation: [B, G*Kh*Kw*2, Ho, Wo] kernel-space offsets. Channel
+            ``g*Kh*Kw*2 + (kh*Kw + kw)*2 + 0`` is the y offset ``r_y`` of tap (kh, kw) for rotation
+            group g, ``+ 1`` its x offset ``r_x``.
+        weight: [C, 1, Sh, Sw], the S x S scope of each channel's kernel (S >= K).
+        kernel_size: K = (Kh, Kw), the number of taps sampled from the scope.
+        stride, padding, dilation: as for ``torch.nn.functional.conv2d`` with kernel K.
+        rotation_groups: G; channel c uses the rotation of group ``g = c // (C/G)`` (contiguous
+            blocks, as DCN's offset groups). The original release interleaved them (``c % G``);
+            since the rotation comes from a learnt convolution, the two differ only by a
+            permutation of that convolution's output channels.
+
+    Returns:
+        [B, C, Ho, Wo] (Ho, Wo as for a convolution with the same K, stride, padding, dilation),
+        in the memory format of ``input`` (channels-last in, channels-last out), where::
+
+            out[b,c,y,x] = sum_{kh,kw} in[b, c, y*sh - ph + kh*dh, x*sw - pw + kw*dw]
+                           * bilinear(weight[c, 0], kh + r_y + (Sh-Kh)/2, kw + r_x + (Sw-Kw)/2)
+
+        Input taps outside the image read zero; scope samples follow the bilinear rule above.
+        With S = K and zero rotation this is a depthwise ``conv2d``. Differentiable with respect
+        to input, rotation and weight.
+    """
+    k, s, p, d, _ = _validate(
+        input, None, rotation, weight, kernel_size, stride, padding, dilation, rotation_groups
+    )
+    return _OPS.deform_kernel2d(input, rotation, weight, k, s, p, d, rotation_groups)
+
+
+def deform_kernel_conv2d(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    rotation: torch.Tensor,
+    weight: torch.Tensor,
+    kernel_size: IntPair,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    rotation_groups: int = 1,
+) -> torch.Tensor:
+    """Deformable Kernel integrated with deformable convolution (depthwise).
+
+    As :func:`deform_kernel2d`, but tap (kh, kw) of output (y, x) also reads the input bilinearly
+    at ``(y*sh - ph + kh*dh + o_y, x*sw - pw + kw*dw + o_x)``.
+
+    Args:
+        offset: [B, Kh*Kw*2, Ho, Wo] image-space offsets in DCN's layout: channel
+            ``(kh*Kw + kw)*2 + 0`` is ``o_y`` of tap (kh, kw), ``+ 1`` is ``o_x``.
+        Others as for :func:`deform_kernel2d`.
+
+    Returns:
+        [B, C, Ho, Wo]. With zero offset it equals :func:`deform_kernel2d`; with zero rotation and
+        S = K it equals ``torchvision.ops.deform_conv2d`` with a depthwise weight. Differentiable
+        with respect to input, offset, rotation and weight.
+    """
+    k, s, p, d, _ = _validate(
+        input, offset, rotation, weight, kernel_size, stride, padding, dilation, rotation_groups
+    )
+    return _OPS.deform_kernel_conv2d(input, offset, rotation, weight, k, s, p, d, rotation_groups)
+
+
+def nd_linear_sample(input: torch.Tensor, coord: torch.Tensor) -> torch.Tensor:
+    """Samples M kernels at P points: the global Deformable Kernel's kernel sampler.
+
+    Args:
+        input: [M, Sh, Sw], M scopes (e.g. a depthwise weight reshaped to [C, Sh, Sw]).
+        coord: [P, 2] sample points (y, x) in scope cells, same dtype and device as input.
+
+    Returns:
+        [P, M], ``out[p, m] = bilinear(input[m], coord[p, 0], coord[p, 1])`` under the bilinear
+        rule above. Differentiable with respect to input and coord.
+    """
+    _check_tensor("input", input, 3, "[M, Sh, Sw]")
+    _check_tensor("coord", coord, 2, "[P, 2]")
+    _check_like("coord", coord, input)
+    if coord.shape[1] != 2:
+        raise ValueError(f"coord must be [P, 2] (y, x), got shape {tuple(coord.shape)}")
+    return _OPS.nd_linear_sample(input, coord)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fake kernels (shapes and strides only), autograd and autocast of the compiled operators
+# ------------------------------------------------------------------------------------------------
+def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    """The output layout rule shared with the C++ kernels (a channels-last input stays so)."""
+    if tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _out_shape(input, weight, kernel_size, stride, padding, dilation):
+    return (
+        input.shape[0],
+        weight.shape[0],
+        _output_size(input.shape[2], kernel_size[0], stride[0], padding[0], dilation[0]),
+        _output_size(input.shape[3], kernel_size[1], stride[1], padding[1], dilation[1]),
+    )
+
+
+@torch.library.register_fake("dk_detectron2::deform_kernel2d")
+def _deform_kernel2d_fake(input, rotation, weight, kernel_size, stride, padding, dilation, groups):
+    shape = _out_shape(input, weight, kernel_size, stride, padding, dilation)
+    return input.new_empty(shape, memory_format=_memory_format(input))
+
+
+@torch.library.register_fake("dk_detectron2::deform_kernel_conv2d")
+def _deform_kernel_conv2d_fake(
+    input, offset, rotation, weight, kernel_size, stride, padding, dilation, groups
+):
+    shape = _out_shape(input, weight, kernel_size, stride, padding, dilation)
+    return input.new_empty(shape, memory_format=_memory_format(input))
+
+
+@torch.library.register_fake("dk_detectron2::_deform_kernel2d_backward")
+def _deform_kernel2d_backward_fake(grad, input, rotation, weight, *args):
+    return (
+        input.new_empty(input.shape, memory_format=_memory_format(input)),
+        torch.empty_like(rotation, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+    )
+
+
+@torch.library.register_fake("dk_detectron2::_deform_kernel_conv2d_backward")
+def _deform_kernel_conv2d_backward_fake(grad, input, offset, rotation, weight, *args):
+    return (
+        input.new_empty(input.shape, memory_format=_memory_format(input)),
+        torch.empty_like(offset, memory_format=torch.contiguous_format),
+        torch.empty_like(rotation, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+    )
+
+
+@torch.library.register_fake("dk_detectron2::nd_linear_sample")
+def _nd_linear_sample_fake(input, coord):
+    return input.new_empty((coord.shape[0], input.shape[0]))
+
+
+@torch.library.register_fake("dk_detectron2::_nd_linear_sample_backward")
+def _nd_linear_sample_backward_fake(grad, input, coord):
+    return torch.empty_like(input, memory_format=torch.contiguous_format), torch.empty_like(
+        coord, memory_format=torch.contiguous_format
+    )
+
+
+def _setup_deform_kernel2d(ctx, inputs, output):
+    input, rotation, weight, *geometry = inputs
+    ctx.save_for_backward(input, rotation, weight)
+    ctx.geometry = geometry
+
+
+def _backward_deform_kernel2d(ctx, grad_output):
+    input, rotation, weight = ctx.saved_tensors
+    grad_input, grad_rotation, grad_weight = _OPS._deform_kernel2d_backward(
+        grad_output, input, rotation, weight, *ctx.geometry
+    )
+    return grad_input, grad_rotation, grad_weight, None, None, None, None, None
+
+
+def _setup_deform_kernel_conv2d(ctx, inputs, output):
+    input, offset, rotation, weight, *geometry = inputs
+    ctx.save_for_backward(input, offset, rotation, weight)
+    ctx.geometry = geometry
+
+
+def _backward_deform_kernel_conv2d(ctx, grad_output):
+    input, offset, rotation, weight = ctx.saved_tensors
+    grads = _OPS._deform_kernel_conv2d_backward(
+        grad_output, input, offset, rotation, weight, *ctx.geometry
+    )
+    return (*grads, None, None, None, None, None)
+
+
+def _setup_nd_linear_sample(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward_nd_linear_sample(ctx, grad_output):
+    input, coord = ctx.saved_tensors
+    return tuple(_OPS._nd_linear_sample_backward(grad_output, input, coord))
+
+
+torch.library.register_autograd(
+    "dk_detectron2::deform_kernel2d",
+    _backward_deform_kernel2d,
+    setup_context=_setup_deform_kernel2d,
+)
+torch.library.register_autograd(
+    "dk_detectron2::deform_kernel_conv2d",
+    _backward_deform_kernel_conv2d,
+    setup_context=_setup_deform_kernel_conv2d,
+)
+torch.library.register_autograd(
+    "dk_detectron2::nd_linear_sample",
+    _backward_nd_linear_sample,
+    setup_context=_setup_nd_linear_sample,
+)
+
+# Under autocast the operators run in float32: the kernel-space bilinear weights and the gradient
+# with respect to the rotation lose too much in float16. Explicit float16/bfloat16 calls (outside
+# autocast) run the half-precision kernels, which accumulate in float32.
+for _op in ("deform_kernel2d", "deform_kernel_conv2d", "nd_linear_sample"):
+    for _device in ("cpu", "cuda"):
+        torch.library.register_autocast(f"dk_detectron2::{_op}", _device, torch.float32)

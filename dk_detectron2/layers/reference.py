@@ -1,0 +1,151 @@
+"""Slow, readable pure-PyTorch reference of every Deformable Kernel operator.
+
+These functions define the semantics that the compiled kernels implement; the tests compare the
+two. They are built only from differentiable PyTorch ops (gathers and arithmetic), so autograd
+gives the reference gradients too. Memory grows with ``B * C_out * C_in/groups * Ho * Wo`` per
+tap: use them on small shapes only.
+
+The bilinear rule (shared with ``csrc/bilinear.h``): a point with ``y <= -1``, ``y >= height``,
+``x <= -1`` or ``x >= width`` (or a non-finite coordinate) reads zero; otherwise the four corners
+``floor(y) + {0, 1}`` x ``floor(x) + {0, 1}`` contribute their bilinear weights, and corners
+outside the grid contribute zero.
+"""
+from typing import Iterator, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "bilinear_corners",
+    "deform_kernel2d_reference",
+    "deform_kernel_conv2d_reference",
+    "nd_linear_sample_reference",
+]
+
+
+def _pair(value) -> Tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+def bilinear_corners(
+    y: torch.Tensor, x: torch.Tensor, height: int, width: int
+) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Yields ``(flat_index, weight)`` for the four corners of each point ``(y, x)``.
+
+    ``flat_index = cy * width + cx`` (0 for a corner outside the grid) and ``weight`` is the
+    differentiable bilinear weight (0 for a corner outside the grid, or for a point that reads
+    zero). Shapes of ``y`` and ``x`` are kept.
+    """
+    inside = (y > -1) & (y < height) & (x > -1) & (x < width)
+    y = torch.where(inside, y, torch.zeros_like(y))
+    x = torch.where(inside, x, torch.zeros_like(x))
+    y0 = torch.floor(y).detach()
+    x0 = torch.floor(x).detach()
+    ly, lx = y - y0, x - x0
+    hy, hx = 1 - ly, 1 - lx
+    for dy, dx, weight in ((0, 0, hy * hx), (0, 1, hy * lx), (1, 0, ly * hx), (1, 1, ly * lx)):
+        cy, cx = y0 + dy, x0 + dx
+        valid = inside & (cy >= 0) & (cy < height) & (cx >= 0) & (cx < width)
+        index = torch.where(valid, cy * width + cx, torch.zeros_like(cy)).long()
+        yield index, weight * valid.to(weight.dtype)
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def deform_kernel_conv2d_reference(
+    input: torch.Tensor,
+    offset: Optional[torch.Tensor],
+    rotation: torch.Tensor,
+    weight: torch.Tensor,
+    kernel_size,
+    stride=1,
+    padding=0,
+    dilation=1,
+    rotation_groups: int = 1,
+) -> torch.Tensor:
+    """Reference of ``deform_kernel_conv2d`` (and of ``deform_kernel2d`` when ``offset`` is None).
+
+    Args:
+        input: [B, C_in, H, W].
+        offset: [B, Kh*Kw*2, Ho, Wo] image-space offsets in DCN's layout (channel
+            ``(kh*Kw + kw)*2 + 0`` is the y offset of tap (kh, kw), ``+ 1`` the x offset), or None
+            for integer image taps.
+        rotation: [B, G*Kh*Kw*2, Ho, Wo] kernel-space offsets; channel
+            ``g*Kh*Kw*2 + (kh*Kw + kw)*2 + 0/1`` is the y/x rotation of tap (kh, kw) for group g.
+        weight: [C_out, C_in/groups, Sh, Sw], the scope of each kernel.
+    Returns:
+        [B, C_out, Ho, Wo] with
+        ``out[b,o,y,x] = sum_{c in o's group, kh, kw} read(in[b,c], y*s - p + kh*d (+ o_y), ...)
+        * bilinear(weight[o, c], kh + r_y + (Sh-Kh)/2, kw + r_x + (Sw-Kw)/2)`` where output
+        channel o uses rotation group ``o // (C_out/G)``.
+    """
+    kh_, kw_ = _pair(kernel_size)
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    batch, in_channels, height, width = input.shape
+    out_channels, channels_per_group, scope_h, scope_w = weight.shape
+    groups = in_channels // channels_per_group
+    out_h = _output_size(height, kh_, sh, ph, dh)
+    out_w = _output_size(width, kw_, sw, pw, dw)
+    positions = out_h * out_w
+    G = rotation_groups
+
+    base_y = (torch.arange(out_h, dtype=input.dtype, device=input.device) * sh - ph).view(-1, 1)
+    base_x = (torch.arange(out_w, dtype=input.dtype, device=input.device) * sw - pw).view(1, -1)
+    flat_input = input.reshape(batch, in_channels, height * width)
+    flat_weight = weight.reshape(1, out_channels, channels_per_group, scope_h * scope_w).expand(
+        batch, -1, -1, -1
+    )
+    rot = rotation.reshape(batch, G, kh_ * kw_, 2, positions)
+    out = input.new_zeros(batch, out_channels, positions)
+    for kh in range(kh_):
+        for kw in range(kw_):
+            tap = kh * kw_ + kw
+            # Image-space read of this tap: [B, C_in, P].
+            iy = (base_y + kh * dh).expand(out_h, out_w).reshape(1, positions)
+            ix = (base_x + kw * dw).expand(out_h, out_w).reshape(1, positions)
+            if offset is not None:
+                iy = iy + offset[:, 2 * tap].reshape(batch, positions)
+                ix = ix + offset[:, 2 * tap + 1].reshape(batch, positions)
+            iy, ix = iy.expand(batch, positions), ix.expand(batch, positions)
+            value = input.new_zeros(batch, in_channels, positions)
+            for index, w in bilinear_corners(iy, ix, height, width):
+                gathered = flat_input.gather(2, index.unsqueeze(1).expand(-1, in_channels, -1))
+                value = value + gathered * w.unsqueeze(1)
+            # Kernel-space read of this tap for every output channel: [B, C_out, C_in/groups, P].
+            ry = rot[:, :, tap, 0] + kh + (scope_h - kh_) / 2.0  # [B, G, P]
+            rx = rot[:, :, tap, 1] + kw + (scope_w - kw_) / 2.0
+            ry = ry.repeat_interleave(out_channels // G, dim=1)  # [B, C_out, P]
+            rx = rx.repeat_interleave(out_channels // G, dim=1)
+            kernel = input.new_zeros(batch, out_channels, channels_per_group, positions)
+            for index, w in bilinear_corners(ry, rx, scope_h, scope_w):
+                index = index.unsqueeze(2).expand(-1, -1, channels_per_group, -1)
+                kernel = kernel + flat_weight.gather(3, index) * w.unsqueeze(2)
+            # Each output channel reads the input channels of its convolution group.
+            grouped = value.reshape(batch, groups, channels_per_group, positions)
+            grouped = grouped.repeat_interleave(out_channels // groups, dim=1)
+            out = out + (grouped * kernel).sum(dim=2)
+    return out.reshape(batch, out_channels, out_h, out_w)
+
+
+def deform_kernel2d_reference(
+    input, rotation, weight, kernel_size, stride=1, padding=0, dilation=1, rotation_groups=1
+) -> torch.Tensor:
+    """Reference of ``deform_kernel2d``: ``deform_kernel_conv2d_reference`` without offsets."""
+    return deform_kernel_conv2d_reference(
+        input, None, rotation, weight, kernel_size, stride, padding, dilation, rotation_groups
+    )
+
+
+def nd_linear_sample_reference(input: torch.Tensor, coord: torch.Tensor) -> torch.Tensor:
+    """Reference of ``nd_linear_sample``: input [M, Sh, Sw], coord [P, 2] (y, x) -> [P, M]."""
+    channels, height, width = input.shape
+    flat = input.reshape(channels, height * width)
+    out = input.new_zeros(coord.shape[0], channels)
+    for index, w in bilinear_corners(coord[:, 0], coord[:, 1], height, width):
+        out = out + flat[:, index].t() * w.unsqueeze(1)
+    return out
