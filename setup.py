@@ -46,7 +46,7 @@ def make_extension():
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
-    extra_compile_args = {"cxx": ["-O3", "-std=c++17", *openmp]}
+    extra_compile_args = {"cxx": ["-O3", *openmp]}
     extra_link_args = [*openmp]
     define_macros = []
     extension = CppExtension
@@ -59,7 +59,7 @@ def make_extension():
         for d in _cuda_include_dirs():
             isystem += ["-isystem", d]
         extra_compile_args["cxx"] += isystem
-        extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", *isystem]
+        extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr", *isystem]
     return extension(
         "dk_detectron2._C",
         sources,

@@ -15,8 +15,10 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define DK_HOST_DEVICE __host__ __device__ __forceinline__
+#define DK_UNROLL _Pragma("unroll")
 #else
 #define DK_HOST_DEVICE inline
+#define DK_UNROLL
 #endif
 
 namespace dk_detectron2 {
@@ -41,7 +43,7 @@ DK_HOST_DEVICE bool bilinear_in_range(T y, T x, int64_t height, int64_t width) {
 template <typename T>
 DK_HOST_DEVICE void bilinear_corners(T y, T x, int64_t height, int64_t width,
                                      BilinearCorners<T>& c) {
-#pragma unroll
+DK_UNROLL
   for (int i = 0; i < 4; ++i) {
     c.index[i] = 0;
     c.weight[i] = T(0);
@@ -58,7 +60,7 @@ DK_HOST_DEVICE void bilinear_corners(T y, T x, int64_t height, int64_t width,
   const T w[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
   const T dy[4] = {-hx, -lx, hx, lx};
   const T dx[4] = {-hy, hy, -ly, ly};
-#pragma unroll
+DK_UNROLL
   for (int i = 0; i < 4; ++i) {
     const int64_t cy = y0 + (i >> 1);
     const int64_t cx = x0 + (i & 1);

@@ -1,0 +1,651 @@
+// CPU kernels of deform_kernel2d and deform_kernel_conv2d (depthwise weights).
+//
+// Layout: the kernels work channels-last. The input is read as [B, H, W, C], the output and its
+// gradient as [B, Ho, Wo, C], the weight as its transpose [Sh*Sw, C], while rotation and offset
+// stay NCHW (a position's taps are a few scattered scalars). The innermost loop runs over the
+// contiguous channels of one rotation group, so it vectorises, and the bilinear corners of a tap
+// (in the scope and, for DK+DCN, in the image) are computed once per (position, rotation group)
+// and reused across that group's channels.
+//
+// Parallelism and determinism: forward and the rotation/offset/weight gradients split the output
+// rows into a fixed number of chunks (independent of the thread count); the weight gradient keeps
+// one [Sh*Sw, C] partial per chunk, summed in chunk order at the end, so results are bitwise
+// reproducible. The input gradient of deform_kernel2d is a gather (each input pixel sums the
+// taps that read it); for deform_kernel_conv2d, whose taps land anywhere, each task owns a block
+// of channels of one image and scatters into it. No atomics, no data races.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "bilinear.h"
+#include "cpu/vectorize.h"
+#include "geometry.h"
+
+namespace dk_detectron2 {
+namespace {
+
+template <typename scalar_t>
+struct DKTensors {
+  DKGeometry g;
+  const scalar_t* input;     // [B, H, W, C]
+  const scalar_t* offset;    // [B, Kh*Kw*2, Ho, Wo], or nullptr for integer image taps
+  const scalar_t* rotation;  // [B, G*Kh*Kw*2, Ho, Wo]
+  const scalar_t* weight;    // [Sh*Sw, C] (the depthwise weight, transposed)
+};
+
+// Where one tap of one output position reads, in the scope and in the image.
+template <typename acc_t>
+struct TapSample {
+  BilinearCorners<acc_t> scope;  // corners in the Sh x Sw scope
+  BilinearCorners<acc_t> image;  // corners in the H x W image (offset path)
+  int64_t pixel;                 // integer image tap (no-offset path), -1 if outside
+};
+
+// Fills `tap`; returns false when the tap contributes nothing (outside the scope or the image).
+template <typename scalar_t, typename acc_t, bool kOffset>
+DK_ALWAYS_INLINE bool sample_tap(const DKTensors<scalar_t>& t, int64_t b, int64_t oy, int64_t ox,
+                                 int64_t group, int64_t kh, int64_t kw, TapSample<acc_t>& tap) {
+  const DKGeometry& g = t.g;
+  const int64_t plane = g.out_height * g.out_width;
+  const int64_t pos = oy * g.out_width + ox;
+  const int64_t k = kh * g.kernel_w + kw;
+  const scalar_t* rot = t.rotation + (b * g.rotation_groups * g.taps() * 2 +
+                                      (group * g.taps() + k) * 2) * plane + pos;
+  const acc_t sy = scope_base<acc_t>(kh, g.kernel_h, g.scope_h) + static_cast<acc_t>(rot[0]);
+  const acc_t sx = scope_base<acc_t>(kw, g.kernel_w, g.scope_w) + static_cast<acc_t>(rot[plane]);
+  if (!bilinear_in_range(sy, sx, g.scope_h, g.scope_w)) return false;
+  bilinear_corners(sy, sx, g.scope_h, g.scope_w, tap.scope);
+  const int64_t iy = oy * g.stride_h - g.pad_h + kh * g.dilation_h;
+  const int64_t ix = ox * g.stride_w - g.pad_w + kw * g.dilation_w;
+  if (kOffset) {
+    const scalar_t* off = t.offset + (b * g.taps() * 2 + k * 2) * plane + pos;
+    const acc_t y = static_cast<acc_t>(iy) + static_cast<acc_t>(off[0]);
+    const acc_t x = static_cast<acc_t>(ix) + static_cast<acc_t>(off[plane]);
+    if (!bilinear_in_range(y, x, g.height, g.width)) return false;
+    bilinear_corners(y, x, g.height, g.width, tap.image);
+    tap.pixel = 0;
+    return true;
+  }
+  if (iy < 0 || iy >= g.height || ix < 0 || ix >= g.width) return false;
+  tap.pixel = iy * g.width + ix;
+  return true;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------------
+template <typename scalar_t, bool kOffset>
+DK_ALWAYS_INLINE void forward_rows(const DKTensors<scalar_t>& t, scalar_t* out, int64_t begin,
+                                   int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const DKGeometry& g = t.g;
+  const int64_t C = g.out_channels;
+  const int64_t Cg = C / g.rotation_groups;
+  std::vector<acc_t> acc_buffer(Cg);
+  acc_t* acc = acc_buffer.data();
+  TapSample<acc_t> tap;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t b = row / g.out_height, oy = row % g.out_height;
+    const scalar_t* image = t.input + b * g.height * g.width * C;
+    for (int64_t ox = 0; ox < g.out_width; ++ox) {
+      scalar_t* dst = out + (row * g.out_width + ox) * C;
+      for (int64_t group = 0; group < g.rotation_groups; ++group) {
+        const int64_t c0 = group * Cg;
+        std::fill(acc, acc + Cg, acc_t(0));
+        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+          for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+            if (!sample_tap<scalar_t, acc_t, kOffset>(t, b, oy, ox, group, kh, kw, tap)) continue;
+            const BilinearCorners<acc_t>& s = tap.scope;
+            const scalar_t* w0 = t.weight + s.index[0] * C + c0;
+            const scalar_t* w1 = t.weight + s.index[1] * C + c0;
+            const scalar_t* w2 = t.weight + s.index[2] * C + c0;
+            const scalar_t* w3 = t.weight + s.index[3] * C + c0;
+            const acc_t a0 = s.weight[0], a1 = s.weight[1], a2 = s.weight[2], a3 = s.weight[3];
+            if (kOffset) {
+              const BilinearCorners<acc_t>& m = tap.image;
+              const scalar_t* x0 = image + m.index[0] * C + c0;
+              const scalar_t* x1 = image + m.index[1] * C + c0;
+              const scalar_t* x2 = image + m.index[2] * C + c0;
+              const scalar_t* x3 = image + m.index[3] * C + c0;
+              const acc_t b0 = m.weight[0], b1 = m.weight[1], b2 = m.weight[2], b3 = m.weight[3];
+              DK_SIMD
+              for (int64_t c = 0; c < Cg; ++c) {
+                const acc_t w = a0 * acc_t(w0[c]) + a1 * acc_t(w1[c]) + a2 * acc_t(w2[c]) +
+                                a3 * acc_t(w3[c]);
+                const acc_t v = b0 * acc_t(x0[c]) + b1 * acc_t(x1[c]) + b2 * acc_t(x2[c]) +
+                                b3 * acc_t(x3[c]);
+                acc[c] += v * w;
+              }
+            } else {
+              const scalar_t* x = image + tap.pixel * C + c0;
+              DK_SIMD
+              for (int64_t c = 0; c < Cg; ++c) {
+                const acc_t w = a0 * acc_t(w0[c]) + a1 * acc_t(w1[c]) + a2 * acc_t(w2[c]) +
+                                a3 * acc_t(w3[c]);
+                acc[c] += acc_t(x[c]) * w;
+              }
+            }
+          }
+        }
+        for (int64_t c = 0; c < Cg; ++c) dst[c0 + c] = static_cast<scalar_t>(acc[c]);
+      }
+    }
+  }
+}
+
+DK_CPU_CLONES void forward_rows_f32(const DKTensors<float>& t, float* out, int64_t begin,
+                                    int64_t end) {
+  forward_rows<float, false>(t, out, begin, end);
+}
+DK_CPU_CLONES void forward_rows_offset_f32(const DKTensors<float>& t, float* out, int64_t begin,
+                                           int64_t end) {
+  forward_rows<float, true>(t, out, begin, end);
+}
+
+template <typename scalar_t, bool kOffset>
+void forward_dispatch(const DKTensors<scalar_t>& t, scalar_t* out, int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (kOffset) {
+      forward_rows_offset_f32(t, out, begin, end);
+    } else {
+      forward_rows_f32(t, out, begin, end);
+    }
+  } else {
+    forward_rows<scalar_t, kOffset>(t, out, begin, end);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward, pass 1: gradients of rotation, offset and weight (a sweep over output positions)
+// ------------------------------------------------------------------------------------------------
+template <typename scalar_t>
+struct DKGrads {
+  const scalar_t* grad_output;  // [B, Ho, Wo, C]
+  scalar_t* grad_rotation;      // [B, G*Kh*Kw*2, Ho, Wo]
+  scalar_t* grad_offset;        // [B, Kh*Kw*2, Ho, Wo] or nullptr
+};
+
+template <typename scalar_t, bool kOffset>
+DK_ALWAYS_INLINE void backward_params_rows(const DKTensors<scalar_t>& t, const DKGrads<scalar_t>& d,
+                                           at::opmath_type<scalar_t>* grad_weight,
+                                           int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const DKGeometry& g = t.g;
+  const int64_t C = g.out_channels;
+  const int64_t Cg = C / g.rotation_groups;
+  const int64_t plane = g.out_height * g.out_width;
+  TapSample<acc_t> tap;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t b = row / g.out_height, oy = row % g.out_height;
+    const scalar_t* image = t.input + b * g.height * g.width * C;
+    for (int64_t ox = 0; ox < g.out_width; ++ox) {
+      const int64_t pos = oy * g.out_width + ox;
+      const scalar_t* gout = d.grad_output + (row * g.out_width + ox) * C;
+      for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+        for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+          const int64_t k = kh * g.kernel_w + kw;
+          acc_t grad_oy = 0, grad_ox = 0;  // offset gradient, summed over rotation groups
+          for (int64_t group = 0; group < g.rotation_groups; ++group) {
+            const int64_t c0 = group * Cg;
+            scalar_t* grot = d.grad_rotation +
+                             (b * g.rotation_groups * g.taps() * 2 + (group * g.taps() + k) * 2) *
+                                 plane + pos;
+            if (!sample_tap<scalar_t, acc_t, kOffset>(t, b, oy, ox, group, kh, kw, tap)) {
+              grot[0] = grot[plane] = scalar_t(0);
+              continue;
+            }
+            const BilinearCorners<acc_t>& s = tap.scope;
+            const scalar_t* w0 = t.weight + s.index[0] * C + c0;
+            const scalar_t* w1 = t.weight + s.index[1] * C + c0;
+            const scalar_t* w2 = t.weight + s.index[2] * C + c0;
+            const scalar_t* w3 = t.weight + s.index[3] * C + c0;
+            acc_t* gw0 = grad_weight + s.index[0] * C + c0;
+            acc_t* gw1 = grad_weight + s.index[1] * C + c0;
+            acc_t* gw2 = grad_weight + s.index[2] * C + c0;
+            acc_t* gw3 = grad_weight + s.index[3] * C + c0;
+            const acc_t a0 = s.weight[0], a1 = s.weight[1], a2 = s.weight[2], a3 = s.weight[3];
+            // d_j = sum_c grad_out[c] * value[c] * W[corner j, c]
+            acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+            if (kOffset) {
+              const BilinearCorners<acc_t>& m = tap.image;
+              const scalar_t* x0 = image + m.index[0] * C + c0;
+              const scalar_t* x1 = image + m.index[1] * C + c0;
+              const scalar_t* x2 = image + m.index[2] * C + c0;
+              const scalar_t* x3 = image + m.index[3] * C + c0;
+              const acc_t b0 = m.weight[0], b1 = m.weight[1], b2 = m.weight[2], b3 = m.weight[3];
+              // e_j = sum_c grad_out[c] * kernel[c] * x[image corner j, c]
+              acc_t e0 = 0, e1 = 0, e2 = 0, e3 = 0;
+#pragma omp simd reduction(+ : d0, d1, d2, d3, e0, e1, e2, e3)
+              for (int64_t c = 0; c < Cg; ++c) {
+                const acc_t v0 = x0[c], v1 = x1[c], v2 = x2[c], v3 = x3[c];
+                const acc_t k0 = w0[c], k1 = w1[c], k2 = w2[c], k3 = w3[c];
+                const acc_t go = gout[c0 + c];
+                const acc_t tv = go * (b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3);
+                const acc_t u = go * (a0 * k0 + a1 * k1 + a2 * k2 + a3 * k3);
+                gw0[c] += a0 * tv;
+                gw1[c] += a1 * tv;
+                gw2[c] += a2 * tv;
+                gw3[c] += a3 * tv;
+                d0 += tv * k0;
+                d1 += tv * k1;
+                d2 += tv * k2;
+                d3 += tv * k3;
+                e0 += u * v0;
+                e1 += u * v1;
+                e2 += u * v2;
+                e3 += u * v3;
+              }
+              grad_oy += m.dweight_dy[0] * e0 + m.dweight_dy[1] * e1 + m.dweight_dy[2] * e2 +
+                         m.dweight_dy[3] * e3;
+              grad_ox += m.dweight_dx[0] * e0 + m.dweight_dx[1] * e1 + m.dweight_dx[2] * e2 +
+                         m.dweight_dx[3] * e3;
+            } else {
+              const scalar_t* x = image + tap.pixel * C + c0;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+              for (int64_t c = 0; c < Cg; ++c) {
+                const acc_t tv = acc_t(gout[c0 + c]) * acc_t(x[c]);
+                const acc_t k0 = w0[c], k1 = w1[c], k2 = w2[c], k3 = w3[c];
+                gw0[c] += a0 * tv;
+                gw1[c] += a1 * tv;
+                gw2[c] += a2 * tv;
+                gw3[c] += a3 * tv;
+                d0 += tv * k0;
+                d1 += tv * k1;
+                d2 += tv * k2;
+                d3 += tv * k3;
+              }
+            }
+            grot[0] = static_cast<scalar_t>(s.dweight_dy[0] * d0 + s.dweight_dy[1] * d1 +
+                                            s.dweight_dy[2] * d2 + s.dweight_dy[3] * d3);
+            grot[plane] = static_cast<scalar_t>(s.dweight_dx[0] * d0 + s.dweight_dx[1] * d1 +
+                                                s.dweight_dx[2] * d2 + s.dweight_dx[3] * d3);
+          }
+          if (kOffset) {
+            scalar_t* goff = d.grad_offset + (b * g.taps() * 2 + k * 2) * plane + pos;
+            goff[0] = static_cast<scalar_t>(grad_oy);
+            goff[plane] = static_cast<scalar_t>(grad_ox);
+          }
+        }
+      }
+    }
+  }
+}
+
+DK_CPU_CLONES void backward_params_rows_f32(const DKTensors<float>& t, const DKGrads<float>& d,
+                                            float* gw, int64_t begin, int64_t end) {
+  backward_params_rows<float, false>(t, d, gw, begin, end);
+}
+DK_CPU_CLONES void backward_params_rows_offset_f32(const DKTensors<float>& t,
+                                                   const DKGrads<float>& d, float* gw,
+                                                   int64_t begin, int64_t end) {
+  backward_params_rows<float, true>(t, d, gw, begin, end);
+}
+
+template <typename scalar_t, bool kOffset>
+void backward_params_dispatch(const DKTensors<scalar_t>& t, const DKGrads<scalar_t>& d,
+                              at::opmath_type<scalar_t>* gw, int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (kOffset) {
+      backward_params_rows_offset_f32(t, d, gw, begin, end);
+    } else {
+      backward_params_rows_f32(t, d, gw, begin, end);
+    }
+  } else {
+    backward_params_rows<scalar_t, kOffset>(t, d, gw, begin, end);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward, pass 2a: input gradient of deform_kernel2d, gathered per input pixel
+// ------------------------------------------------------------------------------------------------
+template <typename scalar_t>
+DK_ALWAYS_INLINE void backward_input_gather_rows(const DKTensors<scalar_t>& t,
+                                                 const scalar_t* grad_output, scalar_t* grad_input,
+                                                 int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const DKGeometry& g = t.g;
+  const int64_t C = g.out_channels;
+  const int64_t Cg = C / g.rotation_groups;
+  std::vector<acc_t> acc_buffer(C);
+  acc_t* acc = acc_buffer.data();
+  TapSample<acc_t> tap;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t b = row / g.height, iy = row % g.height;
+    for (int64_t ix = 0; ix < g.width; ++ix) {
+      std::fill(acc, acc + C, acc_t(0));
+      for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+        const int64_t ny = iy + g.pad_h - kh * g.dilation_h;
+        if (ny < 0 || ny % g.stride_h != 0) continue;
+        const int64_t oy = ny / g.stride_h;
+        if (oy >= g.out_height) continue;
+        for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+          const int64_t nx = ix + g.pad_w - kw * g.dilation_w;
+          if (nx < 0 || nx % g.stride_w != 0) continue;
+          const int64_t ox = nx / g.stride_w;
+          if (ox >= g.out_width) continue;
+          const scalar_t* gout = grad_output + ((b * g.out_height + oy) * g.out_width + ox) * C;
+          for (int64_t group = 0; group < g.rotation_groups; ++group) {
+            if (!sample_tap<scalar_t, acc_t, false>(t, b, oy, ox, group, kh, kw, tap)) continue;
+            const int64_t c0 = group * Cg;
+            const BilinearCorners<acc_t>& s = tap.scope;
+            const scalar_t* w0 = t.weight + s.index[0] * C + c0;
+            const scalar_t* w1 = t.weight + s.index[1] * C + c0;
+            const scalar_t* w2 = t.weight + s.index[2] * C + c0;
+            const scalar_t* w3 = t.weight + s.index[3] * C + c0;
+            const acc_t a0 = s.weight[0], a1 = s.weight[1], a2 = s.weight[2], a3 = s.weight[3];
+            acc_t* dst = acc + c0;
+            const scalar_t* go = gout + c0;
+            DK_SIMD
+            for (int64_t c = 0; c < Cg; ++c) {
+              dst[c] += acc_t(go[c]) * (a0 * acc_t(w0[c]) + a1 * acc_t(w1[c]) +
+                                        a2 * acc_t(w2[c]) + a3 * acc_t(w3[c]));
+            }
+          }
+        }
+      }
+      scalar_t* out = grad_input + (row * g.width + ix) * C;
+      for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(acc[c]);
+    }
+  }
+}
+
+DK_CPU_CLONES void backward_input_gather_rows_f32(const DKTensors<float>& t, const float* gout,
+                                                  float* gin, int64_t begin, int64_t end) {
+  backward_input_gather_rows<float>(t, gout, gin, begin, end);
+}
+
+template <typename scalar_t>
+void backward_input_gather_dispatch(const DKTensors<scalar_t>& t, const scalar_t* gout,
+                                    scalar_t* gin, int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    backward_input_gather_rows_f32(t, gout, gin, begin, end);
+  } else {
+    backward_input_gather_rows<scalar_t>(t, gout, gin, begin, end);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward, pass 2b: input gradient of deform_kernel_conv2d, scattered per (image, channel block)
+// ------------------------------------------------------------------------------------------------
+template <typename scalar_t>
+DK_ALWAYS_INLINE void backward_input_scatter(const DKTensors<scalar_t>& t,
+                                             const scalar_t* grad_output,
+                                             at::opmath_type<scalar_t>* grad_input, int64_t b,
+                                             int64_t group, int64_t cbegin, int64_t cend) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const DKGeometry& g = t.g;
+  const int64_t C = g.out_channels;
+  const int64_t n = cend - cbegin;
+  acc_t* image_grad = grad_input + b * g.height * g.width * C + cbegin;
+  TapSample<acc_t> tap;
+  for (int64_t oy = 0; oy < g.out_height; ++oy) {
+    for (int64_t ox = 0; ox < g.out_width; ++ox) {
+      const scalar_t* go = grad_output + ((b * g.out_height + oy) * g.out_width + ox) * C + cbegin;
+      for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+        for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+          if (!sample_tap<scalar_t, acc_t, true>(t, b, oy, ox, group, kh, kw, tap)) continue;
+          const BilinearCorners<acc_t>& s = tap.scope;
+          const BilinearCorners<acc_t>& m = tap.image;
+          const scalar_t* w0 = t.weight + s.index[0] * C + cbegin;
+          const scalar_t* w1 = t.weight + s.index[1] * C + cbegin;
+          const scalar_t* w2 = t.weight + s.index[2] * C + cbegin;
+          const scalar_t* w3 = t.weight + s.index[3] * C + cbegin;
+          const acc_t a0 = s.weight[0], a1 = s.weight[1], a2 = s.weight[2], a3 = s.weight[3];
+          acc_t* x0 = image_grad + m.index[0] * C;
+          acc_t* x1 = image_grad + m.index[1] * C;
+          acc_t* x2 = image_grad + m.index[2] * C;
+          acc_t* x3 = image_grad + m.index[3] * C;
+          const acc_t b0 = m.weight[0], b1 = m.weight[1], b2 = m.weight[2], b3 = m.weight[3];
+          DK_SIMD
+          for (int64_t c = 0; c < n; ++c) {
+            const acc_t u = acc_t(go[c]) * (a0 * acc_t(w0[c]) + a1 * acc_t(w1[c]) +
+                                            a2 * acc_t(w2[c]) + a3 * acc_t(w3[c]));
+            x0[c] += b0 * u;
+            x1[c] += b1 * u;
+            x2[c] += b2 * u;
+            x3[c] += b3 * u;
+          }
+        }
+      }
+    }
+  }
+}
+
+DK_CPU_CLONES void backward_input_scatter_f32(const DKTensors<float>& t, const float* gout,
+                                              float* gin, int64_t b, int64_t group,
+                                              int64_t cbegin, int64_t cend) {
+  backward_input_scatter<float>(t, gout, gin, b, group, cbegin, cend);
+}
+
+template <typename scalar_t>
+void backward_input_scatter_dispatch(const DKTensors<scalar_t>& t, const scalar_t* gout,
+                                     at::opmath_type<scalar_t>* gin, int64_t b, int64_t group,
+                                     int64_t cbegin, int64_t cend) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    backward_input_scatter_f32(t, gout, gin, b, group, cbegin, cend);
+  } else {
+    backward_input_scatter<scalar_t>(t, gout, gin, b, group, cbegin, cend);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side: layouts, parallel split, dtype dispatch
+// ------------------------------------------------------------------------------------------------
+bool is_channels_last(const at::Tensor& t) {
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+// The same number of chunks whatever the thread count, so reductions are reproducible.
+constexpr int64_t kMaxChunks = 64;
+
+int64_t chunk_count(int64_t rows) { return std::max<int64_t>(1, std::min(rows, kMaxChunks)); }
+
+struct Prepared {
+  DKGeometry g;
+  at::Tensor input, offset, rotation, weight;  // channels-last / NCHW / NCHW / [SS, C]
+};
+
+Prepared prepare(const at::Tensor& input, const c10::optional<at::Tensor>& offset,
+                 const at::Tensor& rotation, const at::Tensor& weight,
+                 at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                 at::IntArrayRef dilation, int64_t rotation_groups) {
+  Prepared p;
+  p.g = make_geometry(input, weight, kernel_size, stride, padding, dilation, rotation_groups);
+  TORCH_CHECK(p.g.depthwise(), "the CPU kernels take depthwise weights [C, 1, Sh, Sw]; got ",
+              weight.sizes(), " for ", p.g.in_channels, " input channels");
+  check_rotation(rotation, p.g);
+  TORCH_CHECK(input.scalar_type() == weight.scalar_type() &&
+                  input.scalar_type() == rotation.scalar_type(),
+              "input, rotation and weight must share a dtype");
+  p.input = input.contiguous(at::MemoryFormat::ChannelsLast);
+  p.rotation = rotation.contiguous();
+  p.weight = weight.reshape({p.g.out_channels, p.g.scope_cells()}).t().contiguous();
+  if (offset.has_value()) {
+    check_offset(*offset, p.g);
+    TORCH_CHECK(offset->scalar_type() == input.scalar_type(), "offset must have input's dtype");
+    p.offset = offset->contiguous();
+  }
+  return p;
+}
+
+template <typename scalar_t>
+DKTensors<scalar_t> view(const Prepared& p) {
+  return {p.g, p.input.data_ptr<scalar_t>(),
+          p.offset.defined() ? p.offset.data_ptr<scalar_t>() : nullptr,
+          p.rotation.data_ptr<scalar_t>(), p.weight.data_ptr<scalar_t>()};
+}
+
+at::Tensor forward_cpu(const at::Tensor& input, const c10::optional<at::Tensor>& offset,
+                       const at::Tensor& rotation, const at::Tensor& weight,
+                       at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation,
+                       int64_t rotation_groups) {
+  const Prepared p = prepare(input, offset, rotation, weight, kernel_size, stride, padding,
+                             dilation, rotation_groups);
+  const DKGeometry& g = p.g;
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_height, g.out_width},
+                             input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t rows = g.batch * g.out_height;
+  if (rows > 0 && g.out_channels > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                    "deform_kernel_forward_cpu", [&] {
+      const DKTensors<scalar_t> t = view<scalar_t>(p);
+      scalar_t* dst = out.data_ptr<scalar_t>();
+      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+        if (t.offset != nullptr) {
+          forward_dispatch<scalar_t, true>(t, dst, begin, end);
+        } else {
+          forward_dispatch<scalar_t, false>(t, dst, begin, end);
+        }
+      });
+    });
+  }
+  return is_channels_last(input) ? out : out.contiguous();
+}
+
+std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                     const c10::optional<at::Tensor>& offset,
+                                     const at::Tensor& rotation, const at::Tensor& weight,
+                                     at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                     at::IntArrayRef padding, at::IntArrayRef dilation,
+                                     int64_t rotation_groups) {
+  const Prepared p = prepare(input, offset, rotation, weight, kernel_size, stride, padding,
+                             dilation, rotation_groups);
+  const DKGeometry& g = p.g;
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.batch, g.out_channels, g.out_height,
+                                                      g.out_width}),
+              "grad_output has shape ", grad_output.sizes());
+  const at::Tensor gout = grad_output.to(input.scalar_type())
+                              .contiguous(at::MemoryFormat::ChannelsLast);
+  const bool has_offset = offset.has_value();
+  const auto cl = input.options().memory_format(at::MemoryFormat::ChannelsLast);
+  at::Tensor grad_input = at::empty(input.sizes(), cl);
+  at::Tensor grad_rotation = at::empty(rotation.sizes(), rotation.options());
+  at::Tensor grad_offset = has_offset ? at::zeros(offset->sizes(), offset->options()) : at::Tensor();
+  at::Tensor grad_weight;
+  const int64_t C = g.out_channels, SS = g.scope_cells();
+  const int64_t rows = g.batch * g.out_height;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "deform_kernel_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_options = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const DKTensors<scalar_t> t = view<scalar_t>(p);
+    const DKGrads<scalar_t> d{gout.data_ptr<scalar_t>(), grad_rotation.data_ptr<scalar_t>(),
+                              has_offset ? grad_offset.data_ptr<scalar_t>() : nullptr};
+
+    // Pass 1: rotation/offset gradients and per-chunk weight-gradient partials.
+    const int64_t chunks = chunk_count(rows);
+    const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
+    at::Tensor partial = at::zeros({chunks, SS, C}, acc_options);
+    acc_t* partial_data = partial.data_ptr<acc_t>();
+    if (rows > 0) {
+      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t chunk = begin; chunk < end; ++chunk) {
+          const int64_t r0 = chunk * rows_per_chunk;
+          const int64_t r1 = std::min(rows, r0 + rows_per_chunk);
+          if (r0 >= r1) continue;
+          acc_t* gw = partial_data + chunk * SS * C;
+          if (has_offset) {
+            backward_params_dispatch<scalar_t, true>(t, d, gw, r0, r1);
+          } else {
+            backward_params_dispatch<scalar_t, false>(t, d, gw, r0, r1);
+          }
+        }
+      });
+    }
+    // Sum the partials in chunk order: [SS, C] -> weight layout [C, 1, Sh, Sw].
+    grad_weight = partial.sum(0).t().reshape(weight.sizes()).to(weight.scalar_type()).contiguous();
+
+    // Pass 2: input gradient.
+    if (!has_offset) {
+      scalar_t* gin = grad_input.data_ptr<scalar_t>();
+      at::parallel_for(0, g.batch * g.height, 1, [&](int64_t begin, int64_t end) {
+        backward_input_gather_dispatch<scalar_t>(t, d.grad_output, gin, begin, end);
+      });
+    } else {
+      at::Tensor accumulator = std::is_same_v<scalar_t, acc_t>
+                                   ? grad_input.zero_()
+                                   : at::zeros(input.sizes(), acc_options.memory_format(
+                                                                  at::MemoryFormat::ChannelsLast));
+      acc_t* gin = accumulator.data_ptr<acc_t>();
+      // Tasks: (image, rotation group, block of that group's channels). Each pixel's gradient is
+      // summed in position order inside one task, so the result does not depend on threads.
+      const int64_t Cg = C / g.rotation_groups;
+      const int64_t wanted = 4 * at::get_num_threads();
+      const int64_t per_image = g.batch * g.rotation_groups;
+      const int64_t blocks = std::max<int64_t>(
+          1, std::min<int64_t>((Cg + 15) / 16, (wanted + per_image - 1) / std::max<int64_t>(per_image, 1)));
+      const int64_t block = (Cg + blocks - 1) / blocks;
+      at::parallel_for(0, per_image * blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t b = task / (g.rotation_groups * blocks);
+          const int64_t group = (task / blocks) % g.rotation_groups;
+          const int64_t c0 = group * Cg + (task % blocks) * block;
+          const int64_t c1 = std::min(group * Cg + Cg, c0 + block);
+          if (c0 >= c1) continue;
+          backward_input_scatter_dispatch<scalar_t>(t, d.grad_output, gin, b, group, c0, c1);
+        }
+      });
+      if (!std::is_same_v<scalar_t, acc_t>) grad_input.copy_(accumulator);
+    }
+  });
+  if (!is_channels_last(input)) grad_input = grad_input.contiguous();
+  if (has_offset) return {grad_input, grad_offset, grad_rotation, grad_weight};
+  return {grad_input, grad_rotation, grad_weight};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Operator entry points
+// ------------------------------------------------------------------------------------------------
+at::Tensor deform_kernel2d_cpu(const at::Tensor& input, const at::Tensor& rotation,
+                               const at::Tensor& weight, at::IntArrayRef kernel_size,
+                               at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t rotation_groups) {
+  return forward_cpu(input, c10::nullopt, rotation, weight, kernel_size, stride, padding, dilation,
+                     rotation_groups);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_kernel2d_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& rotation,
+    const at::Tensor& weight, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t rotation_groups) {
+  auto grads = backward_cpu(grad_output, input, c10::nullopt, rotation, weight, kernel_size, stride,
+                            padding, dilation, rotation_groups);
+  return {grads[0], grads[1], grads[2]};
+}
+
+at::Tensor deform_kernel_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset,
+                                    const at::Tensor& rotation, const at::Tensor& weight,
+                                    at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation,
+                                    int64_t rotation_groups) {
+  return forward_cpu(input, offset, rotation, weight, kernel_size, stride, padding, dilation,
+                     rotation_groups);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_kernel_conv2d_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset,
+    const at::Tensor& rotation, const at::Tensor& weight, at::IntArrayRef kernel_size,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t rotation_groups) {
+  auto grads = backward_cpu(grad_output, input, offset, rotation, weight, kernel_size, stride,
+                            padding, dilation, rotation_groups);
+  return {grads[0], grads[1], grads[2], grads[3]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dk_detectron2, CPU, m) {
+  m.impl("deform_kernel2d", &deform_kernel2d_cpu);
+  m.impl("_deform_kernel2d_backward", &deform_kernel2d_backward_cpu);
+  m.impl("deform_kernel_conv2d", &deform_kernel_conv2d_cpu);
+  m.impl("_deform_kernel_conv2d_backward", &deform_kernel_conv2d_backward_cpu);
+}
+
+}  // namespace dk_detectron2
