@@ -68,6 +68,18 @@ def _check_like(name: str, tensor: torch.Tensor, input: torch.Tensor) -> None:
         )
 
 
+def _autocast_inputs(*tensors):
+    """Under ``torch.autocast`` the operators compute in float32 (see the registration below):
+    cast before validation so mixed autocast dtypes are not reported as a mismatch."""
+    first = tensors[0]
+    if isinstance(first, torch.Tensor) and torch.is_autocast_enabled(first.device.type):
+        return tuple(
+            t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in tensors
+        )
+    return tensors
+
+
 def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
@@ -183,6 +195,7 @@ def deform_kernel2d(
         With S = K and zero rotation this is a depthwise ``conv2d``. Differentiable with respect
         to input, rotation and weight.
     """
+    input, rotation, weight = _autocast_inputs(input, rotation, weight)
     k, s, p, d, _ = _validate(
         input, None, rotation, weight, kernel_size, stride, padding, dilation, rotation_groups
     )
@@ -215,6 +228,7 @@ def deform_kernel_conv2d(
         S = K it equals ``torchvision.ops.deform_conv2d`` with a depthwise weight. Differentiable
         with respect to input, offset, rotation and weight.
     """
+    input, offset, rotation, weight = _autocast_inputs(input, offset, rotation, weight)
     k, s, p, d, _ = _validate(
         input, offset, rotation, weight, kernel_size, stride, padding, dilation, rotation_groups
     )
@@ -232,6 +246,7 @@ def nd_linear_sample(input: torch.Tensor, coord: torch.Tensor) -> torch.Tensor:
         [P, M], ``out[p, m] = bilinear(input[m], coord[p, 0], coord[p, 1])`` under the bilinear
         rule above. Differentiable with respect to input and coord.
     """
+    input, coord = _autocast_inputs(input, coord)
     _check_tensor("input", input, 3, "[M, Sh, Sw]")
     _check_tensor("coord", coord, 2, "[P, 2]")
     _check_like("coord", coord, input)
@@ -262,7 +277,9 @@ def _out_shape(input, weight, kernel_size, stride, padding, dilation):
 @torch.library.register_fake("dk_detectron2::deform_kernel2d")
 def _deform_kernel2d_fake(input, rotation, weight, kernel_size, stride, padding, dilation, groups):
     shape = _out_shape(input, weight, kernel_size, stride, padding, dilation)
-    return input.new_empty(shape, memory_format=_memory_format(input))
+    return torch.empty(
+        shape, dtype=input.dtype, device=input.device, memory_format=_memory_format(input)
+    )
 
 
 @torch.library.register_fake("dk_detectron2::deform_kernel_conv2d")
@@ -270,13 +287,15 @@ def _deform_kernel_conv2d_fake(
     input, offset, rotation, weight, kernel_size, stride, padding, dilation, groups
 ):
     shape = _out_shape(input, weight, kernel_size, stride, padding, dilation)
-    return input.new_empty(shape, memory_format=_memory_format(input))
+    return torch.empty(
+        shape, dtype=input.dtype, device=input.device, memory_format=_memory_format(input)
+    )
 
 
 @torch.library.register_fake("dk_detectron2::_deform_kernel2d_backward")
 def _deform_kernel2d_backward_fake(grad, input, rotation, weight, *args):
     return (
-        input.new_empty(input.shape, memory_format=_memory_format(input)),
+        torch.empty_like(input, memory_format=_memory_format(input)),
         torch.empty_like(rotation, memory_format=torch.contiguous_format),
         torch.empty_like(weight, memory_format=torch.contiguous_format),
     )
@@ -285,7 +304,7 @@ def _deform_kernel2d_backward_fake(grad, input, rotation, weight, *args):
 @torch.library.register_fake("dk_detectron2::_deform_kernel_conv2d_backward")
 def _deform_kernel_conv2d_backward_fake(grad, input, offset, rotation, weight, *args):
     return (
-        input.new_empty(input.shape, memory_format=_memory_format(input)),
+        torch.empty_like(input, memory_format=_memory_format(input)),
         torch.empty_like(offset, memory_format=torch.contiguous_format),
         torch.empty_like(rotation, memory_format=torch.contiguous_format),
         torch.empty_like(weight, memory_format=torch.contiguous_format),
