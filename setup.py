@@ -2,8 +2,8 @@
 
 The C++ CPU kernels are always built. The CUDA kernels are added whenever a CUDA toolkit is found
 (CUDA_HOME or nvcc) or FORCE_CUDA=1, also on a machine with no GPU; DK_WITH_CUDA=0 leaves them out.
-TORCH_CUDA_ARCH_LIST is respected; without it we build for Volta, Ampere and Hopper (sm_90, with
-PTX for newer GPUs), since torch's own detection needs a visible GPU.
+TORCH_CUDA_ARCH_LIST is respected; without it we build for Turing, Ampere and Hopper (sm_90, with
+PTX for newer GPUs; CUDA 13 dropped Volta), since torch's own detection needs a visible GPU.
 """
 import glob
 import os
@@ -15,7 +15,7 @@ import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCH_LIST = "7.0;8.0;8.6;9.0+PTX"
+DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;8.6;9.0+PTX"
 
 
 def _want_cuda() -> bool:

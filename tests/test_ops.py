@@ -286,7 +286,7 @@ def _call(**overrides):
     [
         (dict(input=torch.randn(4, 7, 6)), ValueError, "input must be 4-D"),
         (dict(input=torch.randn(2, 4, 7, 6).int()), TypeError, "input must be floating"),
-        (dict(weight=torch.randn(8, 1, 4, 4)), ValueError, "depthwise"),
+        (dict(weight=torch.randn(5, 2, 4, 4)), ValueError, "divisible by groups"),
         (dict(weight=torch.randn(4, 3, 4, 4)), ValueError, "weight.size\\(1\\)"),
         (dict(weight=torch.randn(4, 1, 4, 4).double()), TypeError, "weight must have the dtype"),
         (dict(weight=torch.randn(4, 1, 2, 4)), ValueError, "scope"),

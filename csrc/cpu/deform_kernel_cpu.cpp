@@ -23,58 +23,16 @@
 #include <vector>
 
 #include "bilinear.h"
+#include "cpu/scope_space_cpu.h"
+#include "cpu/tap_sampling.h"
 #include "cpu/vectorize.h"
 #include "geometry.h"
 
 namespace dk_detectron2 {
 namespace {
-
-template <typename scalar_t>
-struct DKTensors {
-  DKGeometry g;
-  const scalar_t* input;     // [B, H, W, C]
-  const scalar_t* offset;    // [B, Kh*Kw*2, Ho, Wo], or nullptr for integer image taps
-  const scalar_t* rotation;  // [B, G*Kh*Kw*2, Ho, Wo]
-  const scalar_t* weight;    // [Sh*Sw, C] (the depthwise weight, transposed)
-};
-
-// Where one tap of one output position reads, in the scope and in the image.
-template <typename acc_t>
-struct TapSample {
-  BilinearCorners<acc_t> scope;  // corners in the Sh x Sw scope
-  BilinearCorners<acc_t> image;  // corners in the H x W image (offset path)
-  int64_t pixel;                 // integer image tap (no-offset path), -1 if outside
-};
-
-// Fills `tap`; returns false when the tap contributes nothing (outside the scope or the image).
-template <typename scalar_t, typename acc_t, bool kOffset>
-DK_ALWAYS_INLINE bool sample_tap(const DKTensors<scalar_t>& t, int64_t b, int64_t oy, int64_t ox,
-                                 int64_t group, int64_t kh, int64_t kw, TapSample<acc_t>& tap) {
-  const DKGeometry& g = t.g;
-  const int64_t plane = g.out_height * g.out_width;
-  const int64_t pos = oy * g.out_width + ox;
-  const int64_t k = kh * g.kernel_w + kw;
-  const scalar_t* rot = t.rotation + (b * g.rotation_groups * g.taps() * 2 +
-                                      (group * g.taps() + k) * 2) * plane + pos;
-  const acc_t sy = scope_base<acc_t>(kh, g.kernel_h, g.scope_h) + static_cast<acc_t>(rot[0]);
-  const acc_t sx = scope_base<acc_t>(kw, g.kernel_w, g.scope_w) + static_cast<acc_t>(rot[plane]);
-  if (!bilinear_in_range(sy, sx, g.scope_h, g.scope_w)) return false;
-  bilinear_corners(sy, sx, g.scope_h, g.scope_w, tap.scope);
-  const int64_t iy = oy * g.stride_h - g.pad_h + kh * g.dilation_h;
-  const int64_t ix = ox * g.stride_w - g.pad_w + kw * g.dilation_w;
-  if (kOffset) {
-    const scalar_t* off = t.offset + (b * g.taps() * 2 + k * 2) * plane + pos;
-    const acc_t y = static_cast<acc_t>(iy) + static_cast<acc_t>(off[0]);
-    const acc_t x = static_cast<acc_t>(ix) + static_cast<acc_t>(off[plane]);
-    if (!bilinear_in_range(y, x, g.height, g.width)) return false;
-    bilinear_corners(y, x, g.height, g.width, tap.image);
-    tap.pixel = 0;
-    return true;
-  }
-  if (iy < 0 || iy >= g.height || ix < 0 || ix >= g.width) return false;
-  tap.pixel = iy * g.width + ix;
-  return true;
-}
+using cpu::DKTensors;
+using cpu::TapSample;
+using cpu::sample_tap;
 
 // ------------------------------------------------------------------------------------------------
 // Forward
@@ -456,15 +414,15 @@ Prepared prepare(const at::Tensor& input, const c10::optional<at::Tensor>& offse
                  at::IntArrayRef dilation, int64_t rotation_groups) {
   Prepared p;
   p.g = make_geometry(input, weight, kernel_size, stride, padding, dilation, rotation_groups);
-  TORCH_CHECK(p.g.depthwise(), "the CPU kernels take depthwise weights [C, 1, Sh, Sw]; got ",
-              weight.sizes(), " for ", p.g.in_channels, " input channels");
   check_rotation(rotation, p.g);
   TORCH_CHECK(input.scalar_type() == weight.scalar_type() &&
                   input.scalar_type() == rotation.scalar_type(),
               "input, rotation and weight must share a dtype");
   p.input = input.contiguous(at::MemoryFormat::ChannelsLast);
   p.rotation = rotation.contiguous();
-  p.weight = weight.reshape({p.g.out_channels, p.g.scope_cells()}).t().contiguous();
+  // The depthwise kernels read the weight transposed, [Sh*Sw, C]; the scope-space path as given.
+  p.weight = p.g.depthwise() ? weight.reshape({p.g.out_channels, p.g.scope_cells()}).t().contiguous()
+                             : weight.contiguous();
   if (offset.has_value()) {
     check_offset(*offset, p.g);
     TORCH_CHECK(offset->scalar_type() == input.scalar_type(), "offset must have input's dtype");
@@ -488,6 +446,10 @@ at::Tensor forward_cpu(const at::Tensor& input, const c10::optional<at::Tensor>&
   const Prepared p = prepare(input, offset, rotation, weight, kernel_size, stride, padding,
                              dilation, rotation_groups);
   const DKGeometry& g = p.g;
+  if (!g.depthwise()) {
+    const at::Tensor out = cpu::scope_space_forward(g, p.input, p.offset, p.rotation, p.weight);
+    return is_channels_last(input) ? out : out.contiguous();
+  }
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_height, g.out_width},
                              input.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t rows = g.batch * g.out_height;
@@ -523,6 +485,12 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_output, const at::Te
   const at::Tensor gout = grad_output.to(input.scalar_type())
                               .contiguous(at::MemoryFormat::ChannelsLast);
   const bool has_offset = offset.has_value();
+  if (!g.depthwise()) {
+    std::vector<at::Tensor> grads =
+        cpu::scope_space_backward(g, grad_output, p.input, p.offset, p.rotation, p.weight);
+    if (!is_channels_last(input)) grads[0] = grads[0].contiguous();
+    return grads;
+  }
   const auto cl = input.options().memory_format(at::MemoryFormat::ChannelsLast);
   at::Tensor grad_input = at::empty(input.sizes(), cl);
   at::Tensor grad_rotation = at::empty(rotation.sizes(), rotation.options());
@@ -571,8 +539,7 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_output, const at::Te
     } else {
       at::Tensor accumulator = std::is_same_v<scalar_t, acc_t>
                                    ? grad_input.zero_()
-                                   : at::zeros(input.sizes(), acc_options.memory_format(
-                                                                  at::MemoryFormat::ChannelsLast));
+                                   : at::empty(input.sizes(), acc_options.memory_format(at::MemoryFormat::ChannelsLast)).zero_();
       acc_t* gin = accumulator.data_ptr<acc_t>();
       // Tasks: (image, rotation group, block of that group's channels). Each pixel's gradient is
       // summed in position order inside one task, so the result does not depend on threads.

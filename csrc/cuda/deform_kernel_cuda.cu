@@ -223,7 +223,7 @@ Gradients backward(const char* op, const at::Tensor& grad_output_in, const at::T
 
   Gradients grads;
   if (grad_output.numel() == 0 || p.input.numel() == 0) {  // batch 0, or an empty image
-    grads.input = at::zeros(p.input.sizes(), image_options);
+    grads.input = at::empty(p.input.sizes(), image_options).zero_();  // at::zeros drops the format
     grads.rotation = at::zeros_like(p.rotation);
     grads.weight = at::zeros_like(p.weight);
     if constexpr (kDeformable) grads.offset = at::zeros_like(p.offset);
@@ -241,8 +241,11 @@ Gradients backward(const char* op, const at::Tensor& grad_output_in, const at::T
         // grad_input
         if constexpr (kDeformable) {
           // Bilinear image reads: scatter with atomics into an acc_t buffer.
-          at::Tensor accumulator = at::zeros(
-              p.input.sizes(), image_options.dtype(at::toOpMathType(p.input.scalar_type())));
+          // at::empty(...).zero_(), not at::zeros: the buffer must have the input's format.
+          at::Tensor accumulator =
+              at::empty(p.input.sizes(),
+                        image_options.dtype(at::toOpMathType(p.input.scalar_type())))
+                  .zero_();
           dk_grad_input_scatter_kernel<scalar_t>
               <<<blocks_for(grad_output.numel()), kThreadsPerBlock, 0, stream>>>(
                   grad_output.const_data_ptr<scalar_t>(), p.offset.const_data_ptr<scalar_t>(),

@@ -48,15 +48,13 @@ struct ImageCorners {
   static constexpr int kCount = kDeformable ? 4 : 1;
 };
 
-// Where tap (kh, kw) of output position s (= y * Wo + x) reads the image of batch b. For the
-// integer tap only corner 0 is filled: weight 1 inside the image, 0 (index 0) outside.
+// Where tap (kh, kw) of output position (y, x) (s = y * Wo + x) reads the image of batch b. For
+// the integer tap only corner 0 is filled: weight 1 inside the image, 0 (index 0) outside.
 template <bool kDeformable, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void image_corners(const scalar_t* __restrict__ offset,
                                               const DKShape& k, int64_t b, int64_t kh,
-                                              int64_t kw, int64_t s,
+                                              int64_t kw, int64_t y, int64_t x, int64_t s,
                                               BilinearCorners<acc_t>& corners) {
-  const int64_t y = s / k.out_width;
-  const int64_t x = s - y * k.out_width;
   const int64_t iy = y * k.stride_h - k.pad_h + kh * k.dilation_h;
   const int64_t ix = x * k.stride_w - k.pad_w + kw * k.dilation_w;
   if constexpr (kDeformable) {
@@ -104,13 +102,15 @@ __global__ void dk_forward_kernel(const scalar_t* __restrict__ input,
   const int64_t total = k.batch * k.channels * positions;
   DK_CUDA_KERNEL_LOOP(n, total) {
     const ImageIndex o = image_index(n, k.channels, positions, k.channels_last);
+    const int64_t y = o.s / k.out_width;
+    const int64_t x = o.s - y * k.out_width;
     const int64_t g = o.c / k.channels_per_rotation_group;
     const scalar_t* scope = weight + o.c * k.scope_cells();
     acc_t sum = 0;
     for (int64_t kh = 0; kh < k.kernel_h; ++kh) {
       for (int64_t kw = 0; kw < k.kernel_w; ++kw) {
         BilinearCorners<acc_t> img;
-        image_corners<kDeformable>(offset, k, o.b, kh, kw, o.s, img);
+        image_corners<kDeformable>(offset, k, o.b, kh, kw, y, x, o.s, img);
         acc_t value = 0;
 #pragma unroll
         for (int i = 0; i < ImageCorners<kDeformable>::kCount; ++i) {
@@ -194,12 +194,14 @@ __global__ void dk_grad_input_scatter_kernel(const scalar_t* __restrict__ grad_o
     const ImageIndex o = image_index(n, k.channels, positions, k.channels_last);
     const acc_t go = static_cast<acc_t>(grad_output[n]);
     if (go == acc_t(0)) continue;
+    const int64_t y = o.s / k.out_width;
+    const int64_t x = o.s - y * k.out_width;
     const int64_t g = o.c / k.channels_per_rotation_group;
     const scalar_t* scope = weight + o.c * k.scope_cells();
     for (int64_t kh = 0; kh < k.kernel_h; ++kh) {
       for (int64_t kw = 0; kw < k.kernel_w; ++kw) {
         BilinearCorners<acc_t> img;
-        image_corners<true>(offset, k, o.b, kh, kw, o.s, img);
+        image_corners<true>(offset, k, o.b, kh, kw, y, x, o.s, img);
         BilinearCorners<acc_t> sc;
         scope_corners(rotation, k, o.b, g, kh, kw, o.s, sc);
         acc_t kernel = 0;
@@ -242,8 +244,10 @@ __global__ void dk_grad_rotation_offset_kernel(const scalar_t* __restrict__ grad
     const int64_t b = n / (positions * taps);
     const int64_t kh = tap / k.kernel_w;
     const int64_t kw = tap - kh * k.kernel_w;
+    const int64_t y = s / k.out_width;
+    const int64_t x = s - y * k.out_width;
     BilinearCorners<acc_t> img;
-    image_corners<kDeformable>(offset, k, b, kh, kw, s, img);
+    image_corners<kDeformable>(offset, k, b, kh, kw, y, x, s, img);
     acc_t grad_offset_y = 0, grad_offset_x = 0;
     for (int64_t g = 0; g < k.rotation_groups; ++g) {
       BilinearCorners<acc_t> sc;
@@ -330,12 +334,14 @@ __global__ void dk_grad_weight_partial_kernel(const scalar_t* __restrict__ grad_
     for (int64_t item = begin + t; item < end; item += threads) {
       const int64_t b = item / positions;
       const int64_t s = item - b * positions;
+      const int64_t y = s / k.out_width;
+      const int64_t x = s - y * k.out_width;
       const acc_t go = static_cast<acc_t>(
           grad_output[image_offset(b, c, s, k.channels, positions, k.channels_last)]);
       for (int64_t kh = 0; kh < k.kernel_h; ++kh) {
         for (int64_t kw = 0; kw < k.kernel_w; ++kw) {
           BilinearCorners<acc_t> img;
-          image_corners<kDeformable>(offset, k, b, kh, kw, s, img);
+          image_corners<kDeformable>(offset, k, b, kh, kw, y, x, s, img);
           acc_t value = 0;
 #pragma unroll
           for (int i = 0; i < ImageCorners<kDeformable>::kCount; ++i) {

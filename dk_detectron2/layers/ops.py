@@ -118,11 +118,6 @@ def _validate(
             f"weight.size(0) (C_out = {out_channels}) must be divisible by groups "
             f"(C_in / weight.size(1) = {groups})"
         )
-    if not (channels_per_group == 1 and out_channels == in_channels):
-        raise ValueError(
-            "only depthwise Deformable Kernels are supported: weight must be "
-            f"[C_in, 1, Sh, Sw] = [{in_channels}, 1, Sh, Sw], got {tuple(weight.shape)}"
-        )
     if out_channels % rotation_groups != 0:
         raise ValueError(
             f"output channels ({out_channels}) must be divisible by rotation_groups "
@@ -169,30 +164,36 @@ def deform_kernel2d(
     dilation: IntPair = 1,
     rotation_groups: int = 1,
 ) -> torch.Tensor:
-    """Local Deformable Kernel (depthwise): resamples each kernel tap from a larger scope.
+    """Local Deformable Kernel: resamples each kernel tap from a larger scope.
 
     Args:
         input: [B, C, H, W].
         rotation: [B, G*Kh*Kw*2, Ho, Wo] kernel-space offsets. Channel
             ``g*Kh*Kw*2 + (kh*Kw + kw)*2 + 0`` is the y offset ``r_y`` of tap (kh, kw) for rotation
             group g, ``+ 1`` its x offset ``r_x``.
-        weight: [C, 1, Sh, Sw], the S x S scope of each channel's kernel (S >= K).
+        weight: [C_out, C_in/groups, Sh, Sw], the S x S scope of each kernel (S >= K). groups is
+            inferred from the shapes: [C, 1, Sh, Sw] is depthwise (the paper's setting),
+            [C_out, C_in, Sh, Sw] a full convolution, anything between a grouped one.
         kernel_size: K = (Kh, Kw), the number of taps sampled from the scope.
         stride, padding, dilation: as for ``torch.nn.functional.conv2d`` with kernel K.
-        rotation_groups: G; channel c uses the rotation of group ``g = c // (C/G)`` (contiguous
-            blocks, as DCN's offset groups). The original release interleaved them (``c % G``);
+        rotation_groups: G; output channel o uses the rotation of group ``g = o // (C_out/G)``
+            (contiguous blocks, as DCN's offset groups). The original release interleaved them (``c % G``);
             since the rotation comes from a learnt convolution, the two differ only by a
             permutation of that convolution's output channels.
 
     Returns:
-        [B, C, Ho, Wo] (Ho, Wo as for a convolution with the same K, stride, padding, dilation),
-        in the memory format of ``input`` (channels-last in, channels-last out), where::
+        [B, C_out, Ho, Wo] (Ho, Wo as for a convolution with the same K, stride, padding,
+        dilation), in the memory format of ``input`` (channels-last in, channels-last out)::
 
-            out[b,c,y,x] = sum_{kh,kw} in[b, c, y*sh - ph + kh*dh, x*sw - pw + kw*dw]
-                           * bilinear(weight[c, 0], kh + r_y + (Sh-Kh)/2, kw + r_x + (Sw-Kw)/2)
+            out[b,o,y,x] = sum_{c in o's group} sum_{kh,kw}
+                           in[b, c, y*sh - ph + kh*dh, x*sw - pw + kw*dw]
+                           * bilinear(weight[o, c'], kh + r_y + (Sh-Kh)/2, kw + r_x + (Sw-Kw)/2)
 
-        Input taps outside the image read zero; scope samples follow the bilinear rule above.
-        With S = K and zero rotation this is a depthwise ``conv2d``. Differentiable with respect
+        (c' = c's index inside its group). Input taps outside the image read zero; scope samples
+        follow the bilinear rule above. With S = K and zero rotation this is ``conv2d`` with the
+        same groups. Depthwise weights run a fused direct kernel; other groupings build
+        "scope-space columns" tile by tile and multiply them with the weight (a GEMM
+        Sh*Sw/(Kh*Kw) times a convolution's). Differentiable with respect
         to input, rotation and weight.
     """
     input, rotation, weight = _autocast_inputs(input, rotation, weight)
@@ -213,7 +214,7 @@ def deform_kernel_conv2d(
     dilation: IntPair = 1,
     rotation_groups: int = 1,
 ) -> torch.Tensor:
-    """Deformable Kernel integrated with deformable convolution (depthwise).
+    """Deformable Kernel integrated with deformable convolution.
 
     As :func:`deform_kernel2d`, but tap (kh, kw) of output (y, x) also reads the input bilinearly
     at ``(y*sh - ph + kh*dh + o_y, x*sw - pw + kw*dw + o_x)``.
@@ -224,8 +225,8 @@ def deform_kernel_conv2d(
         Others as for :func:`deform_kernel2d`.
 
     Returns:
-        [B, C, Ho, Wo]. With zero offset it equals :func:`deform_kernel2d`; with zero rotation and
-        S = K it equals ``torchvision.ops.deform_conv2d`` with a depthwise weight. Differentiable
+        [B, C_out, Ho, Wo]. With zero offset it equals :func:`deform_kernel2d`; with zero rotation
+        and S = K it equals ``torchvision.ops.deform_conv2d`` with the same weight and groups. Differentiable
         with respect to input, offset, rotation and weight.
     """
     input, offset, rotation, weight = _autocast_inputs(input, offset, rotation, weight)

@@ -1,0 +1,373 @@
+// Grouped and full Deformable Kernels on the CPU: "im2col into scope space" + GEMM.
+//
+// Bilinear sampling is linear in the weight, so for output channel o of convolution group q and
+// rotation group g:
+//   out[o, p] = sum_{c, s} W[o, c, s] * U_qg[p, s, c],
+//   U_qg[p, s, c] = sum_k beta(k, s; rotation_g(p)) * read(x[q's channel c], tap k of p),
+// where beta are the (four non-zero) bilinear weights of tap k in the scope. Output channels that
+// share (q, g) form one contiguous "segment"; each segment is one GEMM of depth Sh*Sw*C_in/groups,
+// Sh*Sw/(Kh*Kw) times a convolution's. U is built tile by tile over positions (rows of [B*Ho*Wo])
+// so its memory stays bounded. The backward is two GEMMs per segment and tile (weight gradient,
+// column gradient) plus the adjoint of the column build: rotation/offset gradients per position,
+// and the input gradient scattered by blocks of channels (no two tasks write the same element, so
+// no atomics and a deterministic result).
+#include "cpu/scope_space_cpu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/tap_sampling.h"
+
+namespace dk_detectron2 {
+namespace cpu {
+namespace {
+
+// Output channels [o0, o1) share convolution group q and rotation group g.
+struct Segment {
+  int64_t o0, o1, q, g;
+};
+
+std::vector<Segment> make_segments(const DKGeometry& g) {
+  const int64_t per_conv_group = g.out_channels / g.groups;
+  const int64_t per_rotation_group = g.out_channels / g.rotation_groups;
+  std::vector<Segment> segments;
+  int64_t o = 0;
+  while (o < g.out_channels) {
+    const int64_t q = o / per_conv_group, r = o / per_rotation_group;
+    const int64_t end = std::min((q + 1) * per_conv_group, (r + 1) * per_rotation_group);
+    segments.push_back({o, end, q, r});
+    o = end;
+  }
+  return segments;
+}
+
+// Rows (global positions b*Ho*Wo + p) per tile: keeps one tile's columns around 16 MiB.
+int64_t tile_rows(const DKGeometry& g, int64_t element_size) {
+  const int64_t depth = g.scope_cells() * (g.in_channels / g.groups);
+  const int64_t budget = (int64_t(16) << 20) / element_size;
+  return std::max<int64_t>(32, budget / std::max<int64_t>(depth, 1));
+}
+
+// Columns of rows [r0, r1) for convolution group q and rotation group `group`:
+// cols[(row - r0), s * Cq + c], Cq = C_in / groups.
+template <typename scalar_t, bool kOffset>
+void build_columns(const DKTensors<scalar_t>& t, int64_t r0, int64_t r1, int64_t q, int64_t group,
+                   scalar_t* cols) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const DKGeometry& g = t.g;
+  const int64_t Cin = g.in_channels, Cq = Cin / g.groups, depth = g.scope_cells() * Cq;
+  const int64_t plane = g.out_height * g.out_width;
+  at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row_buffer(depth);
+    acc_t* row = row_buffer.data();
+    TapSample<acc_t> tap;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / plane, pos = r % plane;
+      const int64_t oy = pos / g.out_width, ox = pos % g.out_width;
+      const scalar_t* image = t.input + b * g.height * g.width * Cin + q * Cq;
+      std::fill(row, row + depth, acc_t(0));
+      for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+        for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+          if (!sample_tap<scalar_t, acc_t, kOffset>(t, b, oy, ox, group, kh, kw, tap)) continue;
+          const BilinearCorners<acc_t>& s = tap.scope;
+          acc_t* u0 = row + s.index[0] * Cq;
+          acc_t* u1 = row + s.index[1] * Cq;
+          acc_t* u2 = row + s.index[2] * Cq;
+          acc_t* u3 = row + s.index[3] * Cq;
+          const acc_t a0 = s.weight[0], a1 = s.weight[1], a2 = s.weight[2], a3 = s.weight[3];
+          if (kOffset) {
+            const BilinearCorners<acc_t>& m = tap.image;
+            const scalar_t* x0 = image + m.index[0] * Cin;
+            const scalar_t* x1 = image + m.index[1] * Cin;
+            const scalar_t* x2 = image + m.index[2] * Cin;
+            const scalar_t* x3 = image + m.index[3] * Cin;
+            const acc_t b0 = m.weight[0], b1 = m.weight[1], b2 = m.weight[2], b3 = m.weight[3];
+            for (int64_t c = 0; c < Cq; ++c) {
+              const acc_t v = b0 * acc_t(x0[c]) + b1 * acc_t(x1[c]) + b2 * acc_t(x2[c]) +
+                              b3 * acc_t(x3[c]);
+              u0[c] += a0 * v;
+              u1[c] += a1 * v;
+              u2[c] += a2 * v;
+              u3[c] += a3 * v;
+            }
+          } else {
+            const scalar_t* x = image + tap.pixel * Cin;
+            for (int64_t c = 0; c < Cq; ++c) {
+              const acc_t v = x[c];
+              u0[c] += a0 * v;
+              u1[c] += a1 * v;
+              u2[c] += a2 * v;
+              u3[c] += a3 * v;
+            }
+          }
+        }
+      }
+      scalar_t* dst = cols + (r - r0) * depth;
+      for (int64_t i = 0; i < depth; ++i) dst[i] = static_cast<scalar_t>(row[i]);
+    }
+  });
+}
+
+// Adjoint of build_columns, part 1: rotation and offset gradients of rows [r0, r1), one row per
+// iteration (each row's gradients are written by one task only). Accumulates (+=) because several
+// segments can share a rotation group, and every segment shares the offset.
+template <typename scalar_t, bool kOffset>
+void columns_backward_params(const DKTensors<scalar_t>& t, int64_t r0, int64_t r1, int64_t q,
+                             int64_t group, const scalar_t* grad_cols,
+                             at::opmath_type<scalar_t>* grad_rotation,
+                             at::opmath_type<scalar_t>* grad_offset) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const DKGeometry& g = t.g;
+  const int64_t Cin = g.in_channels, Cq = Cin / g.groups, depth = g.scope_cells() * Cq;
+  const int64_t plane = g.out_height * g.out_width;
+  at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
+    TapSample<acc_t> tap;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / plane, pos = r % plane;
+      const int64_t oy = pos / g.out_width, ox = pos % g.out_width;
+      const scalar_t* image = t.input + b * g.height * g.width * Cin + q * Cq;
+      const scalar_t* gc = grad_cols + (r - r0) * depth;
+      for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+        for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+          if (!sample_tap<scalar_t, acc_t, kOffset>(t, b, oy, ox, group, kh, kw, tap)) continue;
+          const int64_t k = kh * g.kernel_w + kw;
+          const BilinearCorners<acc_t>& s = tap.scope;
+          const scalar_t* g0 = gc + s.index[0] * Cq;
+          const scalar_t* g1 = gc + s.index[1] * Cq;
+          const scalar_t* g2 = gc + s.index[2] * Cq;
+          const scalar_t* g3 = gc + s.index[3] * Cq;
+          const acc_t a0 = s.weight[0], a1 = s.weight[1], a2 = s.weight[2], a3 = s.weight[3];
+          acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;  // sum_c grad_cols[s_j, c] * value[c]
+          if (kOffset) {
+            const BilinearCorners<acc_t>& m = tap.image;
+            const scalar_t* x0 = image + m.index[0] * Cin;
+            const scalar_t* x1 = image + m.index[1] * Cin;
+            const scalar_t* x2 = image + m.index[2] * Cin;
+            const scalar_t* x3 = image + m.index[3] * Cin;
+            const acc_t b0 = m.weight[0], b1 = m.weight[1], b2 = m.weight[2], b3 = m.weight[3];
+            acc_t e0 = 0, e1 = 0, e2 = 0, e3 = 0;  // sum_c grad_value[c] * x[image corner j, c]
+            for (int64_t c = 0; c < Cq; ++c) {
+              const acc_t v0 = x0[c], v1 = x1[c], v2 = x2[c], v3 = x3[c];
+              const acc_t h0 = g0[c], h1 = g1[c], h2 = g2[c], h3 = g3[c];
+              const acc_t v = b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3;
+              const acc_t gv = a0 * h0 + a1 * h1 + a2 * h2 + a3 * h3;
+              d0 += h0 * v;
+              d1 += h1 * v;
+              d2 += h2 * v;
+              d3 += h3 * v;
+              e0 += gv * v0;
+              e1 += gv * v1;
+              e2 += gv * v2;
+              e3 += gv * v3;
+            }
+            acc_t* goff = grad_offset + (b * g.taps() * 2 + k * 2) * plane + pos;
+            goff[0] += m.dweight_dy[0] * e0 + m.dweight_dy[1] * e1 + m.dweight_dy[2] * e2 +
+                       m.dweight_dy[3] * e3;
+            goff[plane] += m.dweight_dx[0] * e0 + m.dweight_dx[1] * e1 + m.dweight_dx[2] * e2 +
+                           m.dweight_dx[3] * e3;
+          } else {
+            const scalar_t* x = image + tap.pixel * Cin;
+            for (int64_t c = 0; c < Cq; ++c) {
+              const acc_t v = x[c];
+              d0 += acc_t(g0[c]) * v;
+              d1 += acc_t(g1[c]) * v;
+              d2 += acc_t(g2[c]) * v;
+              d3 += acc_t(g3[c]) * v;
+            }
+          }
+          acc_t* grot = grad_rotation +
+                        (b * g.rotation_groups * g.taps() * 2 + (group * g.taps() + k) * 2) *
+                            plane + pos;
+          grot[0] += s.dweight_dy[0] * d0 + s.dweight_dy[1] * d1 + s.dweight_dy[2] * d2 +
+                     s.dweight_dy[3] * d3;
+          grot[plane] += s.dweight_dx[0] * d0 + s.dweight_dx[1] * d1 + s.dweight_dx[2] * d2 +
+                         s.dweight_dx[3] * d3;
+        }
+      }
+    }
+  });
+}
+
+// Adjoint of build_columns, part 2: the input gradient. Tasks own blocks of the group's input
+// channels and visit rows in order, so each element is summed by one task in a fixed order.
+template <typename scalar_t, bool kOffset>
+void columns_backward_input(const DKTensors<scalar_t>& t, int64_t r0, int64_t r1, int64_t q,
+                            int64_t group, const scalar_t* grad_cols,
+                            at::opmath_type<scalar_t>* grad_input) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const DKGeometry& g = t.g;
+  const int64_t Cin = g.in_channels, Cq = Cin / g.groups, depth = g.scope_cells() * Cq;
+  const int64_t plane = g.out_height * g.out_width;
+  const int64_t block = std::max<int64_t>(16, (Cq + 2 * at::get_num_threads() - 1) /
+                                                  (2 * at::get_num_threads()));
+  const int64_t blocks = (Cq + block - 1) / block;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    TapSample<acc_t> tap;
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t c0 = blk * block, c1 = std::min(Cq, c0 + block);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / plane, pos = r % plane;
+        const int64_t oy = pos / g.out_width, ox = pos % g.out_width;
+        acc_t* image_grad = grad_input + b * g.height * g.width * Cin + q * Cq;
+        const scalar_t* gc = grad_cols + (r - r0) * depth;
+        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+          for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+            if (!sample_tap<scalar_t, acc_t, kOffset>(t, b, oy, ox, group, kh, kw, tap)) continue;
+            const BilinearCorners<acc_t>& s = tap.scope;
+            const scalar_t* g0 = gc + s.index[0] * Cq;
+            const scalar_t* g1 = gc + s.index[1] * Cq;
+            const scalar_t* g2 = gc + s.index[2] * Cq;
+            const scalar_t* g3 = gc + s.index[3] * Cq;
+            const acc_t a0 = s.weight[0], a1 = s.weight[1], a2 = s.weight[2], a3 = s.weight[3];
+            if (kOffset) {
+              const BilinearCorners<acc_t>& m = tap.image;
+              acc_t* x0 = image_grad + m.index[0] * Cin;
+              acc_t* x1 = image_grad + m.index[1] * Cin;
+              acc_t* x2 = image_grad + m.index[2] * Cin;
+              acc_t* x3 = image_grad + m.index[3] * Cin;
+              const acc_t b0 = m.weight[0], b1 = m.weight[1], b2 = m.weight[2], b3 = m.weight[3];
+              for (int64_t c = c0; c < c1; ++c) {
+                const acc_t gv = a0 * acc_t(g0[c]) + a1 * acc_t(g1[c]) + a2 * acc_t(g2[c]) +
+                                 a3 * acc_t(g3[c]);
+                x0[c] += b0 * gv;
+                x1[c] += b1 * gv;
+                x2[c] += b2 * gv;
+                x3[c] += b3 * gv;
+              }
+            } else {
+              acc_t* x = image_grad + tap.pixel * Cin;
+              DK_SIMD
+              for (int64_t c = c0; c < c1; ++c) {
+                x[c] += a0 * acc_t(g0[c]) + a1 * acc_t(g1[c]) + a2 * acc_t(g2[c]) +
+                        a3 * acc_t(g3[c]);
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+DKTensors<scalar_t> tensors(const DKGeometry& g, const at::Tensor& input,
+                            const at::Tensor& offset, const at::Tensor& rotation) {
+  return {g, input.data_ptr<scalar_t>(), offset.defined() ? offset.data_ptr<scalar_t>() : nullptr,
+          rotation.data_ptr<scalar_t>(), nullptr};
+}
+
+// at::zeros ignores a memory format in its options: channels-last buffers use empty + zero_.
+// weight [C_out, C_in/groups, Sh, Sw] -> [C_out, Sh*Sw*C_in/groups] in the columns' (s, c) order.
+at::Tensor weight_as_columns(const at::Tensor& weight) {
+  return weight.permute({0, 2, 3, 1}).reshape({weight.size(0), -1}).contiguous();
+}
+
+}  // namespace
+
+at::Tensor scope_space_forward(const DKGeometry& g, const at::Tensor& input,
+                               const at::Tensor& offset, const at::Tensor& rotation,
+                               const at::Tensor& weight) {
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_height, g.out_width},
+                             input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t rows = g.batch * g.positions();
+  if (rows == 0 || g.out_channels == 0) return out;
+  at::Tensor out_rows = out.permute({0, 2, 3, 1}).view({rows, g.out_channels});  // [B*P, C_out]
+  const at::Tensor w = weight_as_columns(weight);
+  const int64_t depth = w.size(1);
+  const int64_t tile = tile_rows(g, input.element_size());
+  const auto segments = make_segments(g);
+  at::Tensor cols = at::empty({std::min(tile, rows), depth}, input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "scope_space_forward_cpu", [&] {
+    const DKTensors<scalar_t> t = tensors<scalar_t>(g, input, offset, rotation);
+    for (int64_t r0 = 0; r0 < rows; r0 += tile) {
+      const int64_t r1 = std::min(rows, r0 + tile);
+      at::Tensor tile_cols = cols.narrow(0, 0, r1 - r0);
+      for (const Segment& seg : segments) {
+        if (t.offset != nullptr) {
+          build_columns<scalar_t, true>(t, r0, r1, seg.q, seg.g, tile_cols.data_ptr<scalar_t>());
+        } else {
+          build_columns<scalar_t, false>(t, r0, r1, seg.q, seg.g, tile_cols.data_ptr<scalar_t>());
+        }
+        out_rows.narrow(0, r0, r1 - r0)
+            .narrow(1, seg.o0, seg.o1 - seg.o0)
+            .copy_(at::mm(tile_cols, w.narrow(0, seg.o0, seg.o1 - seg.o0).t()));
+      }
+    }
+  });
+  return out;
+}
+
+std::vector<at::Tensor> scope_space_backward(const DKGeometry& g, const at::Tensor& grad_output,
+                                             const at::Tensor& input, const at::Tensor& offset,
+                                             const at::Tensor& rotation,
+                                             const at::Tensor& weight) {
+  const bool has_offset = offset.defined();
+  const int64_t rows = g.batch * g.positions();
+  const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
+  const auto acc_options = input.options().dtype(acc_type);
+  at::Tensor grad_input = at::empty(input.sizes(), acc_options.memory_format(
+                                                       at::MemoryFormat::ChannelsLast)).zero_();
+  at::Tensor grad_rotation = at::zeros(rotation.sizes(), acc_options);
+  at::Tensor grad_offset = has_offset ? at::zeros(offset.sizes(), acc_options) : at::Tensor();
+  const at::Tensor w = weight_as_columns(weight);
+  at::Tensor grad_w = at::zeros(w.sizes(), acc_options);
+  if (rows > 0 && g.out_channels > 0) {
+    const at::Tensor gout_rows = grad_output.to(input.scalar_type())
+                                     .contiguous(at::MemoryFormat::ChannelsLast)
+                                     .permute({0, 2, 3, 1})
+                                     .reshape({rows, g.out_channels});
+    const int64_t depth = w.size(1);
+    const int64_t tile = tile_rows(g, input.element_size());
+    const auto segments = make_segments(g);
+    at::Tensor cols = at::empty({std::min(tile, rows), depth}, input.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                    "scope_space_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const DKTensors<scalar_t> t = tensors<scalar_t>(g, input, offset, rotation);
+      acc_t* grot = grad_rotation.data_ptr<acc_t>();
+      acc_t* goff = has_offset ? grad_offset.data_ptr<acc_t>() : nullptr;
+      acc_t* gin = grad_input.data_ptr<acc_t>();
+      for (int64_t r0 = 0; r0 < rows; r0 += tile) {
+        const int64_t r1 = std::min(rows, r0 + tile);
+        at::Tensor tile_cols = cols.narrow(0, 0, r1 - r0);
+        for (const Segment& seg : segments) {
+          const int64_t n = seg.o1 - seg.o0;
+          const at::Tensor gout = gout_rows.narrow(0, r0, r1 - r0).narrow(1, seg.o0, n);
+          if (has_offset) {
+            build_columns<scalar_t, true>(t, r0, r1, seg.q, seg.g, tile_cols.data_ptr<scalar_t>());
+          } else {
+            build_columns<scalar_t, false>(t, r0, r1, seg.q, seg.g, tile_cols.data_ptr<scalar_t>());
+          }
+          grad_w.narrow(0, seg.o0, n).add_(at::mm(gout.t(), tile_cols).to(acc_type));
+          const at::Tensor grad_cols = at::mm(gout, w.narrow(0, seg.o0, n)).contiguous();
+          const scalar_t* gc = grad_cols.data_ptr<scalar_t>();
+          if (has_offset) {
+            columns_backward_params<scalar_t, true>(t, r0, r1, seg.q, seg.g, gc, grot, goff);
+            columns_backward_input<scalar_t, true>(t, r0, r1, seg.q, seg.g, gc, gin);
+          } else {
+            columns_backward_params<scalar_t, false>(t, r0, r1, seg.q, seg.g, gc, grot, goff);
+            columns_backward_input<scalar_t, false>(t, r0, r1, seg.q, seg.g, gc, gin);
+          }
+        }
+      }
+    });
+  }
+  const at::Tensor grad_weight = grad_w.view({weight.size(0), weight.size(2), weight.size(3),
+                                              weight.size(1)})
+                                     .permute({0, 3, 1, 2})
+                                     .to(weight.scalar_type())
+                                     .contiguous();
+  std::vector<at::Tensor> grads{grad_input.to(input.scalar_type())};
+  if (has_offset) grads.push_back(grad_offset.to(offset.scalar_type()));
+  grads.push_back(grad_rotation.to(rotation.scalar_type()));
+  grads.push_back(grad_weight);
+  return grads;
+}
+
+}  // namespace cpu
+}  // namespace dk_detectron2
