@@ -4,5 +4,8 @@
 ``BACKBONE_REGISTRY`` and the embedded datasets, and exposes ``add_dk_config``.
 """
 from . import layers  # noqa: F401
+from . import modeling  # noqa: F401  (registers the DK backbones)
+from .config import add_dk_config  # noqa: F401
+from . import data  # noqa: F401
 
 __version__ = "0.1.0"

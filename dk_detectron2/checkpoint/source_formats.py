@@ -1,0 +1,99 @@
+"""Naming conventions of the checkpoints a DK model can start from.
+
+Each entry of :data:`SOURCE_FORMAT_REGISTRY` renames a checkpoint's state dict into Detectron2's
+ResNet names (``stem.conv1.weight``, ``res3.0.conv2.weight``, ``res3.0.conv2.norm.running_mean``,
+``res3.0.shortcut.weight`` ...): ``fn(state_dict) -> state_dict``. The renamed keys may still lack
+the model's prefix (``backbone.bottom_up.``); Detectron2's suffix matching adds it.
+
+- ``"detectron2"``: already Detectron2 names (Detectron2 ``.pth`` files and ``.pkl`` model-zoo
+  files written by Detectron2's converters).
+- ``"caffe2"``: Caffe2 / Detectron1 blob names (``res2_0_branch2a_w`` ...; e.g. ``MSRA/R-50.pkl``),
+  renamed by Detectron2's ``convert_c2_detectron_names``.
+- ``"torchvision"``: ``torchvision.models.ResNet`` state dicts (``layer1.0.conv2.weight`` ...).
+"""
+import re
+from typing import Any, Dict, Mapping
+
+from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
+from fvcore.common.registry import Registry
+
+__all__ = ["SOURCE_FORMAT_REGISTRY", "rename_to_detectron2", "detect_source_format"]
+
+SOURCE_FORMAT_REGISTRY = Registry("DK_CHECKPOINT_SOURCE_FORMAT")
+SOURCE_FORMAT_REGISTRY.__doc__ = """
+Registry of checkpoint naming conventions: name -> ``fn(state_dict) -> state_dict`` returning the
+same tensors under Detectron2's ResNet names. An entry's name is its function's name.
+"""
+
+
+@SOURCE_FORMAT_REGISTRY.register()
+def detectron2(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    """Detectron2 names already: unchanged."""
+    return dict(state_dict)
+
+
+@SOURCE_FORMAT_REGISTRY.register()
+def caffe2(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    """Caffe2 / Detectron1 blob names, renamed by Detectron2's ``convert_c2_detectron_names``."""
+    renamed, _ = convert_c2_detectron_names(dict(state_dict))
+    return renamed
+
+
+# torchvision ResNet -> Detectron2 ResNet, applied in order to each key.
+_TORCHVISION_RULES = (
+    (re.compile(r"^conv1\."), "stem.conv1."),
+    (re.compile(r"^bn1\."), "stem.conv1.norm."),
+    (re.compile(r"^layer(\d+)\.(\d+)\.downsample\.0\."), "res{stage}.\\2.shortcut."),
+    (re.compile(r"^layer(\d+)\.(\d+)\.downsample\.1\."), "res{stage}.\\2.shortcut.norm."),
+    (re.compile(r"^layer(\d+)\.(\d+)\.conv(\d)\."), "res{stage}.\\2.conv\\3."),
+    (re.compile(r"^layer(\d+)\.(\d+)\.bn(\d)\."), "res{stage}.\\2.conv\\3.norm."),
+    (re.compile(r"^fc\."), "linear."),
+)
+
+
+def _torchvision_key(key: str) -> str:
+    for pattern, replacement in _TORCHVISION_RULES:
+        match = pattern.match(key)
+        if match is None:
+            continue
+        if "{stage}" in replacement:
+            # torchvision's layer1..layer4 are Detectron2's res2..res5.
+            replacement = replacement.format(stage=int(match.group(1)) + 1)
+        return pattern.sub(replacement, key, count=1)
+    return key
+
+
+@SOURCE_FORMAT_REGISTRY.register()
+def torchvision(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    """torchvision ResNet names (``layer1.0.bn2.weight`` -> ``res2.0.conv2.norm.weight``)."""
+    return {_torchvision_key(key): value for key, value in state_dict.items()}
+
+
+def rename_to_detectron2(state_dict: Mapping[str, Any], source_format: str) -> Dict[str, Any]:
+    """Renames ``state_dict`` from ``source_format`` (a :data:`SOURCE_FORMAT_REGISTRY` name)."""
+    if source_format not in SOURCE_FORMAT_REGISTRY:
+        known = ", ".join(sorted(name for name, _ in SOURCE_FORMAT_REGISTRY))
+        raise ValueError(f"source_format must be one of {known}, got {source_format!r}")
+    return SOURCE_FORMAT_REGISTRY.get(source_format)(state_dict)
+
+
+_TORCHVISION_MARKERS = re.compile(r"^(module\.)?(layer\d+\.\d+\.(conv|bn)\d\.|bn1\.)")
+
+
+def detect_source_format(checkpoint: Mapping[str, Any]) -> str:
+    """Guesses the naming convention of a loaded checkpoint.
+
+    Args:
+        checkpoint: as returned by ``DetectionCheckpointer._load_file``: a dict with ``"model"``
+            (the state dict) and optionally ``"__author__"``.
+
+    Returns:
+        ``"caffe2"`` for Caffe2 / Detectron1 files (``__author__ == "Caffe2"``), ``"torchvision"``
+        when the keys follow torchvision's ResNet (``layer1.0.conv1.weight``, ``bn1.weight``), else
+        ``"detectron2"``.
+    """
+    if checkpoint.get("__author__") == "Caffe2":
+        return "caffe2"
+    if any(_TORCHVISION_MARKERS.match(key) for key in checkpoint["model"]):
+        return "torchvision"
+    return "detectron2"

@@ -1,0 +1,35 @@
+"""``add_dk_config``: the ``MODEL.DK`` config keys of dk_detectron2."""
+
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_dk_config"]
+
+
+def add_dk_config(cfg):
+    """Adds ``MODEL.DK.*`` (defaults below) to a Detectron2 config, in place; returns it.
+
+    Call it before ``merge_from_file`` of any dk_detectron2 config. Used by the backbones
+    ``build_resnet_dk_backbone`` / ``build_resnet_dk_fpn_backbone``.
+    """
+    _C = cfg
+    _C.MODEL.DK = CN()
+    # res2..res5: whether that stage's 3x3 convs use MODEL.DK.TYPE (else MODEL.DK.BASE_TYPE).
+    _C.MODEL.DK.ON_PER_STAGE = [False, True, True, True]
+    # Conv variant of the stages that are on: "depthwise" (rigid conv), "global_deform_kernel",
+    # "deform_kernel", "deform_kernel_conv", "deform_conv" or "cond_conv" (DK_CONV_REGISTRY).
+    _C.MODEL.DK.TYPE = "deform_kernel"
+    # Conv variant of the stages that are off (any DK_CONV_REGISTRY name).
+    _C.MODEL.DK.BASE_TYPE = "depthwise"
+    # True: 3x3 convs are depthwise (the paper's DW-ResNet); False: groups = MODEL.RESNETS.NUM_GROUPS.
+    _C.MODEL.DK.DEPTHWISE = True
+    # S, side of the scope each 3x3 kernel is sampled from (>= 3).
+    _C.MODEL.DK.SCOPE_SIZE = 4
+    # G, blocks of output channels sharing one rotation (must divide the conv's channels).
+    _C.MODEL.DK.ROTATION_GROUPS = 1
+    # Rotation clipping: "none", "scope" (taps stay inside the scope) or "range" (ROTATION_CLIP_RANGE).
+    _C.MODEL.DK.ROTATION_CLIP = "none"
+    # (low, high) bounds of every rotation when ROTATION_CLIP is "range".
+    _C.MODEL.DK.ROTATION_CLIP_RANGE = [-1.0, 1.0]
+    # E, experts of "cond_conv".
+    _C.MODEL.DK.NUM_EXPERTS = 4
+    return cfg

@@ -1,0 +1,157 @@
+"""``DK_CONV_REGISTRY``: config name -> builder of a Deformable Kernel conv or one of its rivals.
+
+A builder is called as ``builder(in_channels, out_channels, kernel_size, *, stride, padding,
+dilation, groups, bias, norm, activation, options)`` with ``options`` a :class:`DKOptions`, and
+returns an ``nn.Module`` mapping [B, C_in, H, W] to [B, C_out, Ho, Wo]. Names:
+
+- ``"depthwise"``: the rigid convolution (``detectron2.layers.Conv2d``, depthwise when
+  ``groups = channels``), the baseline of the same architecture.
+- ``"global_deform_kernel"``: :class:`GlobalDeformKernel2d`.
+- ``"deform_kernel"``: :class:`DeformKernel2d` (local DK).
+- ``"deform_kernel_conv"``: :class:`DeformKernelConv2d` (DK + deformable convolution).
+- ``"deform_conv"``: :class:`DeformConv2d` (deformable convolution, one offset group).
+- ``"cond_conv"``: :class:`CondConv2d` (soft conditional computation, SCC).
+
+Register a new variant with ``@DK_CONV_REGISTRY.register()`` on a builder named as the variant.
+"""
+
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence, Tuple
+
+from detectron2.layers import Conv2d
+from detectron2.utils.registry import Registry
+from torch import nn
+
+from .deform_kernel import DeformKernel2d, DeformKernelConv2d, GlobalDeformKernel2d
+from .rivals import CondConv2d, DeformConv2d
+
+__all__ = ["DK_CONV_REGISTRY", "DKOptions", "build_dk_conv", "dk_conv_names"]
+
+DK_CONV_REGISTRY = Registry("DK_CONV")
+
+
+@dataclass(frozen=True)
+class DKOptions:
+    """The variant-specific options (``MODEL.DK.*``); each builder reads the ones it needs."""
+
+    scope_size: int = 4  # S of the DK scope (DK variants)
+    rotation_groups: int = 1  # G, output-channel blocks sharing a rotation (DK variants)
+    rotation_clip: str = "none"  # "none" | "scope" | "range" (DK variants)
+    rotation_clip_range: Tuple[float, float] = (-1.0, 1.0)  # bounds for rotation_clip="range"
+    num_experts: int = 4  # E (cond_conv)
+
+    @classmethod
+    def from_config(cls, cfg) -> "DKOptions":
+        """Reads ``cfg.MODEL.DK`` (see :func:`dk_detectron2.add_dk_config`)."""
+        dk = cfg.MODEL.DK
+        return cls(
+            scope_size=dk.SCOPE_SIZE,
+            rotation_groups=dk.ROTATION_GROUPS,
+            rotation_clip=dk.ROTATION_CLIP,
+            rotation_clip_range=tuple(dk.ROTATION_CLIP_RANGE),
+            num_experts=dk.NUM_EXPERTS,
+        )
+
+    def deform_kernel_kwargs(self) -> dict:
+        return dict(
+            scope_size=self.scope_size,
+            rotation_groups=self.rotation_groups,
+            rotation_clip=self.rotation_clip,
+            rotation_clip_range=self.rotation_clip_range,
+        )
+
+
+def dk_conv_names() -> Sequence[str]:
+    """The registered variant names, sorted."""
+    return sorted(name for name, _ in DK_CONV_REGISTRY)
+
+
+def build_dk_conv(
+    name: str,
+    in_channels: int,
+    out_channels: int,
+    kernel_size,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    bias: bool = False,
+    norm: Optional[nn.Module] = None,
+    activation=None,
+    options: Optional[DKOptions] = None,
+    **option_overrides,
+) -> nn.Module:
+    """Builds the variant ``name`` with a convolution's geometry.
+
+    Args:
+        name: a registered name (see :func:`dk_conv_names`).
+        in_channels ... activation: as ``detectron2.layers.Conv2d``.
+        options: a :class:`DKOptions` (e.g. ``DKOptions.from_config(cfg)``); default DKOptions().
+        option_overrides: fields of :class:`DKOptions` to override, e.g. ``scope_size=5``.
+    Raises:
+        KeyError: unknown ``name`` (the message lists the valid names).
+        TypeError: an unknown option.
+    """
+    if name not in DK_CONV_REGISTRY:
+        raise KeyError(
+            f"unknown Deformable Kernel conv type {name!r}; valid names: {', '.join(dk_conv_names())}"
+        )
+    options = options or DKOptions()
+    if option_overrides:
+        valid = {f.name for f in fields(DKOptions)}
+        unknown = sorted(set(option_overrides) - valid)
+        if unknown:
+            raise TypeError(f"unknown DK option(s) {unknown}; valid options: {sorted(valid)}")
+        options = DKOptions(**{**options.__dict__, **option_overrides})
+    return DK_CONV_REGISTRY.get(name)(
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+        norm=norm,
+        activation=activation,
+        options=options,
+    )
+
+
+@DK_CONV_REGISTRY.register()
+def depthwise(in_channels, out_channels, kernel_size, *, options, **conv):
+    """The rigid convolution (``detectron2.layers.Conv2d``); depthwise when groups = channels."""
+    return Conv2d(in_channels, out_channels, kernel_size, **conv)
+
+
+@DK_CONV_REGISTRY.register()
+def global_deform_kernel(in_channels, out_channels, kernel_size, *, options, **conv):
+    return GlobalDeformKernel2d(
+        in_channels, out_channels, kernel_size, **conv, **options.deform_kernel_kwargs()
+    )
+
+
+@DK_CONV_REGISTRY.register()
+def deform_kernel(in_channels, out_channels, kernel_size, *, options, **conv):
+    return DeformKernel2d(
+        in_channels, out_channels, kernel_size, **conv, **options.deform_kernel_kwargs()
+    )
+
+
+@DK_CONV_REGISTRY.register()
+def deform_kernel_conv(in_channels, out_channels, kernel_size, *, options, **conv):
+    return DeformKernelConv2d(
+        in_channels, out_channels, kernel_size, **conv, **options.deform_kernel_kwargs()
+    )
+
+
+@DK_CONV_REGISTRY.register()
+def deform_conv(in_channels, out_channels, kernel_size, *, options, **conv):
+    return DeformConv2d(in_channels, out_channels, kernel_size, **conv)
+
+
+@DK_CONV_REGISTRY.register()
+def cond_conv(in_channels, out_channels, kernel_size, *, options, **conv):
+    return CondConv2d(
+        in_channels, out_channels, kernel_size, num_experts=options.num_experts, **conv
+    )

@@ -1,0 +1,197 @@
+"""The rivals of Deformable Kernels in the paper, under the same conv-like interface.
+
+- :class:`DeformConv2d`: deformable convolution (Dai et al. 2017) on ``torchvision.ops.deform_conv2d``
+  (CPU and CUDA), its offsets predicted by a zero-initialised rigid convolution.
+- :class:`CondConv2d`: soft conditional computation (Yang et al. 2019, "SCC" in the DK paper):
+  E expert kernels mixed per sample with routing ``sigmoid(linear(GAP(x)))``.
+
+Both start as a rigid convolution with :meth:`rigid_weight` (zero generator).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import deform_conv2d
+
+from .deform_kernel import KernelConvBase, zero_init_
+
+__all__ = ["DeformConv2d", "CondConv2d"]
+
+
+class DeformConv2d(KernelConvBase):
+    """Deformable convolution with learnt offsets (depthwise when ``groups = C_in = C_out``).
+
+    ``offset_conv`` (a rigid convolution with this module's geometry, zero-initialised) predicts
+    ``offset_groups*K*K*2`` offsets per output position in DCN's layout (tap-major, (y, x)).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as
+            ``nn.Conv2d``.
+        offset_groups: input-channel blocks with their own offsets (torchvision's convention).
+        norm, activation: as ``detectron2.layers.Conv2d``.
+    Input [B, C_in, H, W] -> output [B, C_out, Ho, Wo].
+    """
+
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        bias=False,
+        *,
+        offset_groups: int = 1,
+        norm=None,
+        activation=None,
+    ):
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            norm,
+            activation,
+        )
+        if (
+            isinstance(offset_groups, bool)
+            or not isinstance(offset_groups, int)
+            or offset_groups < 1
+        ):
+            raise ValueError(f"offset_groups must be a positive int, got {offset_groups!r}")
+        if in_channels % offset_groups:
+            raise ValueError(
+                f"in_channels ({in_channels}) must be divisible by offset_groups ({offset_groups})"
+            )
+        self.offset_groups = offset_groups
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels // groups, *self.kernel_size)
+        )
+        self._reset_weight()
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        self.offset_conv = zero_init_(
+            nn.Conv2d(
+                in_channels,
+                offset_groups * taps * 2,
+                self.kernel_size,
+                self.stride,
+                self.padding,
+                self.dilation,
+                bias=True,
+            )
+        )
+
+    def rigid_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def _convolve(self, x: torch.Tensor) -> torch.Tensor:
+        offset = self.offset_conv(x)
+        # torchvision's CPU kernel has no float16/bfloat16: half inputs run in float32 (as under
+        # autocast on CUDA) and come back in their dtype.
+        dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        out = deform_conv2d(
+            x.to(dtype),
+            offset.to(dtype),
+            self.weight.to(dtype),
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+        )
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        s = self._conv_repr()
+        if self.offset_groups != 1:
+            s += f", offset_groups={self.offset_groups}"
+        return s
+
+
+class CondConv2d(KernelConvBase):
+    """Soft conditional convolution: a per-sample mixture of E expert kernels.
+
+    ``routing = sigmoid(routing_fc(GAP(x)))`` [B, E] (zero-initialised, so every expert starts at
+    0.5); sample b is convolved with ``sum_e routing[b, e] * weight[e]``, all samples in one grouped
+    convolution (batch folded into the groups).
+
+    Args:
+        num_experts: E.
+        Others as :class:`DeformConv2d`.
+    Weight [E, C_out, C_in/groups, K, K]. Input [B, C_in, H, W] -> output [B, C_out, Ho, Wo].
+    """
+
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        bias=False,
+        *,
+        num_experts: int = 4,
+        norm=None,
+        activation=None,
+    ):
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            norm,
+            activation,
+        )
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+        self.num_experts = num_experts
+        self.weight = nn.Parameter(
+            torch.empty(num_experts, out_channels, in_channels // groups, *self.kernel_size)
+        )
+        self._reset_weight()
+        self.routing_fc = zero_init_(nn.Linear(in_channels, num_experts))
+
+    def c2_msra_fill_(self) -> None:
+        # Each expert gets He-normal; at start the mix (0.5 * sum of E experts) has the variance
+        # of E/4 experts, so scale to keep the mixed kernel He-normal.
+        super().c2_msra_fill_()
+        with torch.no_grad():
+            self.weight.mul_(2.0 / math.sqrt(self.num_experts))
+
+    def routing(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, E] expert weights of each sample."""
+        return torch.sigmoid(self.routing_fc(x.mean(dim=(2, 3))))
+
+    def rigid_weight(self) -> torch.Tensor:
+        """The kernel under zero-initialised routing: ``0.5 * sum_e weight[e]``."""
+        return 0.5 * self.weight.sum(dim=0)
+
+    def _convolve(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        kernels = torch.einsum("be,eoikl->boikl", self.routing(x), self.weight.to(x.dtype))
+        out = F.conv2d(
+            x.reshape(1, batch * self.in_channels, height, width),
+            kernels.reshape(batch * self.out_channels, *kernels.shape[2:]),
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            batch * self.groups,
+        )
+        return out.reshape(batch, self.out_channels, *out.shape[2:])
+
+    def extra_repr(self) -> str:
+        return f"{self._conv_repr()}, num_experts={self.num_experts}"

@@ -1,0 +1,355 @@
+"""The Deformable Kernel modules, their rivals and DK_CONV_REGISTRY (CPU, tiny shapes)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dk_detectron2.layers import (
+    DK_CONV_REGISTRY,
+    CondConv2d,
+    DeformConv2d,
+    DeformKernel2d,
+    DeformKernelConv2d,
+    DKOptions,
+    GlobalDeformKernel2d,
+    build_dk_conv,
+    deform_kernel2d,
+)
+from dk_detectron2.layers.deform_kernel import RotationClip
+from dk_detectron2.layers.reference import (
+    deform_kernel2d_reference,
+    deform_kernel_conv2d_reference,
+    nd_linear_sample_reference,
+)
+from dk_detectron2.layers.registry import dk_conv_names
+
+NAMES = [
+    "depthwise",
+    "global_deform_kernel",
+    "deform_kernel",
+    "deform_kernel_conv",
+    "deform_conv",
+    "cond_conv",
+]
+DK_CLASSES = [GlobalDeformKernel2d, DeformKernel2d, DeformKernelConv2d]
+ALL_CLASSES = DK_CLASSES + [DeformConv2d, CondConv2d]
+GENERATORS = ("rotation_conv", "rotation_fc", "offset_conv", "routing_fc")
+
+
+def _generators(module):
+    return [getattr(module, name) for name in GENERATORS if hasattr(module, name)]
+
+
+def test_registry_holds_exactly_the_agreed_names():
+    assert dk_conv_names() == sorted(NAMES)
+    for name in NAMES:
+        assert name in DK_CONV_REGISTRY
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_every_name_builds_runs_forward_and_backward(name, stride):
+    torch.manual_seed(0)
+    module = build_dk_conv(name, 8, 8, 3, stride=stride, padding=1, groups=8, scope_size=4)
+    x = torch.randn(2, 8, 9, 9, requires_grad=True)
+    out = module(x)
+    expected = 9 if stride == 1 else 5
+    assert out.shape == (2, 8, expected, expected)
+    (out * torch.randn_like(out)).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for pname, param in module.named_parameters():
+        assert param.grad is not None, pname
+        assert torch.isfinite(param.grad).all(), pname
+    # The generators (zero at start) receive a gradient, so they learn.
+    for generator in _generators(module):
+        assert generator.weight.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grouped_and_full_convs(name):
+    torch.manual_seed(0)
+    for groups in (1, 2):
+        module = build_dk_conv(name, 4, 6, 3, padding=1, groups=groups, scope_size=4, num_experts=3)
+        out = module(torch.randn(2, 4, 5, 5))
+        assert out.shape == (2, 6, 5, 5)
+        out.sum().backward()
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [(cls, {"scope_size": s}) for cls in DK_CLASSES for s in (3, 4, 5)]
+    + [(DeformConv2d, {}), (CondConv2d, {"num_experts": 3})],
+)
+def test_fresh_module_equals_its_rigid_convolution(cls, kwargs):
+    torch.manual_seed(0)
+    module = cls(6, 6, 3, stride=2, padding=2, dilation=2, groups=6, **kwargs)
+    for generator in _generators(module):
+        assert generator.weight.abs().sum() == 0 and generator.bias.abs().sum() == 0
+    x = torch.randn(2, 6, 11, 10)
+    rigid = F.conv2d(x, module.rigid_weight(), None, 2, 2, 2, 6)
+    torch.testing.assert_close(module(x), rigid, rtol=1e-5, atol=1e-5)
+
+
+def test_deform_kernel_with_scope_equal_to_kernel_is_the_depthwise_conv():
+    torch.manual_seed(0)
+    dk = DeformKernel2d(8, 8, 3, padding=1, groups=8, scope_size=3)
+    rigid = build_dk_conv("depthwise", 8, 8, 3, padding=1, groups=8)
+    rigid.weight.data.copy_(dk.weight.data)
+    torch.testing.assert_close(dk.rigid_weight(), dk.weight)
+    x = torch.randn(2, 8, 7, 7)
+    torch.testing.assert_close(dk(x), rigid(x), rtol=1e-5, atol=1e-5)
+
+
+def test_even_scope_margin_takes_the_centre_of_the_scope():
+    module = DeformKernel2d(2, 2, 3, groups=2, scope_size=5)
+    torch.testing.assert_close(module.rigid_weight(), module.weight[:, :, 1:4, 1:4])
+
+
+def test_deform_kernel_passes_the_predicted_rotation_to_the_op():
+    torch.manual_seed(0)
+    module = DeformKernel2d(4, 4, 3, stride=1, padding=1, groups=4, scope_size=5, rotation_groups=2)
+    nn.init.normal_(module.rotation_conv.weight, std=0.3)
+    nn.init.normal_(module.rotation_conv.bias, std=0.5)
+    x = torch.randn(2, 4, 6, 6)
+    rotation = module.rotation_conv(x)
+    expected = deform_kernel2d_reference(x, rotation, module.weight, 3, 1, 1, 1, 2)
+    torch.testing.assert_close(module(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_deform_kernel_conv_learns_offset_and_rotation():
+    torch.manual_seed(0)
+    module = DeformKernelConv2d(4, 4, 3, padding=1, groups=4, scope_size=4)
+    x = torch.randn(2, 4, 6, 6)
+    module(x).square().sum().backward()
+    assert module.offset_conv.weight.grad.abs().sum() > 0
+    assert module.rotation_conv.weight.grad.abs().sum() > 0
+    nn.init.normal_(module.offset_conv.bias, std=0.5)
+    nn.init.normal_(module.rotation_conv.bias, std=0.5)
+    expected = deform_kernel_conv2d_reference(
+        x, module.offset_conv(x), module.rotation_conv(x), module.weight, 3, 1, 1, 1, 1
+    )
+    torch.testing.assert_close(module(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def _global_reference(module, x):
+    """Per-sample loop: sample the kernel at base + rotation, convolve the sample alone."""
+    outs = []
+    taps = module.kernel_size[0] * module.kernel_size[1]
+    per_group = module.out_channels // module.rotation_groups
+    for sample in x.split(1):
+        rotation = module.rotation_fc(sample.mean(dim=(2, 3))).reshape(
+            module.rotation_groups, taps, 2
+        )
+        kernels = []
+        for g in range(module.rotation_groups):
+            scope = module.weight[g * per_group : (g + 1) * per_group]
+            values = nd_linear_sample_reference(
+                scope.reshape(-1, *module.scope_size), module.base_grid() + rotation[g]
+            )  # [K*K, C/G * C_in/groups]
+            kernels.append(values.t().reshape(per_group, scope.shape[1], *module.kernel_size))
+        kernel = torch.cat(kernels)
+        outs.append(
+            F.conv2d(
+                sample, kernel, None, module.stride, module.padding, module.dilation, module.groups
+            )
+        )
+    return torch.cat(outs)
+
+
+def test_global_deform_kernel_equals_a_per_sample_loop():
+    torch.manual_seed(0)
+    module = GlobalDeformKernel2d(4, 6, 3, padding=1, groups=2, scope_size=5, rotation_groups=3)
+    nn.init.normal_(module.rotation_fc.weight, std=0.5)
+    nn.init.normal_(module.rotation_fc.bias, std=0.5)
+    x = torch.randn(3, 4, 7, 7)
+    torch.testing.assert_close(module(x), _global_reference(module, x), rtol=1e-4, atol=1e-5)
+
+
+def test_cond_conv_mixes_experts_per_sample():
+    torch.manual_seed(0)
+    module = CondConv2d(4, 6, 3, padding=1, groups=2, num_experts=3)
+    nn.init.normal_(module.routing_fc.weight, std=1.0)
+    x = torch.randn(3, 4, 7, 7)
+    out = module(x)
+    routing = module.routing(x)
+    assert routing.shape == (3, 3)
+    for b in range(3):
+        kernel = torch.einsum("e,eoikl->oikl", routing[b], module.weight)
+        expected = F.conv2d(x[b : b + 1], kernel, None, 1, 1, 1, 2)
+        torch.testing.assert_close(out[b : b + 1], expected, rtol=1e-4, atol=1e-5)
+    # Fresh routing weighs every expert 0.5.
+    fresh = CondConv2d(4, 4, 3, num_experts=2)
+    torch.testing.assert_close(fresh.routing(x[:, :4]), torch.full((3, 2), 0.5))
+
+
+def test_deform_conv_matches_torchvision_with_its_offsets():
+    from torchvision.ops import deform_conv2d
+
+    torch.manual_seed(0)
+    module = DeformConv2d(4, 4, 3, padding=1, groups=4, offset_groups=2)
+    nn.init.normal_(module.offset_conv.bias, std=0.7)
+    x = torch.randn(2, 4, 6, 6)
+    expected = deform_conv2d(x, module.offset_conv(x), module.weight, padding=1)
+    torch.testing.assert_close(module(x), expected)
+    assert module.offset_conv.out_channels == 2 * 9 * 2
+
+
+@pytest.mark.parametrize("cls", DK_CLASSES)
+def test_nonzero_rotation_changes_the_output(cls):
+    torch.manual_seed(0)
+    module = cls(4, 4, 3, padding=1, groups=4, scope_size=4)
+    x = torch.randn(2, 4, 6, 6)
+    before = module(x)
+    generator = module.rotation_fc if cls is GlobalDeformKernel2d else module.rotation_conv
+    nn.init.constant_(generator.bias, 0.4)
+    assert (module(x) - before).abs().max() > 1e-3
+
+
+def test_rotation_clip_scope_keeps_every_tap_inside_the_scope():
+    clip = RotationClip((3, 3), (5, 5), "scope")
+    rotation = torch.linspace(-10, 10, 7).view(7, 1).expand(7, 18)
+    clipped = clip(rotation, tap_dim=1).view(7, 9, 2)
+    base = (
+        torch.stack(torch.meshgrid(torch.arange(3.0), torch.arange(3.0), indexing="ij"), -1).view(
+            9, 2
+        )
+        + 1
+    )
+    coord = base + clipped
+    assert coord.min() == 0 and coord.max() == 4  # [0, S-1]
+    assert (coord[0] == 0).all() and (coord[-1] == 4).all()
+    # Rotations already inside are kept.
+    small = torch.full((1, 18), 0.25)
+    torch.testing.assert_close(clip(small, tap_dim=1), small)
+
+
+def test_rotation_clip_range_and_none():
+    rotation = torch.linspace(-3, 3, 18).view(1, 18, 1, 1)
+    clipped = RotationClip((3, 3), (4, 4), "range", (-0.5, 1.0))(rotation, tap_dim=1)
+    assert clipped.min() == -0.5 and clipped.max() == 1.0
+    assert RotationClip((3, 3), (4, 4), "none")(rotation, tap_dim=1) is rotation
+
+
+def test_deform_kernel_clips_predicted_rotation():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 5, 5)
+    clipped = DeformKernel2d(
+        2,
+        2,
+        3,
+        padding=1,
+        groups=2,
+        scope_size=4,
+        rotation_clip="range",
+        rotation_clip_range=(-0.5, 0.5),
+    )
+    nn.init.constant_(clipped.rotation_conv.bias, 3.0)
+    reference = DeformKernel2d(2, 2, 3, padding=1, groups=2, scope_size=4)
+    reference.weight.data.copy_(clipped.weight.data)
+    nn.init.constant_(reference.rotation_conv.bias, 0.5)
+    torch.testing.assert_close(clipped(x), reference(x))
+
+
+def test_norm_and_activation_like_detectron2_conv2d():
+    torch.manual_seed(0)
+    for name in NAMES:
+        module = build_dk_conv(
+            name, 4, 4, 3, padding=1, groups=4, norm=nn.GroupNorm(2, 4), activation=F.relu
+        )
+        out = module(torch.randn(2, 4, 6, 6))
+        assert (out >= 0).all() and (out == 0).any(), name
+        assert isinstance(module.norm, nn.GroupNorm), name
+
+
+def test_bias():
+    module = DeformKernel2d(2, 2, 3, groups=2, bias=True)
+    nn.init.constant_(module.bias, 2.0)
+    x = torch.randn(1, 2, 5, 5)
+    torch.testing.assert_close(module(x), F.conv2d(x, module.rigid_weight(), module.bias, groups=2))
+
+
+def test_extra_repr_mentions_the_key_parameters():
+    text = repr(
+        DeformKernel2d(
+            8,
+            8,
+            3,
+            stride=2,
+            padding=1,
+            groups=8,
+            scope_size=5,
+            rotation_groups=2,
+            rotation_clip="range",
+            rotation_clip_range=(-2, 2),
+        )
+    )
+    for part in (
+        "8, 8",
+        "kernel_size=(3, 3)",
+        "stride=(2, 2)",
+        "groups=8",
+        "scope_size=(5, 5)",
+        "rotation_groups=2",
+        "rotation_clip='range'",
+        "rotation_clip_range=(-2.0, 2.0)",
+    ):
+        assert part in text, (part, text)
+    assert "scope_size=(4, 4)" in repr(GlobalDeformKernel2d(4, 4, 3, scope_size=4))
+    assert "scope_size=(4, 4)" in repr(DeformKernelConv2d(4, 4, 3, scope_size=4))
+    assert "num_experts=3" in repr(CondConv2d(4, 4, 3, num_experts=3))
+    assert "offset_groups=2" in repr(DeformConv2d(4, 4, 3, offset_groups=2))
+
+
+def test_c2_msra_fill_keeps_generators_at_zero():
+    for cls in ALL_CLASSES:
+        module = cls(8, 8, 3, groups=8)
+        module.c2_msra_fill_()
+        for generator in _generators(module):
+            assert generator.weight.abs().sum() == 0
+        assert module.weight.std() > 0
+
+
+def test_options_from_registry_kwargs_and_dataclass():
+    module = build_dk_conv(
+        "deform_kernel", 4, 4, 3, options=DKOptions(scope_size=6, rotation_groups=2)
+    )
+    assert module.scope_size == (6, 6) and module.rotation_groups == 2
+    module = build_dk_conv("deform_kernel", 4, 4, 3, options=DKOptions(scope_size=6), scope_size=5)
+    assert module.scope_size == (5, 5)
+    assert build_dk_conv("cond_conv", 4, 4, 3, num_experts=7).num_experts == 7
+
+
+def test_bad_inputs_name_the_argument():
+    with pytest.raises(KeyError, match="valid names: cond_conv, deform_conv"):
+        build_dk_conv("deformable", 4, 4, 3)
+    with pytest.raises(TypeError, match="scope"):
+        build_dk_conv("deform_kernel", 4, 4, 3, scope=4)
+    with pytest.raises(ValueError, match="scope_size"):
+        DeformKernel2d(4, 4, 3, scope_size=2)
+    with pytest.raises(ValueError, match="rotation_groups"):
+        DeformKernel2d(4, 6, 3, rotation_groups=4)
+    with pytest.raises(ValueError, match="groups"):
+        GlobalDeformKernel2d(4, 6, 3, groups=4)
+    with pytest.raises(ValueError, match="rotation_clip"):
+        DeformKernel2d(4, 4, 3, rotation_clip="scopes")
+    with pytest.raises(ValueError, match="num_experts"):
+        CondConv2d(4, 4, 3, num_experts=0)
+    with pytest.raises(ValueError, match=r"expects input \[B, 4, H, W\], got \(1, 3, 5, 5\)"):
+        DeformKernel2d(4, 4, 3)(torch.zeros(1, 3, 5, 5))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_name_runs_under_autocast_and_in_bfloat16(name):
+    torch.manual_seed(0)
+    module = build_dk_conv(name, 8, 8, 3, padding=1, groups=8, rotation_clip="scope")
+    x = torch.randn(2, 8, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # A rigid conv before, as in a bottleneck: the module sees a bfloat16 activation.
+        out = module(F.conv2d(x, torch.eye(8).view(8, 8, 1, 1)))
+    assert out.shape == (2, 8, 6, 6) and torch.isfinite(out.float()).all()
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters())
+    with torch.no_grad():
+        half = module.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and half.shape == (2, 8, 6, 6)
