@@ -37,6 +37,52 @@ using cpu::sample_tap;
 // ------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------
+// Integer image taps: the scope corners of a whole row are computed first (vectorised over the
+// row), then each (position, tap) runs one loop over the group's channels.
+template <typename scalar_t>
+DK_ALWAYS_INLINE void forward_rows_integer_taps(const DKTensors<scalar_t>& t, scalar_t* out,
+                                                int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const DKGeometry& g = t.g;
+  const int64_t C = g.out_channels, Cg = C / g.rotation_groups, Wo = g.out_width;
+  const int64_t taps = g.taps();
+  std::vector<acc_t> acc_buffer(Wo * Cg);
+  cpu::RowTaps<acc_t> row_taps;
+  row_taps.resize(taps * Wo);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t b = row / g.out_height, oy = row % g.out_height;
+    const scalar_t* image = t.input + b * g.height * g.width * C;
+    for (int64_t group = 0; group < g.rotation_groups; ++group) {
+      const int64_t c0 = group * Cg;
+      cpu::sample_row(t, b, oy, group, row_taps);
+      for (int64_t ox = 0; ox < Wo; ++ox) {
+        acc_t* acc = acc_buffer.data() + ox * Cg;
+        std::fill(acc, acc + Cg, acc_t(0));
+        for (int64_t k = 0; k < taps; ++k) {
+          const int64_t e = k * Wo + ox;
+          const int64_t pixel = row_taps.pixel[e];
+          if (pixel < 0) continue;
+          const scalar_t* x = image + pixel * C + c0;
+          const scalar_t* w0 = t.weight + row_taps.index[0][e] * C + c0;
+          const scalar_t* w1 = t.weight + row_taps.index[1][e] * C + c0;
+          const scalar_t* w2 = t.weight + row_taps.index[2][e] * C + c0;
+          const scalar_t* w3 = t.weight + row_taps.index[3][e] * C + c0;
+          const acc_t a0 = row_taps.weight[0][e], a1 = row_taps.weight[1][e];
+          const acc_t a2 = row_taps.weight[2][e], a3 = row_taps.weight[3][e];
+          DK_SIMD
+          for (int64_t c = 0; c < Cg; ++c) {
+            acc[c] += acc_t(x[c]) * (a0 * acc_t(w0[c]) + a1 * acc_t(w1[c]) + a2 * acc_t(w2[c]) +
+                                     a3 * acc_t(w3[c]));
+          }
+        }
+        scalar_t* dst = out + (row * Wo + ox) * C + c0;
+        for (int64_t c = 0; c < Cg; ++c) dst[c] = static_cast<scalar_t>(acc[c]);
+      }
+    }
+  }
+}
+
+// Bilinear image reads (deform_kernel_conv2d): corners per (position, tap, rotation group).
 template <typename scalar_t, bool kOffset>
 DK_ALWAYS_INLINE void forward_rows(const DKTensors<scalar_t>& t, scalar_t* out, int64_t begin,
                                    int64_t end) {
@@ -98,7 +144,7 @@ DK_ALWAYS_INLINE void forward_rows(const DKTensors<scalar_t>& t, scalar_t* out, 
 
 DK_CPU_CLONES void forward_rows_f32(const DKTensors<float>& t, float* out, int64_t begin,
                                     int64_t end) {
-  forward_rows<float, false>(t, out, begin, end);
+  forward_rows_integer_taps<float>(t, out, begin, end);
 }
 DK_CPU_CLONES void forward_rows_offset_f32(const DKTensors<float>& t, float* out, int64_t begin,
                                            int64_t end) {
@@ -113,8 +159,10 @@ void forward_dispatch(const DKTensors<scalar_t>& t, scalar_t* out, int64_t begin
     } else {
       forward_rows_f32(t, out, begin, end);
     }
+  } else if (kOffset) {
+    forward_rows<scalar_t, true>(t, out, begin, end);
   } else {
-    forward_rows<scalar_t, kOffset>(t, out, begin, end);
+    forward_rows_integer_taps<scalar_t>(t, out, begin, end);
   }
 }
 

@@ -61,14 +61,17 @@ void build_columns(const DKTensors<scalar_t>& t, int64_t r0, int64_t r1, int64_t
   const DKGeometry& g = t.g;
   const int64_t Cin = g.in_channels, Cq = Cin / g.groups, depth = g.scope_cells() * Cq;
   const int64_t plane = g.out_height * g.out_width;
+  constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
   at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row_buffer(depth);
-    acc_t* row = row_buffer.data();
+    // Float columns accumulate in place; half-precision ones in a float row, then converted.
+    std::vector<acc_t> row_buffer(kInPlace ? 0 : depth);
     TapSample<acc_t> tap;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / plane, pos = r % plane;
       const int64_t oy = pos / g.out_width, ox = pos % g.out_width;
       const scalar_t* image = t.input + b * g.height * g.width * Cin + q * Cq;
+      scalar_t* dst = cols + (r - r0) * depth;
+      acc_t* row = kInPlace ? reinterpret_cast<acc_t*>(dst) : row_buffer.data();
       std::fill(row, row + depth, acc_t(0));
       for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
         for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
@@ -86,6 +89,7 @@ void build_columns(const DKTensors<scalar_t>& t, int64_t r0, int64_t r1, int64_t
             const scalar_t* x2 = image + m.index[2] * Cin;
             const scalar_t* x3 = image + m.index[3] * Cin;
             const acc_t b0 = m.weight[0], b1 = m.weight[1], b2 = m.weight[2], b3 = m.weight[3];
+            DK_SIMD
             for (int64_t c = 0; c < Cq; ++c) {
               const acc_t v = b0 * acc_t(x0[c]) + b1 * acc_t(x1[c]) + b2 * acc_t(x2[c]) +
                               b3 * acc_t(x3[c]);
@@ -96,6 +100,7 @@ void build_columns(const DKTensors<scalar_t>& t, int64_t r0, int64_t r1, int64_t
             }
           } else {
             const scalar_t* x = image + tap.pixel * Cin;
+            DK_SIMD
             for (int64_t c = 0; c < Cq; ++c) {
               const acc_t v = x[c];
               u0[c] += a0 * v;
@@ -106,8 +111,9 @@ void build_columns(const DKTensors<scalar_t>& t, int64_t r0, int64_t r1, int64_t
           }
         }
       }
-      scalar_t* dst = cols + (r - r0) * depth;
-      for (int64_t i = 0; i < depth; ++i) dst[i] = static_cast<scalar_t>(row[i]);
+      if (!kInPlace) {
+        for (int64_t i = 0; i < depth; ++i) dst[i] = static_cast<scalar_t>(row[i]);
+      }
     }
   });
 }

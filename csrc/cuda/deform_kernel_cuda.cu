@@ -23,6 +23,13 @@ namespace dk_detectron2 {
 namespace cuda {
 namespace {
 
+// The forward's fast path shares the tap coefficients of a position across up to
+// kMaxChunkChannels channels; it is compiled for kSharedTaps taps (3x3 kernels). Other kernel
+// sizes take the one-thread-per-output kernel. The chunk shrinks on small problems so that about
+// kForwardTargetThreads threads run (not measured on a GPU yet: tune with the benchmark suite).
+constexpr int kSharedTaps = 9;
+constexpr int64_t kMaxChunkChannels = 16;
+constexpr int64_t kForwardTargetThreads = 64 * 1024;
 // Threads of a grad_weight block (a power of two: the block sums its columns with a tree).
 constexpr int kGradWeightThreads = 128;
 // Shared memory one grad_weight block may use without opting in to more.
@@ -153,13 +160,31 @@ at::Tensor forward(const char* op, const at::Tensor& input, const at::Tensor* of
   if (p.input.numel() == 0) return output.zero_();
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const DKShape& k = p.shape;
+  const bool shared_taps = k.taps() == kSharedTaps && k.plane() < (int64_t(1) << 31);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, p.input.scalar_type(), "dk_forward_cuda", [&] {
-        dk_forward_kernel<scalar_t, kDeformable>
-            <<<blocks_for(output.numel()), kThreadsPerBlock, 0, stream>>>(
-                p.input.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(p.offset),
-                p.rotation.const_data_ptr<scalar_t>(), p.weight.const_data_ptr<scalar_t>(),
-                output.mutable_data_ptr<scalar_t>(), p.shape);
+        if (shared_taps) {
+          // Enough channels per thread to share the tap coefficients, while keeping about
+          // kForwardTargetThreads threads busy.
+          const int64_t chunk_channels = std::max<int64_t>(
+              1, std::min<int64_t>({kMaxChunkChannels, k.channels_per_rotation_group,
+                                    output.numel() / kForwardTargetThreads}));
+          const int64_t chunks =
+              (k.channels_per_rotation_group + chunk_channels - 1) / chunk_channels;
+          const int64_t threads = k.batch * k.rotation_groups * chunks * k.positions();
+          dk_forward_shared_taps_kernel<scalar_t, kDeformable, kSharedTaps>
+              <<<blocks_for(threads), kThreadsPerBlock, 0, stream>>>(
+                  p.input.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(p.offset),
+                  p.rotation.const_data_ptr<scalar_t>(), p.weight.const_data_ptr<scalar_t>(),
+                  output.mutable_data_ptr<scalar_t>(), k, chunk_channels);
+        } else {
+          dk_forward_kernel<scalar_t, kDeformable>
+              <<<blocks_for(output.numel()), kThreadsPerBlock, 0, stream>>>(
+                  p.input.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(p.offset),
+                  p.rotation.const_data_ptr<scalar_t>(), p.weight.const_data_ptr<scalar_t>(),
+                  output.mutable_data_ptr<scalar_t>(), k);
+        }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return output;

@@ -89,7 +89,7 @@ __device__ __forceinline__ void scope_corners(const scalar_t* __restrict__ rotat
 }
 
 // ------------------------------------------------------------------------------------------------
-// Forward: one thread per output element, threads in the output's memory order.
+// Forward, any kernel size: one thread per output element, threads in the output's memory order.
 // ------------------------------------------------------------------------------------------------
 template <typename scalar_t, bool kDeformable>
 __global__ void dk_forward_kernel(const scalar_t* __restrict__ input,
@@ -127,6 +127,81 @@ __global__ void dk_forward_kernel(const scalar_t* __restrict__ input,
       }
     }
     output[n] = static_cast<scalar_t>(sum);  // output has input's memory format: offset n
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward, fast path for a compile-time number of taps (kTaps = Kh * Kw, e.g. 3x3): one thread per
+// (b, rotation group, chunk of the group's channels, output position), positions fastest. The
+// image and scope corners of every tap are computed once per thread and reused for each channel
+// of the chunk, instead of once per output element. Needs H * W < 2^31 (int32 spatial indices).
+// ------------------------------------------------------------------------------------------------
+template <typename scalar_t, bool kDeformable, int kTaps>
+__global__ void dk_forward_shared_taps_kernel(const scalar_t* __restrict__ input,
+                                              const scalar_t* __restrict__ offset,
+                                              const scalar_t* __restrict__ rotation,
+                                              const scalar_t* __restrict__ weight,
+                                              scalar_t* __restrict__ output, const DKShape k,
+                                              int64_t chunk_channels) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kImage = ImageCorners<kDeformable>::kCount;
+  const int64_t positions = k.positions();
+  const int64_t chunks = (k.channels_per_rotation_group + chunk_channels - 1) / chunk_channels;
+  const int64_t total = k.batch * k.rotation_groups * chunks * positions;
+  DK_CUDA_KERNEL_LOOP(n, total) {
+    const int64_t s = n % positions;
+    const int64_t chunk = (n / positions) % chunks;
+    const int64_t g = (n / (positions * chunks)) % k.rotation_groups;
+    const int64_t b = n / (positions * chunks * k.rotation_groups);
+    const int64_t y = s / k.out_width;
+    const int64_t x = s - y * k.out_width;
+    int32_t image_index[kTaps][kImage];
+    acc_t image_weight[kTaps][kImage];
+    int32_t scope_index[kTaps][4];
+    acc_t scope_weight[kTaps][4];
+#pragma unroll
+    for (int tap = 0; tap < kTaps; ++tap) {
+      const int64_t kh = tap / k.kernel_w;
+      const int64_t kw = tap - kh * k.kernel_w;
+      BilinearCorners<acc_t> corners;
+      image_corners<kDeformable>(offset, k, b, kh, kw, y, x, s, corners);
+#pragma unroll
+      for (int i = 0; i < kImage; ++i) {
+        image_index[tap][i] = static_cast<int32_t>(corners.index[i]);
+        image_weight[tap][i] = corners.weight[i];
+      }
+      scope_corners(rotation, k, b, g, kh, kw, s, corners);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        scope_index[tap][i] = static_cast<int32_t>(corners.index[i]);
+        scope_weight[tap][i] = corners.weight[i];
+      }
+    }
+    const int64_t c_begin = g * k.channels_per_rotation_group + chunk * chunk_channels;
+    const int64_t c_end =
+        min_int64(c_begin + chunk_channels, (g + 1) * k.channels_per_rotation_group);
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const scalar_t* scope = weight + c * k.scope_cells();
+      acc_t sum = 0;
+#pragma unroll
+      for (int tap = 0; tap < kTaps; ++tap) {
+        acc_t value = 0;
+#pragma unroll
+        for (int i = 0; i < kImage; ++i) {
+          const int64_t at = image_offset(b, c, image_index[tap][i], k.channels, k.plane(),
+                                          k.channels_last);
+          value += image_weight[tap][i] * static_cast<acc_t>(input[at]);
+        }
+        acc_t kernel = 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          kernel += scope_weight[tap][i] * static_cast<acc_t>(scope[scope_index[tap][i]]);
+        }
+        sum += value * kernel;
+      }
+      output[image_offset(b, c, s, k.channels, positions, k.channels_last)] =
+          static_cast<scalar_t>(sum);
+    }
   }
 }
 
