@@ -7,6 +7,8 @@
 
 #include <vector>
 
+#include "bilinear.h"  // DK_HOST_DEVICE
+
 namespace dk_detectron2 {
 
 struct DKGeometry {
@@ -16,10 +18,10 @@ struct DKGeometry {
   int64_t groups;           // convolution groups: in_channels / weight.size(1)
   int64_t rotation_groups;  // G: output channel o uses the rotation of group o / (out_channels / G)
 
-  int64_t taps() const { return kernel_h * kernel_w; }
-  int64_t scope_cells() const { return scope_h * scope_w; }
-  int64_t positions() const { return out_height * out_width; }
-  bool depthwise() const { return groups == in_channels && out_channels == in_channels; }
+  DK_HOST_DEVICE int64_t taps() const { return kernel_h * kernel_w; }
+  DK_HOST_DEVICE int64_t scope_cells() const { return scope_h * scope_w; }
+  DK_HOST_DEVICE int64_t positions() const { return out_height * out_width; }
+  DK_HOST_DEVICE bool depthwise() const { return groups == in_channels && out_channels == in_channels; }
 };
 
 inline DKGeometry make_geometry(const at::Tensor& input, const at::Tensor& weight,

@@ -307,6 +307,149 @@ void backward_params_dispatch(const DKTensors<scalar_t>& t, const DKGrads<scalar
 }
 
 // ------------------------------------------------------------------------------------------------
+// Backward in one sweep per (image, rotation group): every gradient at once
+// ------------------------------------------------------------------------------------------------
+// Used when there are enough (image, group) tasks to keep every thread busy. A task owns its
+// image's channels of one rotation group, so it scatters the input gradient without conflicts,
+// and it keeps its own weight-gradient partial [Sh*Sw, C] (and, with several rotation groups, its
+// own offset-gradient buffer): each tap's corners are computed once for all four gradients.
+template <typename scalar_t, bool kOffset>
+DK_ALWAYS_INLINE void backward_image_group(const DKTensors<scalar_t>& t,
+                                           const scalar_t* grad_output, int64_t b, int64_t group,
+                                           at::opmath_type<scalar_t>* grad_weight,
+                                           at::opmath_type<scalar_t>* grad_input,
+                                           scalar_t* grad_rotation,
+                                           at::opmath_type<scalar_t>* grad_offset) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const DKGeometry& g = t.g;
+  const int64_t C = g.out_channels, Cg = C / g.rotation_groups, c0 = group * Cg;
+  const int64_t plane = g.out_height * g.out_width;
+  const scalar_t* image = t.input + b * g.height * g.width * C;
+  acc_t* image_grad = grad_input + b * g.height * g.width * C;
+  TapSample<acc_t> tap;
+  for (int64_t oy = 0; oy < g.out_height; ++oy) {
+    for (int64_t ox = 0; ox < g.out_width; ++ox) {
+      const int64_t pos = oy * g.out_width + ox;
+      const scalar_t* gout = grad_output + (b * plane + pos) * C + c0;
+      for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+        for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+          const int64_t k = kh * g.kernel_w + kw;
+          scalar_t* grot = grad_rotation +
+                           (b * g.rotation_groups * g.taps() * 2 + (group * g.taps() + k) * 2) *
+                               plane + pos;
+          if (!sample_tap<scalar_t, acc_t, kOffset>(t, b, oy, ox, group, kh, kw, tap)) {
+            grot[0] = grot[plane] = scalar_t(0);
+            continue;
+          }
+          const BilinearCorners<acc_t>& s = tap.scope;
+          const scalar_t* w0 = t.weight + s.index[0] * C + c0;
+          const scalar_t* w1 = t.weight + s.index[1] * C + c0;
+          const scalar_t* w2 = t.weight + s.index[2] * C + c0;
+          const scalar_t* w3 = t.weight + s.index[3] * C + c0;
+          acc_t* gw0 = grad_weight + s.index[0] * C + c0;
+          acc_t* gw1 = grad_weight + s.index[1] * C + c0;
+          acc_t* gw2 = grad_weight + s.index[2] * C + c0;
+          acc_t* gw3 = grad_weight + s.index[3] * C + c0;
+          const acc_t a0 = s.weight[0], a1 = s.weight[1], a2 = s.weight[2], a3 = s.weight[3];
+          acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+          if (kOffset) {
+            const BilinearCorners<acc_t>& m = tap.image;
+            const scalar_t* x0 = image + m.index[0] * C + c0;
+            const scalar_t* x1 = image + m.index[1] * C + c0;
+            const scalar_t* x2 = image + m.index[2] * C + c0;
+            const scalar_t* x3 = image + m.index[3] * C + c0;
+            acc_t* gx0 = image_grad + m.index[0] * C + c0;
+            acc_t* gx1 = image_grad + m.index[1] * C + c0;
+            acc_t* gx2 = image_grad + m.index[2] * C + c0;
+            acc_t* gx3 = image_grad + m.index[3] * C + c0;
+            const acc_t b0 = m.weight[0], b1 = m.weight[1], b2 = m.weight[2], b3 = m.weight[3];
+            acc_t e0 = 0, e1 = 0, e2 = 0, e3 = 0;
+#pragma omp simd reduction(+ : d0, d1, d2, d3, e0, e1, e2, e3)
+            for (int64_t c = 0; c < Cg; ++c) {
+              const acc_t v0 = x0[c], v1 = x1[c], v2 = x2[c], v3 = x3[c];
+              const acc_t k0 = w0[c], k1 = w1[c], k2 = w2[c], k3 = w3[c];
+              const acc_t go = gout[c];
+              const acc_t tv = go * (b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3);
+              const acc_t u = go * (a0 * k0 + a1 * k1 + a2 * k2 + a3 * k3);
+              gw0[c] += a0 * tv;
+              gw1[c] += a1 * tv;
+              gw2[c] += a2 * tv;
+              gw3[c] += a3 * tv;
+              d0 += tv * k0;
+              d1 += tv * k1;
+              d2 += tv * k2;
+              d3 += tv * k3;
+              e0 += u * v0;
+              e1 += u * v1;
+              e2 += u * v2;
+              e3 += u * v3;
+              gx0[c] += b0 * u;
+              gx1[c] += b1 * u;
+              gx2[c] += b2 * u;
+              gx3[c] += b3 * u;
+            }
+            acc_t* goff = grad_offset + (b * g.taps() * 2 + k * 2) * plane + pos;
+            goff[0] += m.dweight_dy[0] * e0 + m.dweight_dy[1] * e1 + m.dweight_dy[2] * e2 +
+                       m.dweight_dy[3] * e3;
+            goff[plane] += m.dweight_dx[0] * e0 + m.dweight_dx[1] * e1 + m.dweight_dx[2] * e2 +
+                           m.dweight_dx[3] * e3;
+          } else {
+            const scalar_t* x = image + tap.pixel * C + c0;
+            acc_t* gx = image_grad + tap.pixel * C + c0;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+            for (int64_t c = 0; c < Cg; ++c) {
+              const acc_t k0 = w0[c], k1 = w1[c], k2 = w2[c], k3 = w3[c];
+              const acc_t go = gout[c];
+              const acc_t tv = go * acc_t(x[c]);
+              gw0[c] += a0 * tv;
+              gw1[c] += a1 * tv;
+              gw2[c] += a2 * tv;
+              gw3[c] += a3 * tv;
+              d0 += tv * k0;
+              d1 += tv * k1;
+              d2 += tv * k2;
+              d3 += tv * k3;
+              gx[c] += go * (a0 * k0 + a1 * k1 + a2 * k2 + a3 * k3);
+            }
+          }
+          grot[0] = static_cast<scalar_t>(s.dweight_dy[0] * d0 + s.dweight_dy[1] * d1 +
+                                          s.dweight_dy[2] * d2 + s.dweight_dy[3] * d3);
+          grot[plane] = static_cast<scalar_t>(s.dweight_dx[0] * d0 + s.dweight_dx[1] * d1 +
+                                              s.dweight_dx[2] * d2 + s.dweight_dx[3] * d3);
+        }
+      }
+    }
+  }
+}
+
+DK_CPU_CLONES void backward_image_group_f32(const DKTensors<float>& t, const float* gout,
+                                            int64_t b, int64_t group, float* gw, float* gin,
+                                            float* grot, float* goff) {
+  backward_image_group<float, false>(t, gout, b, group, gw, gin, grot, goff);
+}
+DK_CPU_CLONES void backward_image_group_offset_f32(const DKTensors<float>& t, const float* gout,
+                                                   int64_t b, int64_t group, float* gw,
+                                                   float* gin, float* grot, float* goff) {
+  backward_image_group<float, true>(t, gout, b, group, gw, gin, grot, goff);
+}
+
+template <typename scalar_t, bool kOffset>
+void backward_image_group_dispatch(const DKTensors<scalar_t>& t, const scalar_t* gout, int64_t b,
+                                   int64_t group, at::opmath_type<scalar_t>* gw,
+                                   at::opmath_type<scalar_t>* gin, scalar_t* grot,
+                                   at::opmath_type<scalar_t>* goff) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (kOffset) {
+      backward_image_group_offset_f32(t, gout, b, group, gw, gin, grot, goff);
+    } else {
+      backward_image_group_f32(t, gout, b, group, gw, gin, grot, goff);
+    }
+  } else {
+    backward_image_group<scalar_t, kOffset>(t, gout, b, group, gw, gin, grot, goff);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // Backward, pass 2a: input gradient of deform_kernel2d, gathered per input pixel
 // ------------------------------------------------------------------------------------------------
 template <typename scalar_t>
@@ -555,7 +698,45 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_output, const at::Te
     const DKGrads<scalar_t> d{gout.data_ptr<scalar_t>(), grad_rotation.data_ptr<scalar_t>(),
                               has_offset ? grad_offset.data_ptr<scalar_t>() : nullptr};
 
-    // Pass 1: rotation/offset gradients and per-chunk weight-gradient partials.
+    // Enough (image, rotation group) tasks for every thread: one sweep computes all gradients.
+    const int64_t tasks = g.batch * g.rotation_groups;
+    if (tasks >= 2 * at::get_num_threads()) {
+      at::Tensor partial = at::zeros({tasks, SS, C}, acc_options);
+      at::Tensor accumulator =
+          at::empty(input.sizes(), acc_options.memory_format(at::MemoryFormat::ChannelsLast))
+              .zero_();
+      // With several rotation groups each group sums its own offset gradient; the groups' buffers
+      // are added in order afterwards.
+      at::Tensor offset_partial =
+          has_offset ? at::zeros({g.rotation_groups, g.batch, g.taps() * 2, g.out_height,
+                                  g.out_width}, acc_options)
+                     : at::Tensor();
+      acc_t* partial_data = partial.data_ptr<acc_t>();
+      acc_t* gin = accumulator.data_ptr<acc_t>();
+      acc_t* goff = has_offset ? offset_partial.data_ptr<acc_t>() : nullptr;
+      const int64_t offset_numel = has_offset ? grad_offset.numel() : 0;
+      at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t b = task / g.rotation_groups, group = task % g.rotation_groups;
+          acc_t* gw = partial_data + task * SS * C;
+          acc_t* group_offset = has_offset ? goff + group * offset_numel : nullptr;
+          if (has_offset) {
+            backward_image_group_dispatch<scalar_t, true>(t, d.grad_output, b, group, gw, gin,
+                                                          d.grad_rotation, group_offset);
+          } else {
+            backward_image_group_dispatch<scalar_t, false>(t, d.grad_output, b, group, gw, gin,
+                                                           d.grad_rotation, group_offset);
+          }
+        }
+      });
+      grad_weight = partial.sum(0).t().reshape(weight.sizes()).to(weight.scalar_type()).contiguous();
+      grad_input.copy_(accumulator);
+      if (has_offset) grad_offset.copy_(offset_partial.sum(0));
+      return;
+    }
+
+    // Otherwise two sweeps. Pass 1: rotation/offset gradients and per-chunk weight-gradient
+    // partials over chunks of output rows.
     const int64_t chunks = chunk_count(rows);
     const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
     at::Tensor partial = at::zeros({chunks, SS, C}, acc_options);
