@@ -4,8 +4,8 @@
 // kernels expect (see deform_kernel_depthwise.cuh), launch on the current stream of the input's
 // device and return outputs in the memory format of dk_detectron2/layers/ops.py's fake kernels:
 // output and grad_input in the input's format (channels-last in, channels-last out), the other
-// gradients contiguous. Only depthwise weights [C, 1, Sh, Sw] are supported for now; the grouped
-// path will be a second branch in `forward` / `backward` with its own kernels.
+// gradients contiguous. Depthwise weights [C, 1, Sh, Sw] run the kernels of
+// deform_kernel_depthwise.cuh; grouped and full weights branch to scope_space_cuda.cu.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,18 +18,12 @@
 #include "../geometry.h"
 #include "cuda_utils.cuh"
 #include "deform_kernel_depthwise.cuh"
+#include "scope_space_cuda.h"
 
 namespace dk_detectron2 {
 namespace cuda {
 namespace {
 
-// The forward's fast path shares the tap coefficients of a position across up to
-// kMaxChunkChannels channels; it is compiled for kSharedTaps taps (3x3 kernels). Other kernel
-// sizes take the one-thread-per-output kernel. The chunk shrinks on small problems so that about
-// kForwardTargetThreads threads run (not measured on a GPU yet: tune with the benchmark suite).
-constexpr int kSharedTaps = 9;
-constexpr int64_t kMaxChunkChannels = 16;
-constexpr int64_t kForwardTargetThreads = 64 * 1024;
 // Threads of a grad_weight block (a power of two: the block sums its columns with a tree).
 constexpr int kGradWeightThreads = 128;
 // Shared memory one grad_weight block may use without opting in to more.
@@ -54,11 +48,6 @@ void check_like_input(const char* op, const char* name, const at::Tensor& tensor
   TORCH_CHECK(tensor.scalar_type() == input.scalar_type(), op, ": ", name,
               " must have the dtype of input (", input.scalar_type(), "), got ",
               tensor.scalar_type());
-}
-
-void check_depthwise(const char* op, const DKGeometry& geometry, const at::Tensor& weight) {
-  TORCH_CHECK(geometry.depthwise(), op, ": the CUDA kernels support depthwise weights [C, 1, Sh, "
-              "Sw] = [", geometry.in_channels, ", 1, Sh, Sw] only, got weight ", weight.sizes());
 }
 
 void check_output_shaped(const char* op, const at::Tensor& grad_output,
@@ -119,7 +108,6 @@ Prepared prepare(const char* op, const at::Tensor& input, const at::Tensor* offs
     check_offset(*offset, p.geometry);
     p.offset = offset->contiguous();
   }
-  check_depthwise(op, p.geometry, weight);
   p.format = image_memory_format(input);
   p.shape = make_shape(p.geometry, p.format == at::MemoryFormat::ChannelsLast);
   p.input = input.contiguous(p.format);
@@ -151,6 +139,10 @@ at::Tensor forward(const char* op, const at::Tensor& input, const at::Tensor* of
   const Prepared p = prepare(op, input, offset, rotation, weight, kernel_size, stride, padding,
                              dilation, rotation_groups);
   const DKGeometry& geo = p.geometry;
+  if (!geo.depthwise()) {  // grouped / full weights: scope-space columns + cuBLAS
+    return scope_space_forward_cuda(geo, p.input, p.offset, p.rotation, p.weight)
+        .contiguous(p.format);
+  }
   at::Tensor output =
       at::empty({geo.batch, geo.out_channels, geo.out_height, geo.out_width},
                 p.input.options().memory_format(p.format));
@@ -161,30 +153,16 @@ at::Tensor forward(const char* op, const at::Tensor& input, const at::Tensor* of
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const DKShape& k = p.shape;
-  const bool shared_taps = k.taps() == kSharedTaps && k.plane() < (int64_t(1) << 31);
+  const int64_t chunks =
+      (k.channels_per_rotation_group + kChannelsPerThread - 1) / kChannelsPerThread;
+  const int64_t threads = k.batch * k.rotation_groups * chunks * k.positions();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, p.input.scalar_type(), "dk_forward_cuda", [&] {
-        if (shared_taps) {
-          // Enough channels per thread to share the tap coefficients, while keeping about
-          // kForwardTargetThreads threads busy.
-          const int64_t chunk_channels = std::max<int64_t>(
-              1, std::min<int64_t>({kMaxChunkChannels, k.channels_per_rotation_group,
-                                    output.numel() / kForwardTargetThreads}));
-          const int64_t chunks =
-              (k.channels_per_rotation_group + chunk_channels - 1) / chunk_channels;
-          const int64_t threads = k.batch * k.rotation_groups * chunks * k.positions();
-          dk_forward_shared_taps_kernel<scalar_t, kDeformable, kSharedTaps>
-              <<<blocks_for(threads), kThreadsPerBlock, 0, stream>>>(
-                  p.input.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(p.offset),
-                  p.rotation.const_data_ptr<scalar_t>(), p.weight.const_data_ptr<scalar_t>(),
-                  output.mutable_data_ptr<scalar_t>(), k, chunk_channels);
-        } else {
-          dk_forward_kernel<scalar_t, kDeformable>
-              <<<blocks_for(output.numel()), kThreadsPerBlock, 0, stream>>>(
-                  p.input.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(p.offset),
-                  p.rotation.const_data_ptr<scalar_t>(), p.weight.const_data_ptr<scalar_t>(),
-                  output.mutable_data_ptr<scalar_t>(), k);
-        }
+        dk_forward_kernel<scalar_t, kDeformable>
+            <<<blocks_for(threads), kThreadsPerBlock, 0, stream>>>(
+                p.input.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(p.offset),
+                p.rotation.const_data_ptr<scalar_t>(), p.weight.const_data_ptr<scalar_t>(),
+                output.mutable_data_ptr<scalar_t>(), k);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return output;
@@ -243,6 +221,21 @@ Gradients backward(const char* op, const at::Tensor& grad_output_in, const at::T
                              dilation, rotation_groups);
   check_like_input(op, "grad_output", grad_output_in, input);
   check_output_shaped(op, grad_output_in, p.geometry);
+  if (!p.geometry.depthwise()) {  // grouped / full weights: scope-space columns + cuBLAS
+    const std::vector<at::Tensor> g = scope_space_backward_cuda(
+        p.geometry, grad_output_in, p.input, p.offset, p.rotation, p.weight);
+    Gradients grads;
+    grads.input = g[0].contiguous(p.format);
+    if constexpr (kDeformable) {
+      grads.offset = g[1];
+      grads.rotation = g[2];
+      grads.weight = g[3];
+    } else {
+      grads.rotation = g[1];
+      grads.weight = g[2];
+    }
+    return grads;
+  }
   const at::Tensor grad_output = grad_output_in.contiguous(p.format);
   const auto image_options = p.input.options().memory_format(p.format);
 
@@ -286,8 +279,11 @@ Gradients backward(const char* op, const at::Tensor& grad_output_in, const at::T
         } else {
           // Integer image taps: each input element gathers the taps that read it.
           grads.input = at::empty(p.input.sizes(), image_options);
+          const int64_t chunks =
+              (k.channels_per_rotation_group + kChannelsPerThread - 1) / kChannelsPerThread;
+          const int64_t threads = k.batch * k.rotation_groups * chunks * k.plane();
           dk_grad_input_gather_kernel<scalar_t>
-              <<<blocks_for(grads.input.numel()), kThreadsPerBlock, 0, stream>>>(
+              <<<blocks_for(threads), kThreadsPerBlock, 0, stream>>>(
                   grad_output.const_data_ptr<scalar_t>(), p.rotation.const_data_ptr<scalar_t>(),
                   p.weight.const_data_ptr<scalar_t>(), grads.input.mutable_data_ptr<scalar_t>(),
                   k);

@@ -15,8 +15,8 @@
 // Values are accumulated in acc_t = at::opmath_type<scalar_t> (float for half and bfloat16).
 // Every index into a tensor is int64_t.
 //
-// A grouped/full-weight path ([C_out, C_in/groups, Sh, Sw]) would live next to this file with its
-// own kernels (a scope-space GEMM); it can reuse DKShape, image_corners and scope_corners.
+// Grouped/full weights ([C_out, C_in/groups, Sh, Sw]) take the scope-space GEMM path instead
+// (csrc/cuda/scope_space_cuda.cu).
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -89,8 +89,14 @@ __device__ __forceinline__ void scope_corners(const scalar_t* __restrict__ rotat
 }
 
 // ------------------------------------------------------------------------------------------------
-// Forward, any kernel size: one thread per output element, threads in the output's memory order.
+// Forward: one thread per (b, rotation group, chunk of kChannelsPerThread channels of that group,
+// output position), positions fastest. The image and scope corners of each tap are computed once
+// per thread and shared by the chunk's channels, whose sums stay in registers. Consecutive threads
+// touch consecutive positions (coalesced in NCHW); in channels-last each thread reads and writes
+// kChannelsPerThread consecutive values.
 // ------------------------------------------------------------------------------------------------
+constexpr int kChannelsPerThread = 8;
+
 template <typename scalar_t, bool kDeformable>
 __global__ void dk_forward_kernel(const scalar_t* __restrict__ input,
                                   const scalar_t* __restrict__ offset,
@@ -99,54 +105,8 @@ __global__ void dk_forward_kernel(const scalar_t* __restrict__ input,
                                   scalar_t* __restrict__ output, const DKShape k) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t positions = k.positions();
-  const int64_t total = k.batch * k.channels * positions;
-  DK_CUDA_KERNEL_LOOP(n, total) {
-    const ImageIndex o = image_index(n, k.channels, positions, k.channels_last);
-    const int64_t y = o.s / k.out_width;
-    const int64_t x = o.s - y * k.out_width;
-    const int64_t g = o.c / k.channels_per_rotation_group;
-    const scalar_t* scope = weight + o.c * k.scope_cells();
-    acc_t sum = 0;
-    for (int64_t kh = 0; kh < k.kernel_h; ++kh) {
-      for (int64_t kw = 0; kw < k.kernel_w; ++kw) {
-        BilinearCorners<acc_t> img;
-        image_corners<kDeformable>(offset, k, o.b, kh, kw, y, x, o.s, img);
-        acc_t value = 0;
-#pragma unroll
-        for (int i = 0; i < ImageCorners<kDeformable>::kCount; ++i) {
-          const int64_t at = image_offset(o.b, o.c, img.index[i], k.channels, k.plane(),
-                                          k.channels_last);
-          value += img.weight[i] * static_cast<acc_t>(input[at]);
-        }
-        BilinearCorners<acc_t> sc;
-        scope_corners(rotation, k, o.b, g, kh, kw, o.s, sc);
-        acc_t kernel = 0;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) kernel += sc.weight[i] * static_cast<acc_t>(scope[sc.index[i]]);
-        sum += value * kernel;
-      }
-    }
-    output[n] = static_cast<scalar_t>(sum);  // output has input's memory format: offset n
-  }
-}
-
-// ------------------------------------------------------------------------------------------------
-// Forward, fast path for a compile-time number of taps (kTaps = Kh * Kw, e.g. 3x3): one thread per
-// (b, rotation group, chunk of the group's channels, output position), positions fastest. The
-// image and scope corners of every tap are computed once per thread and reused for each channel
-// of the chunk, instead of once per output element. Needs H * W < 2^31 (int32 spatial indices).
-// ------------------------------------------------------------------------------------------------
-template <typename scalar_t, bool kDeformable, int kTaps>
-__global__ void dk_forward_shared_taps_kernel(const scalar_t* __restrict__ input,
-                                              const scalar_t* __restrict__ offset,
-                                              const scalar_t* __restrict__ rotation,
-                                              const scalar_t* __restrict__ weight,
-                                              scalar_t* __restrict__ output, const DKShape k,
-                                              int64_t chunk_channels) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kImage = ImageCorners<kDeformable>::kCount;
-  const int64_t positions = k.positions();
-  const int64_t chunks = (k.channels_per_rotation_group + chunk_channels - 1) / chunk_channels;
+  const int64_t group_channels = k.channels_per_rotation_group;
+  const int64_t chunks = (group_channels + kChannelsPerThread - 1) / kChannelsPerThread;
   const int64_t total = k.batch * k.rotation_groups * chunks * positions;
   DK_CUDA_KERNEL_LOOP(n, total) {
     const int64_t s = n % positions;
@@ -155,59 +115,53 @@ __global__ void dk_forward_shared_taps_kernel(const scalar_t* __restrict__ input
     const int64_t b = n / (positions * chunks * k.rotation_groups);
     const int64_t y = s / k.out_width;
     const int64_t x = s - y * k.out_width;
-    int32_t image_index[kTaps][kImage];
-    acc_t image_weight[kTaps][kImage];
-    int32_t scope_index[kTaps][4];
-    acc_t scope_weight[kTaps][4];
+    const int64_t c_begin = g * group_channels + chunk * kChannelsPerThread;
+    const int channels_here =
+        static_cast<int>(min_int64(kChannelsPerThread, (g + 1) * group_channels - c_begin));
+    acc_t sum[kChannelsPerThread];
 #pragma unroll
-    for (int tap = 0; tap < kTaps; ++tap) {
-      const int64_t kh = tap / k.kernel_w;
-      const int64_t kw = tap - kh * k.kernel_w;
-      BilinearCorners<acc_t> corners;
-      image_corners<kDeformable>(offset, k, b, kh, kw, y, x, s, corners);
+    for (int j = 0; j < kChannelsPerThread; ++j) sum[j] = acc_t(0);
+    for (int64_t kh = 0; kh < k.kernel_h; ++kh) {
+      for (int64_t kw = 0; kw < k.kernel_w; ++kw) {
+        BilinearCorners<acc_t> img;
+        image_corners<kDeformable>(offset, k, b, kh, kw, y, x, s, img);
+        BilinearCorners<acc_t> sc;
+        scope_corners(rotation, k, b, g, kh, kw, s, sc);
 #pragma unroll
-      for (int i = 0; i < kImage; ++i) {
-        image_index[tap][i] = static_cast<int32_t>(corners.index[i]);
-        image_weight[tap][i] = corners.weight[i];
-      }
-      scope_corners(rotation, k, b, g, kh, kw, s, corners);
+        for (int j = 0; j < kChannelsPerThread; ++j) {
+          if (j >= channels_here) break;
+          const int64_t c = c_begin + j;
+          acc_t value = 0;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        scope_index[tap][i] = static_cast<int32_t>(corners.index[i]);
-        scope_weight[tap][i] = corners.weight[i];
+          for (int i = 0; i < ImageCorners<kDeformable>::kCount; ++i) {
+            const int64_t at = image_offset(b, c, img.index[i], k.channels, k.plane(),
+                                            k.channels_last);
+            value += img.weight[i] * static_cast<acc_t>(input[at]);
+          }
+          const scalar_t* scope = weight + c * k.scope_cells();
+          acc_t kernel = 0;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            kernel += sc.weight[i] * static_cast<acc_t>(scope[sc.index[i]]);
+          }
+          sum[j] += value * kernel;
+        }
       }
     }
-    const int64_t c_begin = g * k.channels_per_rotation_group + chunk * chunk_channels;
-    const int64_t c_end =
-        min_int64(c_begin + chunk_channels, (g + 1) * k.channels_per_rotation_group);
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      const scalar_t* scope = weight + c * k.scope_cells();
-      acc_t sum = 0;
 #pragma unroll
-      for (int tap = 0; tap < kTaps; ++tap) {
-        acc_t value = 0;
-#pragma unroll
-        for (int i = 0; i < kImage; ++i) {
-          const int64_t at = image_offset(b, c, image_index[tap][i], k.channels, k.plane(),
-                                          k.channels_last);
-          value += image_weight[tap][i] * static_cast<acc_t>(input[at]);
-        }
-        acc_t kernel = 0;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          kernel += scope_weight[tap][i] * static_cast<acc_t>(scope[scope_index[tap][i]]);
-        }
-        sum += value * kernel;
-      }
-      output[image_offset(b, c, s, k.channels, positions, k.channels_last)] =
-          static_cast<scalar_t>(sum);
+    for (int j = 0; j < kChannelsPerThread; ++j) {
+      if (j >= channels_here) break;
+      const int64_t at = image_offset(b, c_begin + j, s, k.channels, positions, k.channels_last);
+      output[at] = static_cast<scalar_t>(sum[j]);
     }
   }
 }
 
 // ------------------------------------------------------------------------------------------------
-// grad_input of deform_kernel2d (integer taps): a gather, one thread per input element, summing
-// the taps that read it. No atomics, deterministic.
+// grad_input of deform_kernel2d (integer taps): a gather, no atomics, deterministic. One thread per
+// (b, rotation group, chunk of kChannelsPerThread channels, input position), as in the forward:
+// it sums the taps that read this input position, computing each tap's scope corners once for
+// the chunk's channels.
 // ------------------------------------------------------------------------------------------------
 template <typename scalar_t>
 __global__ void dk_grad_input_gather_kernel(const scalar_t* __restrict__ grad_output,
@@ -216,14 +170,23 @@ __global__ void dk_grad_input_gather_kernel(const scalar_t* __restrict__ grad_ou
                                             scalar_t* __restrict__ grad_input, const DKShape k) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t positions = k.positions();
-  const int64_t total = k.batch * k.channels * k.plane();
+  const int64_t plane = k.plane();
+  const int64_t group_channels = k.channels_per_rotation_group;
+  const int64_t chunks = (group_channels + kChannelsPerThread - 1) / kChannelsPerThread;
+  const int64_t total = k.batch * k.rotation_groups * chunks * plane;
   DK_CUDA_KERNEL_LOOP(n, total) {
-    const ImageIndex i = image_index(n, k.channels, k.plane(), k.channels_last);
-    const int64_t iy = i.s / k.width;
-    const int64_t ix = i.s - iy * k.width;
-    const int64_t g = i.c / k.channels_per_rotation_group;
-    const scalar_t* scope = weight + i.c * k.scope_cells();
-    acc_t sum = 0;
+    const int64_t is = n % plane;
+    const int64_t chunk = (n / plane) % chunks;
+    const int64_t g = (n / (plane * chunks)) % k.rotation_groups;
+    const int64_t b = n / (plane * chunks * k.rotation_groups);
+    const int64_t iy = is / k.width;
+    const int64_t ix = is - iy * k.width;
+    const int64_t c_begin = g * group_channels + chunk * kChannelsPerThread;
+    const int channels_here =
+        static_cast<int>(min_int64(kChannelsPerThread, (g + 1) * group_channels - c_begin));
+    acc_t sum[kChannelsPerThread];
+#pragma unroll
+    for (int j = 0; j < kChannelsPerThread; ++j) sum[j] = acc_t(0);
     for (int64_t kh = 0; kh < k.kernel_h; ++kh) {
       // Output row y reads input row iy through tap kh when y * stride = iy + pad - kh * dilation.
       const int64_t ty = iy + k.pad_h - kh * k.dilation_h;
@@ -237,17 +200,28 @@ __global__ void dk_grad_input_gather_kernel(const scalar_t* __restrict__ grad_ou
         if (x >= k.out_width) continue;
         const int64_t s = y * k.out_width + x;
         BilinearCorners<acc_t> sc;
-        scope_corners(rotation, k, i.b, g, kh, kw, s, sc);
-        acc_t kernel = 0;
+        scope_corners(rotation, k, b, g, kh, kw, s, sc);
 #pragma unroll
-        for (int corner = 0; corner < 4; ++corner) {
-          kernel += sc.weight[corner] * static_cast<acc_t>(scope[sc.index[corner]]);
+        for (int j = 0; j < kChannelsPerThread; ++j) {
+          if (j >= channels_here) break;
+          const int64_t c = c_begin + j;
+          const scalar_t* scope = weight + c * k.scope_cells();
+          acc_t kernel = 0;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            kernel += sc.weight[i] * static_cast<acc_t>(scope[sc.index[i]]);
+          }
+          const int64_t at = image_offset(b, c, s, k.channels, positions, k.channels_last);
+          sum[j] += kernel * static_cast<acc_t>(grad_output[at]);
         }
-        const int64_t at = image_offset(i.b, i.c, s, k.channels, positions, k.channels_last);
-        sum += kernel * static_cast<acc_t>(grad_output[at]);
       }
     }
-    grad_input[n] = static_cast<scalar_t>(sum);  // grad_input has input's memory format
+#pragma unroll
+    for (int j = 0; j < kChannelsPerThread; ++j) {
+      if (j >= channels_here) break;
+      const int64_t at = image_offset(b, c_begin + j, is, k.channels, plane, k.channels_last);
+      grad_input[at] = static_cast<scalar_t>(sum[j]);  // grad_input has input's memory format
+    }
   }
 }
 
