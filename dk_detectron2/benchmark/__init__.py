@@ -6,7 +6,7 @@ on a ResNet-50's shapes, the full (groups 1) DK against ``F.conv2d``, peak extra
 thread scaling, Mask R-CNN R50-FPN with the DK backbone against plain convolutions, and, with a
 GPU, the same op benchmarks in float32/float16/bfloat16 with achieved DRAM bandwidth. Writes a
 terminal table with the issue's targets (PASS/MISS), ``results.json``, ``results.md`` and
-``results.png``. See ``notes/benchmark.md``.
+``results.png``. See ``docs/notes/benchmark.md``.
 """
 
 from .cli import main, run_benchmarks

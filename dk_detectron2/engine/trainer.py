@@ -1,0 +1,72 @@
+"""``DKTrainer``: Detectron2's ``DefaultTrainer`` with COCO evaluation, CPU-capable DDP and
+prediction pictures.
+
+Everything else (hooks, TensorBoard/JSON/ETA writers, checkpointing, LR schedule) is Detectron2's.
+"""
+import json
+import logging
+import os
+
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from torch.nn.parallel import DistributedDataParallel
+
+from .ddp import device_aware_ddp
+from .visualize import save_prediction_images
+
+__all__ = ["DKTrainer"]
+
+logger = logging.getLogger(__name__)
+
+
+class DKTrainer(DefaultTrainer):
+    """``DefaultTrainer`` whose evaluation uses ``COCOEvaluator`` and, on the main process, writes
+    ``eval_results.json`` and :attr:`num_visualized_images` prediction PNGs per test dataset into
+    ``cfg.OUTPUT_DIR``. Multi-process training works for CPU models (gloo) as well as CUDA ones."""
+
+    num_visualized_images = 4
+
+    def __init__(self, cfg):
+        with device_aware_ddp():
+            super().__init__(cfg)
+
+    def train(self):
+        """Runs training; returns the results of the last evaluation (``{}`` if none ran)."""
+        super().train()
+        return getattr(self, "_last_eval_results", {})
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+        if evaluator_type != "coco":
+            raise NotImplementedError(
+                f"no evaluator for dataset {dataset_name!r} (evaluator_type {evaluator_type!r}); "
+                "DKTrainer evaluates COCO-format instance datasets"
+            )
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+        return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        results = super().test(cfg, model, evaluators)
+        if comm.is_main_process() and len(cfg.DATASETS.TEST):
+            cls.write_results(cfg, model, results)
+        return results
+
+    @classmethod
+    def write_results(cls, cfg, model, results):
+        """Writes ``eval_results.json`` and the prediction PNGs into ``cfg.OUTPUT_DIR``."""
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        with open(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"), "w") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        for dataset_name in cfg.DATASETS.TEST:
+            paths = save_prediction_images(
+                cfg, model, dataset_name, cfg.OUTPUT_DIR, cls.num_visualized_images
+            )
+            logger.info(f"Predictions on {dataset_name} drawn in {', '.join(paths)}")

@@ -1,0 +1,145 @@
+"""fvcore FLOP and activation counting for the Deformable Kernel operators.
+
+fvcore (and Detectron2's ``FlopCountAnalysis``, ``tools/analyze_model.py``) counts a traced model
+op by op; it skips operators it has no handle for, with a warning. This module provides the
+handles of ``torch.ops.dk_detectron2.*`` and of ``torchvision::deform_conv2d`` (used by the
+``DeformConv2d`` rival).
+
+Counting convention (fvcore's): one "flop" is one multiply-add (MAC). For every output element
+and every kernel tap:
+
+* ``deform_kernel2d``: 1 MAC per input channel of the group (input x kernel value) plus 4 MACs
+  per input channel of the group for the kernel-space bilinear read of that kernel value from
+  the S x S scope (4 corners, each weight x corner value):
+  ``B * C_out * Ho * Wo * Kh * Kw * (C_in / groups) * (1 + 4)``.
+* ``deform_kernel_conv2d``: the same, plus the image-space bilinear read of the input, done once
+  per input channel, output position and tap (4 MACs):
+  ``... + B * C_in * Ho * Wo * Kh * Kw * 4``.
+* ``nd_linear_sample``: 4 MACs per sample: ``P * M * 4``.
+* ``torchvision::deform_conv2d``: ``B * C_out * Ho * Wo * Kh * Kw * (C_in / groups)`` MACs of
+  the convolution, plus the image-space bilinear read ``B * C_in * Ho * Wo * Kh * Kw * 4``, plus
+  one multiply by the modulation mask per read when the mask is used.
+
+Not counted (as fvcore skips elementwise work): the bilinear weights themselves (a few flops per
+sample point, shared by every channel of a rotation group), bias additions, clipping.
+
+Usage::
+
+    from detectron2.utils.analysis import FlopCountAnalysis
+    flops = add_dk_flop_handles(FlopCountAnalysis(model, inputs))
+    print(flops.total())
+"""
+
+from typing import Any, Dict, List
+
+from fvcore.nn.jit_handles import Handle, generic_activation_jit, get_shape
+
+try:
+    from math import prod
+except ImportError:  # pragma: no cover - Python < 3.8
+    from numpy import prod
+
+__all__ = [
+    "KERNEL_BILINEAR_MACS",
+    "IMAGE_BILINEAR_MACS",
+    "deform_kernel2d_flop_jit",
+    "deform_kernel_conv2d_flop_jit",
+    "nd_linear_sample_flop_jit",
+    "deform_conv2d_flop_jit",
+    "dk_flop_handles",
+    "dk_activation_handles",
+    "add_dk_flop_handles",
+    "add_dk_activation_handles",
+]
+
+KERNEL_BILINEAR_MACS = 4  # kernel-space bilinear read: 4 corners
+IMAGE_BILINEAR_MACS = 4  # image-space bilinear read: 4 corners
+
+
+def _shape(value: Any, name: str) -> List[int]:
+    shape = get_shape(value)
+    if shape is None:
+        raise ValueError(f"cannot count flops: the shape of {name} is unknown in the trace")
+    return list(shape)
+
+
+def _conv_like_macs(inputs: List[Any], outputs: List[Any], weight_index: int) -> Dict[str, int]:
+    """Shared terms of the deformable-kernel ops: output taps and input reads."""
+    batch, out_channels, out_h, out_w = _shape(outputs[0], "output")
+    in_channels = _shape(inputs[0], "input")[1]
+    per_group, scope_h, scope_w = _shape(inputs[weight_index], "weight")[1:]
+    rotation = _shape(inputs[weight_index - 1], "rotation")[1]
+    return {
+        "outputs": batch * out_channels * out_h * out_w,
+        "per_group": per_group,
+        "in_reads": batch * in_channels * out_h * out_w,
+        "rotation_channels": rotation,
+    }
+
+
+def _taps(rotation_channels: int, rotation_groups: Any) -> int:
+    groups = rotation_groups.toIValue() if hasattr(rotation_groups, "toIValue") else rotation_groups
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"cannot count flops: rotation_groups is not a constant int ({groups!r})")
+    return rotation_channels // (2 * groups)
+
+
+def deform_kernel2d_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``dk_detectron2::deform_kernel2d(input, rotation, weight, k, s, p, d, groups)``."""
+    terms = _conv_like_macs(inputs, outputs, weight_index=2)
+    taps = _taps(terms["rotation_channels"], inputs[7])
+    return terms["outputs"] * taps * terms["per_group"] * (1 + KERNEL_BILINEAR_MACS)
+
+
+def deform_kernel_conv2d_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``dk_detectron2::deform_kernel_conv2d(input, offset, rotation, weight, k, s, p, d, groups)``."""
+    terms = _conv_like_macs(inputs, outputs, weight_index=3)
+    taps = _taps(terms["rotation_channels"], inputs[8])
+    kernel = terms["outputs"] * taps * terms["per_group"] * (1 + KERNEL_BILINEAR_MACS)
+    return kernel + terms["in_reads"] * taps * IMAGE_BILINEAR_MACS
+
+
+def nd_linear_sample_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``dk_detectron2::nd_linear_sample(input [M, Sh, Sw], coord [P, 2]) -> [P, M]``."""
+    return prod(_shape(outputs[0], "output")) * KERNEL_BILINEAR_MACS
+
+
+def deform_conv2d_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``torchvision::deform_conv2d(input, weight, offset, mask, bias, stride_h, stride_w, pad_h,
+    pad_w, dil_h, dil_w, n_weight_grps, n_offset_grps, use_mask)``."""
+    batch, out_channels, out_h, out_w = _shape(outputs[0], "output")
+    in_channels = _shape(inputs[0], "input")[1]
+    per_group, kernel_h, kernel_w = _shape(inputs[1], "weight")[1:]
+    taps = kernel_h * kernel_w
+    use_mask = inputs[13].toIValue() if len(inputs) > 13 else False
+    reads = batch * in_channels * out_h * out_w * taps
+    conv = batch * out_channels * out_h * out_w * taps * per_group
+    return conv + reads * (IMAGE_BILINEAR_MACS + int(bool(use_mask)))
+
+
+_FLOP_HANDLES: Dict[str, Handle] = {
+    "dk_detectron2::deform_kernel2d": deform_kernel2d_flop_jit,
+    "dk_detectron2::deform_kernel_conv2d": deform_kernel_conv2d_flop_jit,
+    "dk_detectron2::nd_linear_sample": nd_linear_sample_flop_jit,
+    "torchvision::deform_conv2d": deform_conv2d_flop_jit,
+}
+
+
+def dk_flop_handles() -> Dict[str, Handle]:
+    """``{traced op name: fvcore flop handle}`` for the DK operators (a new dict each call)."""
+    return dict(_FLOP_HANDLES)
+
+
+def dk_activation_handles() -> Dict[str, Handle]:
+    """``{traced op name: fvcore activation handle}``: the elements of each op's output."""
+    return {name: generic_activation_jit() for name in _FLOP_HANDLES}
+
+
+def add_dk_flop_handles(analysis):
+    """Registers the DK flop handles on an fvcore/Detectron2 ``FlopCountAnalysis``; returns it."""
+    return analysis.set_op_handle(**dk_flop_handles())
+
+
+def add_dk_activation_handles(analysis):
+    """Registers the DK activation handles on an fvcore ``ActivationCountAnalysis``; returns it."""
+    return analysis.set_op_handle(**dk_activation_handles())

@@ -1,0 +1,175 @@
+"""fvcore handles of the DK operators: counts equal hand counts; analyze_model reports a DK model."""
+
+import torch
+import torchvision
+from fvcore.nn import ActivationCountAnalysis, FlopCountAnalysis
+from torch import nn
+
+from dk_detectron2.layers import deform_kernel2d, deform_kernel_conv2d, nd_linear_sample
+from dk_detectron2.layers.deform_kernel import (
+    DeformKernel2d,
+    DeformKernelConv2d,
+    GlobalDeformKernel2d,
+)
+from dk_detectron2.tools.flops import (
+    add_dk_activation_handles,
+    add_dk_flop_handles,
+    dk_flop_handles,
+)
+
+
+class _Call(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def _count(module, inputs):
+    analysis = add_dk_flop_handles(FlopCountAnalysis(module, inputs))
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    counts = analysis.by_operator()
+    assert not analysis.unsupported_ops(), analysis.unsupported_ops()
+    return counts
+
+
+def test_handles_are_registered_under_the_traced_op_names():
+    assert set(dk_flop_handles()) == {
+        "dk_detectron2::deform_kernel2d",
+        "dk_detectron2::deform_kernel_conv2d",
+        "dk_detectron2::nd_linear_sample",
+        "torchvision::deform_conv2d",
+    }
+
+
+def test_deform_kernel2d_count_equals_the_hand_count():
+    # B=2, C=6, 3x3 taps, stride 2, padding 1 on 11x9 -> 6x5 outputs, 2 rotation groups.
+    x, weight = torch.randn(2, 6, 11, 9), torch.randn(6, 1, 5, 5)
+    rotation = torch.randn(2, 2 * 9 * 2, 6, 5)
+    op = _Call(lambda x, r, w: deform_kernel2d(x, r, w, 3, 2, 1, 1, 2))
+    counts = _count(op, (x, rotation, weight))
+    outputs = 2 * 6 * 6 * 5
+    assert counts == {"deform_kernel2d": outputs * 9 * (1 + 4)}  # 1 MAC + 4 bilinear MACs per tap
+
+
+def test_deform_kernel_conv2d_count_adds_the_image_space_bilinear_reads():
+    x, weight = torch.randn(1, 4, 8, 8), torch.randn(4, 1, 4, 4)
+    offset, rotation = torch.randn(1, 18, 8, 8), torch.randn(1, 18, 8, 8)
+    op = _Call(lambda x, o, r, w: deform_kernel_conv2d(x, o, r, w, 3, 1, 1, 1, 1))
+    counts = _count(op, (x, offset, rotation, weight))
+    outputs = 4 * 8 * 8
+    assert counts == {"deform_kernel_conv2d": outputs * 9 * 5 + outputs * 9 * 4}
+
+
+class _Value:
+    """Stands for a traced ``torch._C.Value``: a complete tensor type, or a constant."""
+
+    def __init__(self, shape=None, constant=None):
+        self.shape, self.constant = shape, constant
+
+    def isCompleteTensor(self):
+        return self.shape is not None
+
+    def type(self):
+        return self
+
+    def sizes(self):
+        return list(self.shape)
+
+    def toIValue(self):
+        return self.constant
+
+
+def test_grouped_deform_kernel_counts_every_input_channel_of_the_group():
+    # C_in = 4, C_out = 6, groups = 2: weight [6, 2, S, S]; 3x3 taps, 5x5 outputs, G = 3.
+    from dk_detectron2.tools.flops import deform_kernel2d_flop_jit, deform_kernel_conv2d_flop_jit
+
+    x, weight, out = _Value((1, 4, 5, 5)), _Value((6, 2, 4, 4)), [_Value((1, 6, 5, 5))]
+    offset, rotation = _Value((1, 18, 5, 5)), _Value((1, 3 * 18, 5, 5))
+    geometry = [_Value(constant=[3, 3]), _Value(constant=[1, 1])] + [_Value(constant=[1, 1])] * 2
+    groups = _Value(constant=3)
+    outputs = 6 * 5 * 5
+    dk = deform_kernel2d_flop_jit([x, rotation, weight, *geometry, groups], out)
+    assert dk == outputs * 9 * 2 * 5
+    reads = 4 * 5 * 5 * 9  # image-space bilinear reads: once per input channel, position, tap
+    dkc = deform_kernel_conv2d_flop_jit([x, offset, rotation, weight, *geometry, groups], out)
+    assert dkc == outputs * 9 * 2 * 5 + reads * 4
+
+
+def test_nd_linear_sample_count_is_four_macs_per_sample():
+    counts = _count(_Call(nd_linear_sample), (torch.randn(7, 4, 4), torch.rand(9, 2) * 3))
+    assert counts == {"nd_linear_sample": 9 * 7 * 4}
+
+
+def test_torchvision_deform_conv2d_count_with_and_without_mask():
+    x, weight = torch.randn(1, 4, 8, 8), torch.randn(6, 2, 3, 3)  # 2 weight groups
+    offset, mask = torch.randn(1, 18, 4, 4), torch.rand(1, 9, 4, 4)
+    conv = 6 * 4 * 4 * 9 * 2
+    reads = 4 * 4 * 4 * 9
+    plain = _Call(lambda x, o: torchvision.ops.deform_conv2d(x, o, weight, stride=2, padding=1))
+    assert _count(plain, (x, offset)) == {"deform_conv2d": conv + reads * 4}
+    masked = _Call(
+        lambda x, o, m: torchvision.ops.deform_conv2d(x, o, weight, stride=2, padding=1, mask=m)
+    )
+    assert _count(masked, (x, offset, mask)) == {"deform_conv2d": conv + reads * 5}
+
+
+def test_dk_modules_count_generator_convolution_plus_op():
+    x = torch.randn(1, 8, 10, 10)
+    dk = DeformKernel2d(8, 8, 3, stride=1, padding=1, groups=8, scope_size=4).eval()
+    counts = _count(dk, (x,))
+    positions = 10 * 10
+    assert counts["conv"] == positions * 18 * 8 * 9  # rotation_conv: 8 -> 18 channels, 3x3
+    assert counts["deform_kernel2d"] == positions * 8 * 9 * 5
+
+    dkc = DeformKernelConv2d(8, 8, 3, stride=1, padding=1, groups=8, scope_size=4).eval()
+    counts = _count(dkc, (x,))
+    assert counts["conv"] == 2 * positions * 18 * 8 * 9  # offset_conv + rotation_conv
+    assert counts["deform_kernel_conv2d"] == positions * 8 * 9 * (5 + 4)
+
+    gdk = GlobalDeformKernel2d(8, 8, 3, stride=1, padding=1, groups=8, scope_size=4).eval()
+    analysis = add_dk_flop_handles(FlopCountAnalysis(gdk, (x,)))
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    counts = analysis.by_operator()
+    assert counts["nd_linear_sample"] == 9 * 8 * 4  # one kernel sampled per image
+    assert counts["conv"] == positions * 8 * 9  # the per-sample depthwise convolution
+
+
+def test_activation_handles_count_output_elements():
+    x = torch.randn(2, 8, 10, 10)
+    dk = DeformKernel2d(8, 8, 3, stride=2, padding=1, groups=8, scope_size=4).eval()
+    analysis = add_dk_activation_handles(ActivationCountAnalysis(dk, (x,)))
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    assert analysis.by_operator()["deform_kernel2d"] == 2 * 8 * 5 * 5
+
+
+def test_analyze_model_counts_every_dk_layer_of_a_dk_mask_rcnn(tmp_path):
+    from _tools_configs import tiny_dk_config
+
+    from dk_detectron2.tools.analyze_model import count_flops, main
+    from dk_detectron2.tools.build import load_model, setup_cfg
+
+    config = tiny_dk_config(tmp_path)
+    model = load_model(setup_cfg(config, device="cpu"))
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255
+    hand = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: hand.append(o.numel() * 9 * 5))
+        for m in model.modules()
+        if isinstance(m, DeformKernel2d)
+    ]
+    assert hooks, "the tiny DK config has no DeformKernel2d layer"
+    with torch.no_grad():
+        model([{"image": image}])
+    for hook in hooks:
+        hook.remove()
+    flops = count_flops(model, [[{"image": image}]])
+    assert flops["by_operator"]["deform_kernel2d"] == sum(hand)
+    assert flops["total"][0] > flops["by_operator"]["deform_kernel2d"] > 0
+    assert "backbone.bottom_up.res3" in flops["table"]  # fvcore's per-module table
+
+    report = main(["--config-file", config, "--synthetic", "--tasks", "parameter", "structure"])
+    assert "backbone.bottom_up.res3" in report["parameter"]
+    assert "DeformKernel2d" in report["structure"]
