@@ -5,6 +5,7 @@
 
 #include <torch/types.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "bilinear.h"  // DK_HOST_DEVICE
@@ -68,6 +69,25 @@ inline DKGeometry make_geometry(const at::Tensor& input, const at::Tensor& weigh
   g.out_width = (g.width + 2 * g.pad_w - g.dilation_w * (g.kernel_w - 1) - 1) / g.stride_w + 1;
   TORCH_CHECK(g.out_height > 0 && g.out_width > 0, "output would be empty");
   return g;
+}
+
+// Output channels [o0, o1) that share convolution group q and rotation group g: the unit of work
+// of the scope-space (grouped / full) path, one GEMM each.
+struct ChannelSegment {
+  int64_t o0, o1, q, g;
+};
+
+inline std::vector<ChannelSegment> channel_segments(const DKGeometry& g) {
+  const int64_t per_conv_group = g.out_channels / g.groups;
+  const int64_t per_rotation_group = g.out_channels / g.rotation_groups;
+  std::vector<ChannelSegment> segments;
+  for (int64_t o = 0; o < g.out_channels;) {
+    const int64_t q = o / per_conv_group, r = o / per_rotation_group;
+    const int64_t end = std::min((q + 1) * per_conv_group, (r + 1) * per_rotation_group);
+    segments.push_back({o, end, q, r});
+    o = end;
+  }
+  return segments;
 }
 
 inline void check_rotation(const at::Tensor& rotation, const DKGeometry& g) {

@@ -26,24 +26,7 @@ namespace dk_detectron2 {
 namespace cpu {
 namespace {
 
-// Output channels [o0, o1) share convolution group q and rotation group g.
-struct Segment {
-  int64_t o0, o1, q, g;
-};
-
-std::vector<Segment> make_segments(const DKGeometry& g) {
-  const int64_t per_conv_group = g.out_channels / g.groups;
-  const int64_t per_rotation_group = g.out_channels / g.rotation_groups;
-  std::vector<Segment> segments;
-  int64_t o = 0;
-  while (o < g.out_channels) {
-    const int64_t q = o / per_conv_group, r = o / per_rotation_group;
-    const int64_t end = std::min((q + 1) * per_conv_group, (r + 1) * per_rotation_group);
-    segments.push_back({o, end, q, r});
-    o = end;
-  }
-  return segments;
-}
+using Segment = ChannelSegment;
 
 // Rows (global positions b*Ho*Wo + p) per tile: keeps one tile's columns around 16 MiB.
 int64_t tile_rows(const DKGeometry& g, int64_t element_size) {
@@ -285,7 +268,7 @@ at::Tensor scope_space_forward(const DKGeometry& g, const at::Tensor& input,
   const at::Tensor w = weight_as_columns(weight);
   const int64_t depth = w.size(1);
   const int64_t tile = tile_rows(g, input.element_size());
-  const auto segments = make_segments(g);
+  const auto segments = channel_segments(g);
   at::Tensor cols = at::empty({std::min(tile, rows), depth}, input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "scope_space_forward_cpu", [&] {
@@ -329,7 +312,7 @@ std::vector<at::Tensor> scope_space_backward(const DKGeometry& g, const at::Tens
                                      .reshape({rows, g.out_channels});
     const int64_t depth = w.size(1);
     const int64_t tile = tile_rows(g, input.element_size());
-    const auto segments = make_segments(g);
+    const auto segments = channel_segments(g);
     at::Tensor cols = at::empty({std::min(tile, rows), depth}, input.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                     "scope_space_backward_cpu", [&] {

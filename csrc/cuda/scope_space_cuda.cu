@@ -27,22 +27,7 @@ namespace dk_detectron2 {
 namespace cuda {
 namespace {
 
-struct Segment {
-  int64_t o0, o1, q, g;
-};
-
-std::vector<Segment> make_segments(const DKGeometry& g) {
-  const int64_t per_conv_group = g.out_channels / g.groups;
-  const int64_t per_rotation_group = g.out_channels / g.rotation_groups;
-  std::vector<Segment> segments;
-  for (int64_t o = 0; o < g.out_channels;) {
-    const int64_t q = o / per_conv_group, r = o / per_rotation_group;
-    const int64_t end = std::min((q + 1) * per_conv_group, (r + 1) * per_rotation_group);
-    segments.push_back({o, end, q, r});
-    o = end;
-  }
-  return segments;
-}
+using Segment = ChannelSegment;
 
 // Where tap k of row r (a global output position) reads; false when it reads nothing.
 template <typename scalar_t, typename acc_t, bool kOffset>
@@ -273,7 +258,7 @@ at::Tensor scope_space_forward_cuda(const DKGeometry& g, const at::Tensor& input
     for (int64_t r0 = 0; r0 < rows; r0 += tile) {
       const int64_t r1 = std::min(rows, r0 + tile);
       at::Tensor tile_cols = cols.narrow(0, 0, r1 - r0);
-      for (const Segment& seg : make_segments(g)) {
+      for (const Segment& seg : channel_segments(g)) {
         launch_build<scalar_t>(g, input, offset, rotation, r0, r1, seg, tile_cols);
         const int64_t n = seg.o1 - seg.o0;
         out_rows.narrow(0, r0, r1 - r0)
@@ -319,7 +304,7 @@ std::vector<at::Tensor> scope_space_backward_cuda(const DKGeometry& g,
       for (int64_t r0 = 0; r0 < rows; r0 += tile) {
         const int64_t r1 = std::min(rows, r0 + tile);
         at::Tensor tile_cols = cols.narrow(0, 0, r1 - r0);
-        for (const Segment& seg : make_segments(g)) {
+        for (const Segment& seg : channel_segments(g)) {
           const int64_t n = seg.o1 - seg.o0;
           launch_build<scalar_t>(g, input, offset, rotation, r0, r1, seg, tile_cols);
           const at::Tensor gout = gout_rows.narrow(0, r0, r1 - r0).narrow(1, seg.o0, n);
