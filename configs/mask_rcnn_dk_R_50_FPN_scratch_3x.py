@@ -18,12 +18,18 @@ from detectron2.model_zoo import get_config
 
 from dk_detectron2.layers import DKOptions
 from dk_detectron2.modeling import make_resnet_dk_stages
+from dk_detectron2.solver import get_dk_optimizer_params
 
 model = get_config("common/models/mask_rcnn_fpn.py").model
 dataloader = get_config("common/data/coco.py").dataloader
 optimizer = get_config("common/optim.py").SGD
 lr_multiplier = get_config("common/coco_schedule.py").lr_multiplier_3x
 train = get_config("common/train.py").train
+
+# The rotation generators train at 0.1x the learning rate (MODEL.DK.GENERATOR_LR_FACTOR).
+optimizer.params = L(get_dk_optimizer_params)(
+    base_lr="${..lr}", generator_lr_factor=0.1, weight_decay_norm=0.0
+)
 
 # DK stages: depthwise 3x3 convs, local DK (scope 4) in res3-res5.
 model.backbone.bottom_up.stages = L(make_resnet_dk_stages)(

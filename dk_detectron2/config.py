@@ -30,6 +30,9 @@ def add_dk_config(cfg):
     _C.MODEL.DK.ROTATION_CLIP = "none"
     # (low, high) bounds of every rotation when ROTATION_CLIP is "range".
     _C.MODEL.DK.ROTATION_CLIP_RANGE = [-1.0, 1.0]
+    # Learning-rate factor of the generators that predict rotations and offsets (as for DCN's
+    # offsets; at 1 their coordinates can swing outside the scope early in training, see solver.py).
+    _C.MODEL.DK.GENERATOR_LR_FACTOR = 0.1
     # E, experts of "cond_conv".
     _C.MODEL.DK.NUM_EXPERTS = 4
     return cfg

@@ -109,6 +109,30 @@ def test_float32_matches_float64():
     torch.testing.assert_close(out32.double(), out64, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("channels, groups", [(1, 1), (16, 1), (48, 3), (64, 2), (117, 1), (208, 4)])
+def test_float32_channel_blocks_match_reference(channels, groups):
+    """float32 runs channel blocks of 64/32/16 in registers plus a scalar tail: every mix of them,
+    per rotation group, with taps outside the image and the scope, against the float64 reference."""
+    x, _, rotation, weight, geo = make_case(B=2, C=channels, H=9, W=10, G=groups, stride=2, seed=3)
+    expected = deform_kernel2d_reference(x, rotation, weight, **geo)
+    out = deform_kernel2d(x.float(), rotation.float(), weight.float(), **geo)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_taps_outside_the_image_ignore_non_finite_borders():
+    """A tap outside the image reads zero even though the zero padding is emulated: an infinite
+    pixel at the border reaches only the outputs whose taps really read it."""
+    x, _, rotation, weight, geo = make_case(B=1, C=32, H=6, W=6, dtype=torch.float32)
+    expected = deform_kernel2d_reference(x.double(), rotation.double(), weight.double(), **geo)
+    x[0, :, 0, 0] = float("inf")
+    out = deform_kernel2d(x, rotation, weight, **geo)
+    reads_corner = ~torch.isfinite(deform_kernel2d_reference(
+        x.double(), rotation.double(), weight.double(), **geo))
+    finite = ~reads_corner
+    assert finite.any()
+    torch.testing.assert_close(out.double()[finite], expected[finite], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_on_cpu(dtype):
     x, offset, rotation, weight, geo = make_case(C=8, H=8, W=8, dtype=torch.float32)

@@ -2,6 +2,7 @@
 // depthwise kernels (deform_kernel_cpu.cpp) and the scope-space path (scope_space_cpu.cpp).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -67,13 +68,16 @@ namespace dk_detectron2 {
 namespace cpu {
 
 // The scope corners of every tap of one output row and rotation group, computed branch-free over
-// the row (so the loop vectorises) before the channel loops use them. Integer image taps only.
-// Entry [k * Wo + ox]; a tap that reads nothing has all weights 0 and pixel -1.
+// the row (32-bit lanes and selects only, so the loop vectorises) before the channel loops use them.
+// Integer image taps only. Entry [k * Wo + ox]; `index` holds scope cell * cell_stride (the
+// weight's row stride, so the channel loops add it to a pointer as is); a tap that reads nothing
+// has all weights 0, valid indices and pixel -1. Pixels are int32: callers check H * W < 2^31
+// and Sh * Sw * cell_stride < 2^31.
 template <typename acc_t>
 struct RowTaps {
   std::vector<int32_t> index[4];
   std::vector<acc_t> weight[4];
-  std::vector<int64_t> pixel;
+  std::vector<int32_t> pixel;
 
   void resize(int64_t n) {
     for (int j = 0; j < 4; ++j) {
@@ -86,13 +90,16 @@ struct RowTaps {
 
 template <typename scalar_t, typename acc_t>
 DK_ALWAYS_INLINE void sample_row(const DKTensors<scalar_t>& t, int64_t b, int64_t oy, int64_t group,
-                                 RowTaps<acc_t>& taps) {
+                                 int32_t cell_stride, RowTaps<acc_t>& taps) {
   const DKGeometry& g = t.g;
   const int64_t Wo = g.out_width, plane = g.out_height * Wo;
   const int32_t Sh = static_cast<int32_t>(g.scope_h), Sw = static_cast<int32_t>(g.scope_w);
+  const int32_t width = static_cast<int32_t>(g.width);
+  const int32_t stride_w = static_cast<int32_t>(g.stride_w);
   for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
     const int64_t iy = oy * g.stride_h - g.pad_h + kh * g.dilation_h;
     const bool row_inside = iy >= 0 && iy < g.height;
+    const int32_t row_start = static_cast<int32_t>(row_inside ? iy * g.width : 0);
     for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
       const int64_t k = kh * g.kernel_w + kw;
       const scalar_t* ry = t.rotation +
@@ -101,38 +108,46 @@ DK_ALWAYS_INLINE void sample_row(const DKTensors<scalar_t>& t, int64_t b, int64_
       const scalar_t* rx = ry + plane;
       const acc_t base_y = scope_base<acc_t>(kh, g.kernel_h, g.scope_h);
       const acc_t base_x = scope_base<acc_t>(kw, g.kernel_w, g.scope_w);
-      int32_t* i0 = taps.index[0].data() + k * Wo;
-      int32_t* i1 = taps.index[1].data() + k * Wo;
-      int32_t* i2 = taps.index[2].data() + k * Wo;
-      int32_t* i3 = taps.index[3].data() + k * Wo;
-      acc_t* w0 = taps.weight[0].data() + k * Wo;
-      acc_t* w1 = taps.weight[1].data() + k * Wo;
-      acc_t* w2 = taps.weight[2].data() + k * Wo;
-      acc_t* w3 = taps.weight[3].data() + k * Wo;
-      int64_t* pixel = taps.pixel.data() + k * Wo;
+      const int32_t ix0 = static_cast<int32_t>(kw * g.dilation_w - g.pad_w);
+      int32_t* __restrict i0 = taps.index[0].data() + k * Wo;
+      int32_t* __restrict i1 = taps.index[1].data() + k * Wo;
+      int32_t* __restrict i2 = taps.index[2].data() + k * Wo;
+      int32_t* __restrict i3 = taps.index[3].data() + k * Wo;
+      acc_t* __restrict w0 = taps.weight[0].data() + k * Wo;
+      acc_t* __restrict w1 = taps.weight[1].data() + k * Wo;
+      acc_t* __restrict w2 = taps.weight[2].data() + k * Wo;
+      acc_t* __restrict w3 = taps.weight[3].data() + k * Wo;
+      int32_t* __restrict pixel = taps.pixel.data() + k * Wo;
       DK_SIMD
-      for (int64_t ox = 0; ox < Wo; ++ox) {
-        const int64_t ix = ox * g.stride_w - g.pad_w + kw * g.dilation_w;
+      for (int32_t ox = 0; ox < static_cast<int32_t>(Wo); ++ox) {
+        const int32_t ix = ox * stride_w + ix0;
         acc_t sy = base_y + acc_t(ry[ox]);
         acc_t sx = base_x + acc_t(rx[ox]);
-        const bool inside = row_inside && ix >= 0 && ix < g.width && sy > acc_t(-1) &&
-                            sy < acc_t(Sh) && sx > acc_t(-1) && sx < acc_t(Sw);
+        // `&` instead of `&&`: no short-circuit branches in the loop body.
+        const bool inside = row_inside & (ix >= 0) & (ix < width) & (sy > acc_t(-1)) &
+                            (sy < acc_t(Sh)) & (sx > acc_t(-1)) & (sx < acc_t(Sw));
         sy = inside ? sy : acc_t(0);  // keeps NaN and infinity away from the integer conversion
         sx = inside ? sx : acc_t(0);
         const acc_t fy = std::floor(sy), fx = std::floor(sx);
         const int32_t y0 = static_cast<int32_t>(fy), x0 = static_cast<int32_t>(fx);
-        const acc_t ly = sy - fy, lx = sx - fx, hy = acc_t(1) - ly, hx = acc_t(1) - lx;
-        const bool top = inside && y0 >= 0, bottom = inside && y0 + 1 < Sh;
-        const bool left = x0 >= 0, right = x0 + 1 < Sw;
-        i0[ox] = (top && left) ? y0 * Sw + x0 : 0;
-        i1[ox] = (top && right) ? y0 * Sw + x0 + 1 : 0;
-        i2[ox] = (bottom && left) ? (y0 + 1) * Sw + x0 : 0;
-        i3[ox] = (bottom && right) ? (y0 + 1) * Sw + x0 + 1 : 0;
-        w0[ox] = (top && left) ? hy * hx : acc_t(0);
-        w1[ox] = (top && right) ? hy * lx : acc_t(0);
-        w2[ox] = (bottom && left) ? ly * hx : acc_t(0);
-        w3[ox] = (bottom && right) ? ly * lx : acc_t(0);
-        pixel[ox] = inside ? iy * g.width + ix : -1;
+        const acc_t ly = sy - fy, lx = sx - fx;
+        // Per-axis corner weights (zero for a corner outside the scope) and clamped cell indices:
+        // products and min/max rather than one mask per corner, which GCC fails to vectorise.
+        const acc_t wy0 = (inside & (y0 >= 0)) ? acc_t(1) - ly : acc_t(0);
+        const acc_t wy1 = (inside & (y0 + 1 < Sh)) ? ly : acc_t(0);
+        const acc_t wx0 = (x0 >= 0) ? acc_t(1) - lx : acc_t(0);
+        const acc_t wx1 = (x0 + 1 < Sw) ? lx : acc_t(0);
+        const int32_t top = std::max(y0, 0) * Sw, bottom = std::min(y0 + 1, Sh - 1) * Sw;
+        const int32_t left = std::max(x0, 0), right = std::min(x0 + 1, Sw - 1);
+        i0[ox] = (top + left) * cell_stride;
+        i1[ox] = (top + right) * cell_stride;
+        i2[ox] = (bottom + left) * cell_stride;
+        i3[ox] = (bottom + right) * cell_stride;
+        w0[ox] = wy0 * wx0;
+        w1[ox] = wy0 * wx1;
+        w2[ox] = wy1 * wx0;
+        w3[ox] = wy1 * wx1;
+        pixel[ox] = inside ? row_start + ix : -1;
       }
     }
   }

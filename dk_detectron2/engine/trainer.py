@@ -1,5 +1,5 @@
-"""``DKTrainer``: Detectron2's ``DefaultTrainer`` with COCO evaluation, CPU-capable DDP and
-prediction pictures.
+"""``DKTrainer``: Detectron2's ``DefaultTrainer`` with COCO evaluation, CPU-capable DDP, a smaller
+learning rate for the DK generators and prediction pictures.
 
 Everything else (hooks, TensorBoard/JSON/ETA writers, checkpointing, LR schedule) is Detectron2's.
 """
@@ -13,6 +13,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
+from ..solver import build_dk_optimizer
 from .ddp import device_aware_ddp
 from .visualize import save_prediction_images
 
@@ -36,6 +37,11 @@ class DKTrainer(DefaultTrainer):
         """Runs training; returns the results of the last evaluation (``{}`` if none ran)."""
         super().train()
         return getattr(self, "_last_eval_results", {})
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """SGD as Detectron2's, the DK generators at ``MODEL.DK.GENERATOR_LR_FACTOR`` x the lr."""
+        return build_dk_optimizer(cfg, model)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

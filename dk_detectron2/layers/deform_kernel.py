@@ -113,8 +113,13 @@ class RotationClip(nn.Module):
 class KernelConvBase(nn.Module):
     """Shared conv-like plumbing: geometry, validation, bias, ``norm`` and ``activation``.
 
-    Subclasses create ``self.weight`` and implement ``_convolve(x)``.
+    Subclasses create ``self.weight`` and implement ``_convolve(x)``. Those that predict where
+    they sample (kernel rotations, image offsets) from the input name the predicting submodules in
+    ``generator_names``; :meth:`generator_parameters` yields their parameters, which training
+    usually gives a smaller learning rate (``MODEL.DK.GENERATOR_LR_FACTOR``).
     """
+
+    generator_names: Tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -178,6 +183,11 @@ class KernelConvBase(nn.Module):
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def generator_parameters(self):
+        """The parameters of the submodules named in ``generator_names``."""
+        for name in self.generator_names:
+            yield from getattr(self, name).parameters()
 
     def c2_msra_fill_(self) -> None:
         """Detectron2's ``c2_msra_fill`` (He normal, fan-out of the K x K kernel, zero bias).
@@ -268,6 +278,31 @@ class _DeformKernelBase(KernelConvBase):
         )
         self._reset_weight()
 
+    def rigid_gain(self) -> float:
+        """Std of the zero-rotation kernel over the std of i.i.d. scope cells.
+
+        With ``S - K`` odd the taps sit between cells, and each reads a bilinear mix whose
+        variance is ``(1 - f)^2 + f^2`` (f = 0.5) of a cell's per axis: the rigid kernel of a
+        scope filled like a K x K kernel would start 2x (both axes odd) too small.
+        """
+        gain = 1.0
+        for s, k in zip(self.scope_size, self.kernel_size):
+            f = ((s - k) / 2.0) % 1.0
+            gain *= (1.0 - f) ** 2 + f**2
+        return math.sqrt(gain)
+
+    def _reset_weight(self) -> None:
+        super()._reset_weight()
+        with torch.no_grad():
+            self.weight.div_(self.rigid_gain())
+
+    def c2_msra_fill_(self) -> None:
+        """``c2_msra_fill`` of the rigid kernel: the scope is scaled by ``1 / rigid_gain()`` so that
+        the zero-rotation K x K kernel has the He-normal std of a K x K conv."""
+        super().c2_msra_fill_()
+        with torch.no_grad():
+            self.weight.div_(self.rigid_gain())
+
     @property
     def num_rotations(self) -> int:
         """G * K * K * 2, the channels of the predicted rotation."""
@@ -353,6 +388,8 @@ class GlobalDeformKernel2d(_DeformKernelBase):
     Input [B, C_in, H, W] -> output [B, C_out, Ho, Wo] (Ho, Wo as the rigid convolution's).
     """
 
+    generator_names = ("rotation_fc",)
+
     def __init__(
         self,
         in_channels,
@@ -421,6 +458,8 @@ class DeformKernel2d(_DeformKernelBase):
     convolution ``F.conv2d(x, weight, ...)``.
     """
 
+    generator_names = ("rotation_conv",)
+
     def __init__(
         self,
         in_channels,
@@ -478,6 +517,8 @@ class DeformKernelConv2d(_DeformKernelBase):
     :func:`dk_detectron2.layers.deform_kernel_conv2d` reads the input at the offset sample points
     and the kernel at the rotated scope points. Arguments as :class:`GlobalDeformKernel2d`.
     """
+
+    generator_names = ("offset_conv", "rotation_conv")
 
     def __init__(
         self,

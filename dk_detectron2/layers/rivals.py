@@ -34,6 +34,8 @@ class DeformConv2d(KernelConvBase):
     Input [B, C_in, H, W] -> output [B, C_out, Ho, Wo].
     """
 
+    generator_names = ("offset_conv",)
+
     def __init__(
         self,
         in_channels,
