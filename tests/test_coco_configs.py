@@ -11,12 +11,12 @@ import pytest
 import torch
 from detectron2.config import LazyConfig, get_cfg, instantiate
 from detectron2.modeling import build_model
-from detectron2.solver import build_optimizer
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import dk_detectron2  # noqa: F401
 from dk_detectron2 import add_dk_config
+from dk_detectron2.engine import DKTrainer
 from dk_detectron2.layers import (
     CondConv2d,
     DeformConv2d,
@@ -110,7 +110,7 @@ def test_coco_config_builds_mask_rcnn_and_trains_one_step(path):
     assert type(model.backbone.bottom_up.res4[0].conv2).__name__ == CONV2_OF_RES4[short]
     assert type(model.backbone.bottom_up.res2[0].conv2).__name__ == "Conv2d"
     assert model.backbone.bottom_up.res4[0].conv2.groups == 256  # depthwise
-    _one_step(model, build_optimizer(cfg, model))
+    _one_step(model, DKTrainer.build_optimizer(cfg, model))
 
 
 def test_lazy_config_builds_the_dk_mask_rcnn_and_trains_one_step():
@@ -123,4 +123,8 @@ def test_lazy_config_builds_the_dk_mask_rcnn_and_trains_one_step():
     assert isinstance(model.backbone.bottom_up.res4[0].conv2, DeformKernel2d)
     assert model.backbone.bottom_up.res4[0].conv2.scope_size == (4, 4)
     cfg.optimizer.params.model = model
-    _one_step(model, instantiate(cfg.optimizer))
+    optimizer = instantiate(cfg.optimizer)
+    lr = {p: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    conv2 = model.backbone.bottom_up.res4[0].conv2
+    assert lr[conv2.rotation_conv.weight] == pytest.approx(0.1 * lr[conv2.weight])
+    _one_step(model, optimizer)

@@ -1,5 +1,7 @@
 """The Deformable Kernel modules, their rivals and DK_CONV_REGISTRY (CPU, tiny shapes)."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -353,3 +355,17 @@ def test_every_name_runs_under_autocast_and_in_bfloat16(name):
     with torch.no_grad():
         half = module.to(torch.bfloat16)(x.to(torch.bfloat16))
     assert half.dtype == torch.bfloat16 and half.shape == (2, 8, 6, 6)
+
+
+@pytest.mark.parametrize("scope, gain", [(3, 1.0), (4, 0.5), (5, 1.0), (6, 0.5)])
+def test_rigid_kernel_starts_with_the_he_std_of_a_3x3_conv(scope, gain):
+    """With S - K odd the zero-rotation taps are bilinear mixes of 4 cells (variance 1/4 of a
+    cell's); the scope is scaled so that the kernel a fresh module convolves with has the std of
+    a c2_msra_fill'ed 3 x 3 depthwise conv either way."""
+    torch.manual_seed(0)
+    module = DeformKernel2d(1024, 1024, 3, groups=1024, scope_size=scope)
+    assert module.rigid_gain() == pytest.approx(gain)
+    module.c2_msra_fill_()
+    he_std = math.sqrt(2.0 / (1024 * 9))
+    assert module.weight.std().item() == pytest.approx(he_std / gain, rel=0.05)
+    assert module.rigid_weight().std().item() == pytest.approx(he_std, rel=0.05)

@@ -16,6 +16,7 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import dk_detectron2  # registers the DK backbones, the MODEL.DK keys helper and dk_shapes
+from dk_detectron2.solver import build_dk_optimizer
 
 
 def tiny_config(config_file: str):
@@ -52,7 +53,7 @@ def main():
     assert dk_layers or cfg.MODEL.DK.TYPE not in ("deform_kernel", "deform_kernel_conv"), \
         "the config asks for Deformable Kernels but the model has none"
     batch = [synthetic_input(), synthetic_input()]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    optimizer = build_dk_optimizer(cfg, model)  # Detectron2's SGD, generators at 0.1x the lr
     model.train()
     with EventStorage(0):
         losses = model(batch)
