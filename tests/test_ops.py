@@ -119,6 +119,35 @@ def test_float32_channel_blocks_match_reference(channels, groups):
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("with_offset", [False, True])
+@pytest.mark.parametrize("channels, groups", [(1, 1), (16, 1), (48, 3), (64, 2), (117, 1), (208, 4)])
+def test_float32_backward_matches_reference(channels, groups, with_offset):
+    """float32 backward runs 16-channel vectors plus a partial last vector per rotation group and
+    reduces the rotation/offset sums across lanes: every gradient, with taps pushed out of the
+    image and the scope, against the float64 reference."""
+    x, offset, rotation, weight, geo = make_case(B=2, C=channels, H=9, W=10, G=groups, seed=4)
+    inputs64 = [x, offset, rotation, weight] if with_offset else [x, rotation, weight]
+    op = deform_kernel_conv2d if with_offset else deform_kernel2d
+    reference = deform_kernel_conv2d_reference if with_offset else deform_kernel2d_reference
+    ref_inputs = [t.clone().requires_grad_() for t in inputs64]
+    expected = reference(*ref_inputs, **geo)
+    grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype)
+    want = torch.autograd.grad(expected, ref_inputs, grad)
+    names = ["input", "offset", "rotation", "weight"] if with_offset else ["input", "rotation", "weight"]
+    threads = torch.get_num_threads()
+    # One thread: the single sweep per (image, rotation group); more: possibly the two passes.
+    for n in sorted({1, threads}):
+        torch.set_num_threads(n)
+        try:
+            inputs32 = [t.float().requires_grad_() for t in inputs64]
+            got = torch.autograd.grad(op(*inputs32, **geo), inputs32, grad.float())
+        finally:
+            torch.set_num_threads(threads)
+        for name, g, w in zip(names, got, want):
+            torch.testing.assert_close(g.double(), w, rtol=1e-3, atol=1e-3,
+                                       msg=f"grad of {name}, {n} threads")
+
+
 def test_taps_outside_the_image_ignore_non_finite_borders():
     """A tap outside the image reads zero even though the zero padding is emulated: an infinite
     pixel at the border reaches only the outputs whose taps really read it."""

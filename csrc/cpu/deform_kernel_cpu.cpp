@@ -20,6 +20,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "bilinear.h"
@@ -37,12 +38,13 @@ using cpu::sample_tap;
 // ------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------
-// Integer image taps. The scope corners of every tap of a whole row are computed first,
-// vectorised over the row (cpu::sample_row, weight offsets premultiplied by the weight's row
-// stride). Then each position's channels go in blocks whose accumulators stay in registers across
-// all taps, so a tap costs 4 weight loads, 1 input load and 5 multiply-adds per vector and nothing
-// is stored until the position is done. A tap outside the image reads a row of zeros (its
-// coefficients are zero too), so the channel loops have no branches.
+// The corners of every tap of a whole row are computed first, vectorised over the row
+// (cpu::sample_row, weight offsets premultiplied by the weight's row stride). Then each
+// position's channels go in blocks whose accumulators stay in registers across all taps, so an
+// integer tap costs 4 weight loads, 1 input load and 5 multiply-adds per vector (a bilinear image
+// read, kOffset, 4 input loads and 4 multiply-adds more) and nothing is stored until the position
+// is done. A tap or image corner outside the image reads a row of zeros (its coefficients are
+// zero too), so the channel loops have no branches.
 template <typename acc_t>
 struct ForwardTaps {
   const cpu::RowTaps<acc_t>& row;
@@ -50,8 +52,57 @@ struct ForwardTaps {
   const void* zeros;  // C zeros of the input's dtype
 };
 
+// Calls f(J) for the corners J = 0..3 as compile-time constants. Per-corner arrays indexed this
+// way stay in registers (GCC scalarises small arrays before it unrolls loops, so an array indexed
+// by a loop counter lives on the stack).
+template <typename F>
+DK_ALWAYS_INLINE void for_corners(F&& f) {
+  f(std::integral_constant<int, 0>{});
+  f(std::integral_constant<int, 1>{});
+  f(std::integral_constant<int, 2>{});
+  f(std::integral_constant<int, 3>{});
+}
+
+// The image row of `pixel`, or the zeros row for a pixel outside the image (-1).
+template <typename scalar_t>
+DK_ALWAYS_INLINE const scalar_t* pixel_row(const scalar_t* image, int32_t pixel, int64_t C,
+                                           const scalar_t* zeros) {
+  return pixel >= 0 ? image + int64_t(pixel) * C : zeros;
+}
+
+// What one tap entry reads: weight rows and weights of its 4 scope corners, and its image rows
+// (1 for an integer tap, 4 bilinear corners with their weights for kOffset), at channel 0.
+template <typename scalar_t, typename acc_t, bool kOffset>
+struct TapReads {
+  const scalar_t* w[4];
+  acc_t a[4];
+  const scalar_t* x[kOffset ? 4 : 1];
+  acc_t b[4];
+};
+
+template <typename scalar_t, typename acc_t, bool kOffset>
+DK_ALWAYS_INLINE TapReads<scalar_t, acc_t, kOffset> tap_reads(const cpu::RowTaps<acc_t>& row,
+                                                              int64_t e, const scalar_t* image,
+                                                              const scalar_t* weight, int64_t C,
+                                                              const scalar_t* zeros) {
+  TapReads<scalar_t, acc_t, kOffset> r;
+  for_corners([&](auto j) {
+    r.w[j] = weight + row.index[j][e];
+    r.a[j] = row.weight[j][e];
+  });
+  if constexpr (kOffset) {
+    for_corners([&](auto j) {
+      r.x[j] = pixel_row(image, row.image_pixel[j][e], C, zeros);
+      r.b[j] = row.image_weight[j][e];
+    });
+  } else {
+    r.x[0] = pixel_row(image, row.pixel[e], C, zeros);
+  }
+  return r;
+}
+
 // Generic channel loop (any dtype, any width): accumulates in acc_t, then stores.
-template <typename scalar_t, typename acc_t>
+template <bool kOffset, typename scalar_t, typename acc_t>
 DK_ALWAYS_INLINE void forward_position_channels(const scalar_t* image, const scalar_t* weight,
                                                 const ForwardTaps<acc_t>& f, int64_t ox,
                                                 int64_t c0, int64_t width, acc_t* acc,
@@ -59,19 +110,27 @@ DK_ALWAYS_INLINE void forward_position_channels(const scalar_t* image, const sca
   std::fill(acc, acc + width, acc_t(0));
   const scalar_t* zeros = static_cast<const scalar_t*>(f.zeros);
   for (int64_t k = 0; k < f.taps; ++k) {
-    const int64_t e = k * f.Wo + ox;
-    const int32_t pixel = f.row.pixel[e];
-    const scalar_t* x = (pixel >= 0 ? image + int64_t(pixel) * f.C : zeros) + c0;
-    const scalar_t* w0 = weight + f.row.index[0][e] + c0;
-    const scalar_t* w1 = weight + f.row.index[1][e] + c0;
-    const scalar_t* w2 = weight + f.row.index[2][e] + c0;
-    const scalar_t* w3 = weight + f.row.index[3][e] + c0;
-    const acc_t a0 = f.row.weight[0][e], a1 = f.row.weight[1][e];
-    const acc_t a2 = f.row.weight[2][e], a3 = f.row.weight[3][e];
-    DK_SIMD
-    for (int64_t c = 0; c < width; ++c) {
-      acc[c] += acc_t(x[c]) * (a0 * acc_t(w0[c]) + a1 * acc_t(w1[c]) + a2 * acc_t(w2[c]) +
-                               a3 * acc_t(w3[c]));
+    const auto r = tap_reads<scalar_t, acc_t, kOffset>(f.row, k * f.Wo + ox, image, weight, f.C,
+                                                       zeros);
+    const scalar_t *w0 = r.w[0] + c0, *w1 = r.w[1] + c0, *w2 = r.w[2] + c0, *w3 = r.w[3] + c0;
+    const acc_t a0 = r.a[0], a1 = r.a[1], a2 = r.a[2], a3 = r.a[3];
+    if constexpr (kOffset) {
+      const scalar_t *x0 = r.x[0] + c0, *x1 = r.x[1] + c0, *x2 = r.x[2] + c0, *x3 = r.x[3] + c0;
+      const acc_t b0 = r.b[0], b1 = r.b[1], b2 = r.b[2], b3 = r.b[3];
+      DK_SIMD
+      for (int64_t c = 0; c < width; ++c) {
+        const acc_t v = b0 * acc_t(x0[c]) + b1 * acc_t(x1[c]) + b2 * acc_t(x2[c]) +
+                        b3 * acc_t(x3[c]);
+        acc[c] += v * (a0 * acc_t(w0[c]) + a1 * acc_t(w1[c]) + a2 * acc_t(w2[c]) +
+                       a3 * acc_t(w3[c]));
+      }
+    } else {
+      const scalar_t* x = r.x[0] + c0;
+      DK_SIMD
+      for (int64_t c = 0; c < width; ++c) {
+        acc[c] += acc_t(x[c]) * (a0 * acc_t(w0[c]) + a1 * acc_t(w1[c]) + a2 * acc_t(w2[c]) +
+                                 a3 * acc_t(w3[c]));
+      }
     }
   }
   for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<scalar_t>(acc[c]);
@@ -88,61 +147,90 @@ DK_ALWAYS_INLINE f32x16 load_f32x16(const float* p) {
   return v;
 }
 
-template <int kVectors>
+DK_ALWAYS_INLINE void store_f32x16(float* p, f32x16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+// The bilinear image read of a tap at channels [c, c + 16).
+template <bool kOffset>
+DK_ALWAYS_INLINE f32x16 tap_value(const TapReads<float, float, kOffset>& r, int64_t c) {
+  if constexpr (kOffset) {
+    return r.b[0] * load_f32x16(r.x[0] + c) + r.b[1] * load_f32x16(r.x[1] + c) +
+           r.b[2] * load_f32x16(r.x[2] + c) + r.b[3] * load_f32x16(r.x[3] + c);
+  } else {
+    return load_f32x16(r.x[0] + c);
+  }
+}
+
+template <int kVectors, bool kOffset>
 DK_ALWAYS_INLINE void forward_position_f32x16(const float* image, const float* weight,
                                               const ForwardTaps<float>& f, int64_t ox, int64_t c0,
                                               float* dst) {
   f32x16 acc[kVectors];
   for (int j = 0; j < kVectors; ++j) acc[j] = f32x16{};
   const float* zeros = static_cast<const float*>(f.zeros);
-  for (int64_t k = 0; k < f.taps; ++k) {
-    const int64_t e = k * f.Wo + ox;
-    const int32_t pixel = f.row.pixel[e];
-    const float* x = (pixel >= 0 ? image + int64_t(pixel) * f.C : zeros) + c0;
-    const float* w0 = weight + f.row.index[0][e] + c0;
-    const float* w1 = weight + f.row.index[1][e] + c0;
-    const float* w2 = weight + f.row.index[2][e] + c0;
-    const float* w3 = weight + f.row.index[3][e] + c0;
-    const float a0 = f.row.weight[0][e], a1 = f.row.weight[1][e];
-    const float a2 = f.row.weight[2][e], a3 = f.row.weight[3][e];
+  const int64_t taps = f.taps, Wo = f.Wo, C = f.C;
+  for (int64_t k = 0; k < taps; ++k) {
+    if constexpr (!kOffset) {
+      // Integer taps: read the row tables directly (no TapReads temporaries).
+      const int64_t e = k * Wo + ox;
+      const float* x = pixel_row(image, f.row.pixel[e], C, zeros) + c0;
+      const float* w0 = weight + f.row.index[0][e] + c0;
+      const float* w1 = weight + f.row.index[1][e] + c0;
+      const float* w2 = weight + f.row.index[2][e] + c0;
+      const float* w3 = weight + f.row.index[3][e] + c0;
+      const float a0 = f.row.weight[0][e], a1 = f.row.weight[1][e];
+      const float a2 = f.row.weight[2][e], a3 = f.row.weight[3][e];
+      for (int j = 0; j < kVectors; ++j) {
+        const int64_t c = 16 * j;
+        const f32x16 w = a0 * load_f32x16(w0 + c) + a1 * load_f32x16(w1 + c) +
+                         a2 * load_f32x16(w2 + c) + a3 * load_f32x16(w3 + c);
+        acc[j] += load_f32x16(x + c) * w;
+      }
+      continue;
+    }
+    const auto r = tap_reads<float, float, kOffset>(f.row, k * f.Wo + ox, image, weight, f.C,
+                                                    zeros);
     for (int j = 0; j < kVectors; ++j) {
-      const int64_t c = 16 * j;
-      const f32x16 w = a0 * load_f32x16(w0 + c) + a1 * load_f32x16(w1 + c) +
-                       a2 * load_f32x16(w2 + c) + a3 * load_f32x16(w3 + c);
-      acc[j] += load_f32x16(x + c) * w;
+      const int64_t c = c0 + 16 * j;
+      const f32x16 w = r.a[0] * load_f32x16(r.w[0] + c) + r.a[1] * load_f32x16(r.w[1] + c) +
+                       r.a[2] * load_f32x16(r.w[2] + c) + r.a[3] * load_f32x16(r.w[3] + c);
+      acc[j] += tap_value(r, c) * w;
     }
   }
-  for (int j = 0; j < kVectors; ++j) __builtin_memcpy(dst + 16 * j, &acc[j], sizeof(f32x16));
+  for (int j = 0; j < kVectors; ++j) store_f32x16(dst + 16 * j, acc[j]);
 }
 
 // One output position, channels [c0, c_end) of one rotation group: float32 in blocks of 64, 32
 // and 16 channels; other dtypes and the last (c_end - c0) % 16 channels in the generic loop.
-template <typename scalar_t, typename acc_t>
+template <bool kOffset, typename scalar_t, typename acc_t>
 DK_ALWAYS_INLINE void forward_position(const scalar_t* image, const scalar_t* weight,
                                        const ForwardTaps<acc_t>& f, int64_t ox, int64_t c0,
                                        int64_t c_end, acc_t* acc, scalar_t* dst) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    for (; c0 + 64 <= c_end; c0 += 64) forward_position_f32x16<4>(image, weight, f, ox, c0, dst + c0);
+    for (; c0 + 64 <= c_end; c0 += 64) {
+      forward_position_f32x16<4, kOffset>(image, weight, f, ox, c0, dst + c0);
+    }
     if (c0 + 32 <= c_end) {
-      forward_position_f32x16<2>(image, weight, f, ox, c0, dst + c0);
+      forward_position_f32x16<2, kOffset>(image, weight, f, ox, c0, dst + c0);
       c0 += 32;
     }
     if (c0 + 16 <= c_end) {
-      forward_position_f32x16<1>(image, weight, f, ox, c0, dst + c0);
+      forward_position_f32x16<1, kOffset>(image, weight, f, ox, c0, dst + c0);
       c0 += 16;
     }
   }
-  if (c0 < c_end) forward_position_channels(image, weight, f, ox, c0, c_end - c0, acc, dst + c0);
+  if (c0 < c_end) {
+    forward_position_channels<kOffset>(image, weight, f, ox, c0, c_end - c0, acc, dst + c0);
+  }
 }
 
-template <typename scalar_t>
-DK_ALWAYS_INLINE void forward_rows_integer_taps(const DKTensors<scalar_t>& t, scalar_t* out,
-                                                int64_t begin, int64_t end) {
+template <typename scalar_t, bool kOffset>
+DK_ALWAYS_INLINE void forward_rows(const DKTensors<scalar_t>& t, scalar_t* out, int64_t begin,
+                                   int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const DKGeometry& g = t.g;
   const int64_t C = g.out_channels, Cg = C / g.rotation_groups, Wo = g.out_width;
   cpu::RowTaps<acc_t> row_taps;
-  row_taps.resize(g.taps() * Wo);
+  row_taps.resize(g.taps() * Wo, kOffset);
   const std::vector<scalar_t> zeros(C, scalar_t(0));
   std::vector<acc_t> acc(Cg);
   const ForwardTaps<acc_t> f{row_taps, g.taps(), Wo, C, zeros.data()};
@@ -150,70 +238,10 @@ DK_ALWAYS_INLINE void forward_rows_integer_taps(const DKTensors<scalar_t>& t, sc
     const int64_t b = row / g.out_height, oy = row % g.out_height;
     const scalar_t* image = t.input + b * g.height * g.width * C;
     for (int64_t group = 0; group < g.rotation_groups; ++group) {
-      cpu::sample_row(t, b, oy, group, static_cast<int32_t>(C), row_taps);
+      cpu::sample_row<kOffset>(t, b, oy, group, static_cast<int32_t>(C), row_taps);
       for (int64_t ox = 0; ox < Wo; ++ox) {
-        forward_position(image, t.weight, f, ox, group * Cg, (group + 1) * Cg, acc.data(),
-                         out + (row * Wo + ox) * C);
-      }
-    }
-  }
-}
-
-// Bilinear image reads (deform_kernel_conv2d): corners per (position, tap, rotation group).
-template <typename scalar_t, bool kOffset>
-DK_ALWAYS_INLINE void forward_rows(const DKTensors<scalar_t>& t, scalar_t* out, int64_t begin,
-                                   int64_t end) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const DKGeometry& g = t.g;
-  const int64_t C = g.out_channels;
-  const int64_t Cg = C / g.rotation_groups;
-  std::vector<acc_t> acc_buffer(Cg);
-  acc_t* acc = acc_buffer.data();
-  TapSample<acc_t> tap;
-  for (int64_t row = begin; row < end; ++row) {
-    const int64_t b = row / g.out_height, oy = row % g.out_height;
-    const scalar_t* image = t.input + b * g.height * g.width * C;
-    for (int64_t ox = 0; ox < g.out_width; ++ox) {
-      scalar_t* dst = out + (row * g.out_width + ox) * C;
-      for (int64_t group = 0; group < g.rotation_groups; ++group) {
-        const int64_t c0 = group * Cg;
-        std::fill(acc, acc + Cg, acc_t(0));
-        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-          for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
-            if (!sample_tap<scalar_t, acc_t, kOffset>(t, b, oy, ox, group, kh, kw, tap)) continue;
-            const BilinearCorners<acc_t>& s = tap.scope;
-            const scalar_t* w0 = t.weight + s.index[0] * C + c0;
-            const scalar_t* w1 = t.weight + s.index[1] * C + c0;
-            const scalar_t* w2 = t.weight + s.index[2] * C + c0;
-            const scalar_t* w3 = t.weight + s.index[3] * C + c0;
-            const acc_t a0 = s.weight[0], a1 = s.weight[1], a2 = s.weight[2], a3 = s.weight[3];
-            if (kOffset) {
-              const BilinearCorners<acc_t>& m = tap.image;
-              const scalar_t* x0 = image + m.index[0] * C + c0;
-              const scalar_t* x1 = image + m.index[1] * C + c0;
-              const scalar_t* x2 = image + m.index[2] * C + c0;
-              const scalar_t* x3 = image + m.index[3] * C + c0;
-              const acc_t b0 = m.weight[0], b1 = m.weight[1], b2 = m.weight[2], b3 = m.weight[3];
-              DK_SIMD
-              for (int64_t c = 0; c < Cg; ++c) {
-                const acc_t w = a0 * acc_t(w0[c]) + a1 * acc_t(w1[c]) + a2 * acc_t(w2[c]) +
-                                a3 * acc_t(w3[c]);
-                const acc_t v = b0 * acc_t(x0[c]) + b1 * acc_t(x1[c]) + b2 * acc_t(x2[c]) +
-                                b3 * acc_t(x3[c]);
-                acc[c] += v * w;
-              }
-            } else {
-              const scalar_t* x = image + tap.pixel * C + c0;
-              DK_SIMD
-              for (int64_t c = 0; c < Cg; ++c) {
-                const acc_t w = a0 * acc_t(w0[c]) + a1 * acc_t(w1[c]) + a2 * acc_t(w2[c]) +
-                                a3 * acc_t(w3[c]);
-                acc[c] += acc_t(x[c]) * w;
-              }
-            }
-          }
-        }
-        for (int64_t c = 0; c < Cg; ++c) dst[c0 + c] = static_cast<scalar_t>(acc[c]);
+        forward_position<kOffset>(image, t.weight, f, ox, group * Cg, (group + 1) * Cg,
+                                  acc.data(), out + (row * Wo + ox) * C);
       }
     }
   }
@@ -221,7 +249,7 @@ DK_ALWAYS_INLINE void forward_rows(const DKTensors<scalar_t>& t, scalar_t* out, 
 
 DK_CPU_CLONES void forward_rows_f32(const DKTensors<float>& t, float* out, int64_t begin,
                                     int64_t end) {
-  forward_rows_integer_taps<float>(t, out, begin, end);
+  forward_rows<float, false>(t, out, begin, end);
 }
 DK_CPU_CLONES void forward_rows_offset_f32(const DKTensors<float>& t, float* out, int64_t begin,
                                            int64_t end) {
@@ -236,10 +264,8 @@ void forward_dispatch(const DKTensors<scalar_t>& t, scalar_t* out, int64_t begin
     } else {
       forward_rows_f32(t, out, begin, end);
     }
-  } else if (kOffset) {
-    forward_rows<scalar_t, true>(t, out, begin, end);
   } else {
-    forward_rows_integer_taps<scalar_t>(t, out, begin, end);
+    forward_rows<scalar_t, kOffset>(t, out, begin, end);
   }
 }
 
@@ -499,15 +525,167 @@ DK_ALWAYS_INLINE void backward_image_group(const DKTensors<scalar_t>& t,
   }
 }
 
+// float32: the same sweep, row by row. The corners of a whole row's taps and their derivatives
+// come from cpu::sample_row; each (position, tap) then runs over its group's channels in 16-float
+// vectors (the last one partial), keeping in registers the per-corner sums
+//   d_j = sum_c tv[c] * W[scope corner j, c],  tv = grad_out * image value  (rotation gradient)
+//   e_j = sum_c u[c] * x[image corner j, c],   u = grad_out * sampled kernel (offset gradient)
+// which are reduced across lanes once per tap in a fixed order, so results do not depend on
+// anything but the inputs. The weight and input gradients are read-modify-writes of the task's
+// own rows; a corner outside the image reads the zeros row and writes a scratch row.
+
+// Whole 16-float vectors, or the first n floats of one (the last channels of a group); the lanes
+// past n read zeros and are never stored.
+struct FullLanes {
+  static f32x16 load(const float* p) { return load_f32x16(p); }
+  static void store(float* p, f32x16 v) { store_f32x16(p, v); }
+};
+struct PartialLanes {
+  int n;
+  f32x16 load(const float* p) const {
+    f32x16 v = {};
+    __builtin_memcpy(&v, p, n * sizeof(float));
+    return v;
+  }
+  void store(float* p, f32x16 v) const { __builtin_memcpy(p, &v, n * sizeof(float)); }
+};
+
+template <bool kOffset>
+struct BackwardTap {
+  TapReads<float, float, kOffset> r;
+  const float* go;               // grad_output of the position, channel 0
+  float* gw[4];                  // weight-gradient rows of the scope corners
+  float* gx[kOffset ? 4 : 1];    // input-gradient rows of the image corner(s) (or scratch)
+};
+
+struct TapSums {
+  f32x16 d[4], e[4];
+};
+
+template <bool kOffset, typename Lanes>
+DK_ALWAYS_INLINE void backward_tap_vector(const BackwardTap<kOffset>& p, int64_t c, Lanes lanes,
+                                          TapSums& s) {
+  constexpr int kImageCorners = kOffset ? 4 : 1;
+  f32x16 w[4], x[kImageCorners];
+  for_corners([&](auto j) { w[j] = lanes.load(p.r.w[j] + c); });
+  const f32x16 go = lanes.load(p.go + c);
+  f32x16 value;
+  if constexpr (kOffset) {
+    for_corners([&](auto j) { x[j] = lanes.load(p.r.x[j] + c); });
+    value = p.r.b[0] * x[0] + p.r.b[1] * x[1] + p.r.b[2] * x[2] + p.r.b[3] * x[3];
+  } else {
+    value = x[0] = lanes.load(p.r.x[0] + c);
+  }
+  const f32x16 tv = go * value;
+  const f32x16 u = go * (p.r.a[0] * w[0] + p.r.a[1] * w[1] + p.r.a[2] * w[2] + p.r.a[3] * w[3]);
+  for_corners([&](auto j) {
+    s.d[j] += tv * w[j];
+    lanes.store(p.gw[j] + c, lanes.load(p.gw[j] + c) + p.r.a[j] * tv);
+  });
+  if constexpr (kOffset) {
+    for_corners([&](auto j) {
+      s.e[j] += u * x[j];
+      lanes.store(p.gx[j] + c, lanes.load(p.gx[j] + c) + p.r.b[j] * u);
+    });
+  } else {
+    lanes.store(p.gx[0] + c, lanes.load(p.gx[0] + c) + u);
+  }
+}
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+
+// The lane sums of a, b, c and d (a fixed pairwise order), in 8 shuffles and 4 additions.
+DK_ALWAYS_INLINE f32x4 lane_sums(f32x16 a, f32x16 b, f32x16 c, f32x16 d) {
+  const f32x16 ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21,
+                                            22, 23) +
+                    __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28,
+                                            29, 30, 31);
+  const f32x16 cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21,
+                                            22, 23) +
+                    __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28,
+                                            29, 30, 31);
+  const f32x16 q = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24,
+                                           25, 26, 27) +
+                   __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28,
+                                           29, 30, 31);
+  const f32x8 h = __builtin_shufflevector(q, q, 0, 1, 4, 5, 8, 9, 12, 13) +
+                  __builtin_shufflevector(q, q, 2, 3, 6, 7, 10, 11, 14, 15);
+  return __builtin_shufflevector(h, h, 0, 2, 4, 6) + __builtin_shufflevector(h, h, 1, 3, 5, 7);
+}
+
+template <bool kOffset>
+DK_ALWAYS_INLINE void backward_image_group_f32x16(const DKTensors<float>& t,
+                                                  const float* grad_output, int64_t b,
+                                                  int64_t group, float* grad_weight,
+                                                  float* grad_input, float* grad_rotation,
+                                                  float* grad_offset) {
+  const DKGeometry& g = t.g;
+  const int64_t C = g.out_channels, Cg = C / g.rotation_groups, c0 = group * Cg, c_end = c0 + Cg;
+  const int64_t Wo = g.out_width, plane = g.out_height * Wo, taps = g.taps();
+  const float* image = t.input + b * g.height * g.width * C;
+  float* image_grad = grad_input + b * g.height * g.width * C;
+  cpu::RowTaps<float> row;
+  row.resize(taps * Wo, kOffset, true);
+  const std::vector<float> zeros(C, 0.f);
+  std::vector<float> scratch(C);
+  const auto grad_row = [&](int32_t pixel) {
+    return pixel >= 0 ? image_grad + int64_t(pixel) * C : scratch.data();
+  };
+  for (int64_t oy = 0; oy < g.out_height; ++oy) {
+    cpu::sample_row<kOffset, true>(t, b, oy, group, static_cast<int32_t>(C), row);
+    for (int64_t ox = 0; ox < Wo; ++ox) {
+      const int64_t pos = oy * Wo + ox;
+      for (int64_t k = 0; k < taps; ++k) {
+        const int64_t e = k * Wo + ox;
+        BackwardTap<kOffset> p;
+        p.r = tap_reads<float, float, kOffset>(row, e, image, t.weight, C, zeros.data());
+        p.go = grad_output + (b * plane + pos) * C;
+        for_corners([&](auto j) { p.gw[j] = grad_weight + row.index[j][e]; });
+        if constexpr (kOffset) {
+          for_corners([&](auto j) { p.gx[j] = grad_row(row.image_pixel[j][e]); });
+        } else {
+          p.gx[0] = grad_row(row.pixel[e]);
+        }
+        TapSums s;
+        for_corners([&](auto j) { s.d[j] = s.e[j] = f32x16{}; });
+        int64_t c = c0;
+        for (; c + 16 <= c_end; c += 16) backward_tap_vector(p, c, FullLanes{}, s);
+        if (c < c_end) backward_tap_vector(p, c, PartialLanes{static_cast<int>(c_end - c)}, s);
+        // Chain rule through the corner weights, still per lane; then one reduction.
+        f32x16 rot_y = {}, rot_x = {}, off_y = {}, off_x = {};
+        for_corners([&](auto j) {
+          rot_y += row.dy[j][e] * s.d[j];
+          rot_x += row.dx[j][e] * s.d[j];
+          if constexpr (kOffset) {
+            off_y += row.image_dy[j][e] * s.e[j];
+            off_x += row.image_dx[j][e] * s.e[j];
+          }
+        });
+        const f32x4 sums = lane_sums(rot_y, rot_x, off_y, off_x);
+        float* grot = grad_rotation +
+                      (b * g.rotation_groups * taps * 2 + (group * taps + k) * 2) * plane + pos;
+        grot[0] = sums[0];
+        grot[plane] = sums[1];
+        if constexpr (kOffset) {
+          float* goff = grad_offset + (b * taps * 2 + k * 2) * plane + pos;
+          goff[0] += sums[2];
+          goff[plane] += sums[3];
+        }
+      }
+    }
+  }
+}
+
 DK_CPU_CLONES void backward_image_group_f32(const DKTensors<float>& t, const float* gout,
                                             int64_t b, int64_t group, float* gw, float* gin,
                                             float* grot, float* goff) {
-  backward_image_group<float, false>(t, gout, b, group, gw, gin, grot, goff);
+  backward_image_group_f32x16<false>(t, gout, b, group, gw, gin, grot, goff);
 }
 DK_CPU_CLONES void backward_image_group_offset_f32(const DKTensors<float>& t, const float* gout,
                                                    int64_t b, int64_t group, float* gw,
                                                    float* gin, float* grot, float* goff) {
-  backward_image_group<float, true>(t, gout, b, group, gw, gin, grot, goff);
+  backward_image_group_f32x16<true>(t, gout, b, group, gw, gin, grot, goff);
 }
 
 template <typename scalar_t, bool kOffset>

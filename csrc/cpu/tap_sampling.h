@@ -67,87 +67,193 @@ DK_ALWAYS_INLINE bool sample_tap(const DKTensors<scalar_t>& t, int64_t b, int64_
 namespace dk_detectron2 {
 namespace cpu {
 
-// The scope corners of every tap of one output row and rotation group, computed branch-free over
-// the row (32-bit lanes and selects only, so the loop vectorises) before the channel loops use them.
-// Integer image taps only. Entry [k * Wo + ox]; `index` holds scope cell * cell_stride (the
-// weight's row stride, so the channel loops add it to a pointer as is); a tap that reads nothing
-// has all weights 0, valid indices and pixel -1. Pixels are int32: callers check H * W < 2^31
-// and Sh * Sw * cell_stride < 2^31.
+// The corners of every tap of one output row and rotation group, computed branch-free over the
+// row (32-bit lanes and selects only, so the loop vectorises) before the channel loops use them.
+// Entry [k * Wo + ox]. Scope corners: `index` holds scope cell * cell_stride (the weight's row
+// stride, so the channel loops add it to a pointer as is), `weight` the bilinear weight, and,
+// for the backward, `dy`/`dx` the weight's derivatives with respect to the sample point. A tap
+// that reads nothing has all weights and derivatives 0, valid indices and pixel -1 (so it reads
+// a row of zeros). Integer image taps (deform_kernel2d) fill `pixel`; bilinear image reads
+// (deform_kernel_conv2d) fill the `image_*` corners instead, with pixel -1 for a corner outside
+// the image. Pixels are int32: callers check H * W < 2^31 and Sh * Sw * cell_stride < 2^31.
 template <typename acc_t>
 struct RowTaps {
   std::vector<int32_t> index[4];
-  std::vector<acc_t> weight[4];
+  std::vector<acc_t> weight[4], dy[4], dx[4];
   std::vector<int32_t> pixel;
+  std::vector<int32_t> image_pixel[4];
+  std::vector<acc_t> image_weight[4], image_dy[4], image_dx[4];
 
-  void resize(int64_t n) {
+  void resize(int64_t n, bool offset = false, bool derivatives = false) {
     for (int j = 0; j < 4; ++j) {
       index[j].resize(n);
       weight[j].resize(n);
+      dy[j].resize(derivatives ? n : 0);
+      dx[j].resize(derivatives ? n : 0);
+      image_pixel[j].resize(offset ? n : 0);
+      image_weight[j].resize(offset ? n : 0);
+      image_dy[j].resize(offset && derivatives ? n : 0);
+      image_dx[j].resize(offset && derivatives ? n : 0);
     }
-    pixel.resize(n);
+    pixel.resize(offset ? 0 : n);
   }
 };
 
-template <typename scalar_t, typename acc_t>
+// One axis of a bilinear sample at coordinate s on a grid of `size` lines: the lines below and
+// above (clamped into the grid, so always safe to read), whether each is inside the grid (0/1),
+// their weights and the weights' derivatives with respect to s. A line outside the grid, or any
+// line of a sample that reads nothing (`inside` false), has weight and derivative 0. Selects,
+// min/max and int32 flags only: GCC vectorises this (not loops with one bool mask per corner,
+// nor bool flags combined with `&` and then selected on).
+template <typename acc_t>
+struct AxisCorners {
+  int32_t lo, hi, in_lo, in_hi;
+  acc_t w_lo, w_hi, d_lo, d_hi;
+};
+
+template <typename acc_t>
+DK_ALWAYS_INLINE AxisCorners<acc_t> axis_corners(acc_t s, bool inside, int32_t size) {
+  s = inside ? s : acc_t(0);  // keeps NaN and infinity away from the integer conversion
+  const acc_t f = std::floor(s);
+  const int32_t i0 = static_cast<int32_t>(f);
+  const acc_t l = s - f;
+  const int32_t live = inside ? 1 : 0;
+  AxisCorners<acc_t> a;
+  a.in_lo = live & (i0 >= 0 ? 1 : 0);
+  a.in_hi = live & (i0 + 1 < size ? 1 : 0);
+  a.w_lo = a.in_lo ? acc_t(1) - l : acc_t(0);
+  a.w_hi = a.in_hi ? l : acc_t(0);
+  a.d_lo = a.in_lo ? acc_t(-1) : acc_t(0);
+  a.d_hi = a.in_hi ? acc_t(1) : acc_t(0);
+  a.lo = std::max(i0, 0);
+  a.hi = std::min(i0 + 1, size - 1);
+  return a;
+}
+
+// Which of a row's arrays one vectorised loop over the row fills. One loop per group of arrays:
+// GCC does not vectorise a loop body that fills all of them at once.
+enum class RowPass { kScope, kScopeDerivatives, kImage, kImageDerivatives };
+
+// One pass over output row oy, tap (kh, kw): recomputes the tap's sample points (cheap, vector
+// code) and stores the pass's arrays at entries [at, at + Wo).
+template <RowPass kPass, bool kOffset, typename scalar_t, typename acc_t>
+DK_ALWAYS_INLINE void sample_row_pass(const DKTensors<scalar_t>& t, int64_t b, int64_t oy,
+                                      int64_t group, int64_t kh, int64_t kw, int32_t cell_stride,
+                                      RowTaps<acc_t>& taps) {
+  const DKGeometry& g = t.g;
+  const int64_t Wo = g.out_width, plane = g.out_height * Wo, k = kh * g.kernel_w + kw;
+  const int32_t Sh = static_cast<int32_t>(g.scope_h), Sw = static_cast<int32_t>(g.scope_w);
+  const int32_t height = static_cast<int32_t>(g.height), width = static_cast<int32_t>(g.width);
+  const int32_t stride_w = static_cast<int32_t>(g.stride_w);
+  const int64_t iy = oy * g.stride_h - g.pad_h + kh * g.dilation_h;
+  const bool row_inside = iy >= 0 && iy < g.height;
+  const int32_t row_start = static_cast<int32_t>(row_inside ? iy * g.width : 0);
+  const scalar_t* ry = t.rotation +
+                       (b * g.rotation_groups * g.taps() * 2 + (group * g.taps() + k) * 2) *
+                           plane + oy * Wo;
+  const scalar_t* rx = ry + plane;
+  const scalar_t* oy_off =
+      kOffset ? t.offset + (b * g.taps() * 2 + k * 2) * plane + oy * Wo : ry;
+  const scalar_t* ox_off = oy_off + plane;
+  const acc_t base_y = scope_base<acc_t>(kh, g.kernel_h, g.scope_h);
+  const acc_t base_x = scope_base<acc_t>(kw, g.kernel_w, g.scope_w);
+  const acc_t image_y = static_cast<acc_t>(iy);
+  const int32_t ix0 = static_cast<int32_t>(kw * g.dilation_w - g.pad_w);
+  constexpr bool kImage = kPass == RowPass::kImage || kPass == RowPass::kImageDerivatives;
+  constexpr bool kDerivatives =
+      kPass == RowPass::kScopeDerivatives || kPass == RowPass::kImageDerivatives;
+  // The pass's four corner arrays (index and weight, or the two derivatives) and the pixels.
+  const int64_t at = k * Wo;
+  int32_t* __restrict i0 = (kImage ? taps.image_pixel : taps.index)[0].data() + at;
+  int32_t* __restrict i1 = (kImage ? taps.image_pixel : taps.index)[1].data() + at;
+  int32_t* __restrict i2 = (kImage ? taps.image_pixel : taps.index)[2].data() + at;
+  int32_t* __restrict i3 = (kImage ? taps.image_pixel : taps.index)[3].data() + at;
+  std::vector<acc_t>* first = kImage ? (kDerivatives ? taps.image_dy : taps.image_weight)
+                                     : (kDerivatives ? taps.dy : taps.weight);
+  std::vector<acc_t>* second = kImage ? taps.image_dx : taps.dx;
+  acc_t* __restrict a0 = first[0].data() + at;
+  acc_t* __restrict a1 = first[1].data() + at;
+  acc_t* __restrict a2 = first[2].data() + at;
+  acc_t* __restrict a3 = first[3].data() + at;
+  acc_t* __restrict b0 = kDerivatives ? second[0].data() + at : nullptr;
+  acc_t* __restrict b1 = kDerivatives ? second[1].data() + at : nullptr;
+  acc_t* __restrict b2 = kDerivatives ? second[2].data() + at : nullptr;
+  acc_t* __restrict b3 = kDerivatives ? second[3].data() + at : nullptr;
+  int32_t* __restrict pixel = kOffset ? nullptr : taps.pixel.data() + at;
+  DK_SIMD
+  for (int32_t ox = 0; ox < static_cast<int32_t>(Wo); ++ox) {
+    const int32_t ix = ox * stride_w + ix0;
+    const acc_t sy = base_y + acc_t(ry[ox]);
+    const acc_t sx = base_x + acc_t(rx[ox]);
+    // `&` instead of `&&`: no short-circuit branches in the loop body.
+    bool inside = (sy > acc_t(-1)) & (sy < acc_t(Sh)) & (sx > acc_t(-1)) & (sx < acc_t(Sw));
+    acc_t y = acc_t(0), x = acc_t(0);
+    if (kOffset) {
+      y = image_y + acc_t(oy_off[ox]);
+      x = acc_t(ix) + acc_t(ox_off[ox]);
+      inside = inside & (y > acc_t(-1)) & (y < acc_t(height)) & (x > acc_t(-1)) &
+               (x < acc_t(width));
+    } else {
+      inside = inside & row_inside & (ix >= 0) & (ix < width);
+    }
+    // Corner j = 2 * (row below?) + (column right?), the order of bilinear.h.
+    const AxisCorners<acc_t> Y = kImage ? axis_corners(y, inside, height)
+                                        : axis_corners(sy, inside, Sh);
+    const AxisCorners<acc_t> X = kImage ? axis_corners(x, inside, width)
+                                        : axis_corners(sx, inside, Sw);
+    if (kDerivatives) {
+      a0[ox] = Y.d_lo * X.w_lo;
+      a1[ox] = Y.d_lo * X.w_hi;
+      a2[ox] = Y.d_hi * X.w_lo;
+      a3[ox] = Y.d_hi * X.w_hi;
+      b0[ox] = Y.w_lo * X.d_lo;
+      b1[ox] = Y.w_lo * X.d_hi;
+      b2[ox] = Y.w_hi * X.d_lo;
+      b3[ox] = Y.w_hi * X.d_hi;
+    } else if (kImage) {
+      // Image pixels; -1 for a corner outside the image (it reads the zeros row).
+      const int32_t top = Y.lo * width, bottom = Y.hi * width;
+      i0[ox] = (Y.in_lo & X.in_lo) ? top + X.lo : -1;
+      i1[ox] = (Y.in_lo & X.in_hi) ? top + X.hi : -1;
+      i2[ox] = (Y.in_hi & X.in_lo) ? bottom + X.lo : -1;
+      i3[ox] = (Y.in_hi & X.in_hi) ? bottom + X.hi : -1;
+    } else {
+      // Scope cells, premultiplied by the weight's row stride.
+      const int32_t top = Y.lo * Sw, bottom = Y.hi * Sw;
+      i0[ox] = (top + X.lo) * cell_stride;
+      i1[ox] = (top + X.hi) * cell_stride;
+      i2[ox] = (bottom + X.lo) * cell_stride;
+      i3[ox] = (bottom + X.hi) * cell_stride;
+      if (!kOffset) pixel[ox] = inside ? row_start + ix : -1;
+    }
+    if (!kDerivatives) {
+      a0[ox] = Y.w_lo * X.w_lo;
+      a1[ox] = Y.w_lo * X.w_hi;
+      a2[ox] = Y.w_hi * X.w_lo;
+      a3[ox] = Y.w_hi * X.w_hi;
+    }
+  }
+}
+
+// Fills `taps` for output row oy of image b and rotation group `group`. kOffset: the image is
+// read bilinearly at the tap plus its offset (deform_kernel_conv2d); kDerivatives: also the
+// corner weights' derivatives, for the backward.
+template <bool kOffset = false, bool kDerivatives = false, typename scalar_t, typename acc_t>
 DK_ALWAYS_INLINE void sample_row(const DKTensors<scalar_t>& t, int64_t b, int64_t oy, int64_t group,
                                  int32_t cell_stride, RowTaps<acc_t>& taps) {
-  const DKGeometry& g = t.g;
-  const int64_t Wo = g.out_width, plane = g.out_height * Wo;
-  const int32_t Sh = static_cast<int32_t>(g.scope_h), Sw = static_cast<int32_t>(g.scope_w);
-  const int32_t width = static_cast<int32_t>(g.width);
-  const int32_t stride_w = static_cast<int32_t>(g.stride_w);
-  for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-    const int64_t iy = oy * g.stride_h - g.pad_h + kh * g.dilation_h;
-    const bool row_inside = iy >= 0 && iy < g.height;
-    const int32_t row_start = static_cast<int32_t>(row_inside ? iy * g.width : 0);
-    for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
-      const int64_t k = kh * g.kernel_w + kw;
-      const scalar_t* ry = t.rotation +
-                           (b * g.rotation_groups * g.taps() * 2 + (group * g.taps() + k) * 2) *
-                               plane + oy * Wo;
-      const scalar_t* rx = ry + plane;
-      const acc_t base_y = scope_base<acc_t>(kh, g.kernel_h, g.scope_h);
-      const acc_t base_x = scope_base<acc_t>(kw, g.kernel_w, g.scope_w);
-      const int32_t ix0 = static_cast<int32_t>(kw * g.dilation_w - g.pad_w);
-      int32_t* __restrict i0 = taps.index[0].data() + k * Wo;
-      int32_t* __restrict i1 = taps.index[1].data() + k * Wo;
-      int32_t* __restrict i2 = taps.index[2].data() + k * Wo;
-      int32_t* __restrict i3 = taps.index[3].data() + k * Wo;
-      acc_t* __restrict w0 = taps.weight[0].data() + k * Wo;
-      acc_t* __restrict w1 = taps.weight[1].data() + k * Wo;
-      acc_t* __restrict w2 = taps.weight[2].data() + k * Wo;
-      acc_t* __restrict w3 = taps.weight[3].data() + k * Wo;
-      int32_t* __restrict pixel = taps.pixel.data() + k * Wo;
-      DK_SIMD
-      for (int32_t ox = 0; ox < static_cast<int32_t>(Wo); ++ox) {
-        const int32_t ix = ox * stride_w + ix0;
-        acc_t sy = base_y + acc_t(ry[ox]);
-        acc_t sx = base_x + acc_t(rx[ox]);
-        // `&` instead of `&&`: no short-circuit branches in the loop body.
-        const bool inside = row_inside & (ix >= 0) & (ix < width) & (sy > acc_t(-1)) &
-                            (sy < acc_t(Sh)) & (sx > acc_t(-1)) & (sx < acc_t(Sw));
-        sy = inside ? sy : acc_t(0);  // keeps NaN and infinity away from the integer conversion
-        sx = inside ? sx : acc_t(0);
-        const acc_t fy = std::floor(sy), fx = std::floor(sx);
-        const int32_t y0 = static_cast<int32_t>(fy), x0 = static_cast<int32_t>(fx);
-        const acc_t ly = sy - fy, lx = sx - fx;
-        // Per-axis corner weights (zero for a corner outside the scope) and clamped cell indices:
-        // products and min/max rather than one mask per corner, which GCC fails to vectorise.
-        const acc_t wy0 = (inside & (y0 >= 0)) ? acc_t(1) - ly : acc_t(0);
-        const acc_t wy1 = (inside & (y0 + 1 < Sh)) ? ly : acc_t(0);
-        const acc_t wx0 = (x0 >= 0) ? acc_t(1) - lx : acc_t(0);
-        const acc_t wx1 = (x0 + 1 < Sw) ? lx : acc_t(0);
-        const int32_t top = std::max(y0, 0) * Sw, bottom = std::min(y0 + 1, Sh - 1) * Sw;
-        const int32_t left = std::max(x0, 0), right = std::min(x0 + 1, Sw - 1);
-        i0[ox] = (top + left) * cell_stride;
-        i1[ox] = (top + right) * cell_stride;
-        i2[ox] = (bottom + left) * cell_stride;
-        i3[ox] = (bottom + right) * cell_stride;
-        w0[ox] = wy0 * wx0;
-        w1[ox] = wy0 * wx1;
-        w2[ox] = wy1 * wx0;
-        w3[ox] = wy1 * wx1;
-        pixel[ox] = inside ? row_start + ix : -1;
+  for (int64_t kh = 0; kh < t.g.kernel_h; ++kh) {
+    for (int64_t kw = 0; kw < t.g.kernel_w; ++kw) {
+      sample_row_pass<RowPass::kScope, kOffset>(t, b, oy, group, kh, kw, cell_stride, taps);
+      if (kDerivatives) {
+        sample_row_pass<RowPass::kScopeDerivatives, kOffset>(t, b, oy, group, kh, kw,
+                                                             cell_stride, taps);
+      }
+      if (kOffset) {
+        sample_row_pass<RowPass::kImage, kOffset>(t, b, oy, group, kh, kw, cell_stride, taps);
+      }
+      if (kOffset && kDerivatives) {
+        sample_row_pass<RowPass::kImageDerivatives, kOffset>(t, b, oy, group, kh, kw,
+                                                             cell_stride, taps);
       }
     }
   }
