@@ -26,14 +26,13 @@ __all__ = [
 
 def generator_parameter_names(model: torch.nn.Module) -> Set[str]:
     """Full names (as ``model.named_parameters()``) of every DK generator parameter in ``model``."""
-    names = set()
-    for module_name, module in model.named_modules():
-        if isinstance(module, KernelConvBase):
-            prefix = f"{module_name}." if module_name else ""
-            for generator in module.generator_names:
-                for name, _ in getattr(module, generator).named_parameters():
-                    names.add(f"{prefix}{generator}.{name}")
-    return names
+    generators = {
+        id(p)
+        for module in model.modules()
+        if isinstance(module, KernelConvBase)
+        for p in module.generator_parameters()
+    }
+    return {name for name, p in model.named_parameters() if id(p) in generators}
 
 
 def generator_lr_factor_func(model: torch.nn.Module, factor: float) -> Callable[[str], float]:

@@ -293,13 +293,16 @@ class _DeformKernelBase(KernelConvBase):
 
     def _reset_weight(self) -> None:
         super()._reset_weight()
-        with torch.no_grad():
-            self.weight.div_(self.rigid_gain())
+        self._scale_for_rigid_kernel()
 
     def c2_msra_fill_(self) -> None:
         """``c2_msra_fill`` of the rigid kernel: the scope is scaled by ``1 / rigid_gain()`` so that
         the zero-rotation K x K kernel has the He-normal std of a K x K conv."""
         super().c2_msra_fill_()
+        self._scale_for_rigid_kernel()
+
+    def _scale_for_rigid_kernel(self) -> None:
+        """Divides a scope initialised like a K x K kernel by ``rigid_gain()``."""
         with torch.no_grad():
             self.weight.div_(self.rigid_gain())
 
