@@ -70,7 +70,8 @@ DK_ALWAYS_INLINE const scalar_t* pixel_row(const scalar_t* image, int32_t pixel,
   return pixel >= 0 ? image + int64_t(pixel) * C : zeros;
 }
 
-// What one tap entry reads: weight rows and weights of its 4 scope corners, and its image rows
+// What one tap entry reads: the padded-scope rows (cpu::padded_scope) and weights of its 4 scope
+// corners, and its image rows
 // (1 for an integer tap, 4 bilinear corners with their weights for kOffset), at channel 0.
 template <typename scalar_t, typename acc_t, bool kOffset>
 struct TapReads {
@@ -83,13 +84,14 @@ struct TapReads {
 template <typename scalar_t, typename acc_t, bool kOffset>
 DK_ALWAYS_INLINE TapReads<scalar_t, acc_t, kOffset> tap_reads(const cpu::RowTaps<acc_t>& row,
                                                               int64_t e, const scalar_t* image,
-                                                              const scalar_t* weight, int64_t C,
+                                                              const scalar_t* scope, int64_t C,
                                                               const scalar_t* zeros) {
   TapReads<scalar_t, acc_t, kOffset> r;
-  for_corners([&](auto j) {
-    r.w[j] = weight + row.index[j][e];
-    r.a[j] = row.weight[j][e];
-  });
+  r.w[0] = scope + row.cell[e];
+  r.w[1] = r.w[0] + row.right;
+  r.w[2] = r.w[0] + row.below;
+  r.w[3] = r.w[2] + row.right;
+  for_corners([&](auto j) { r.a[j] = row.weight[j][e]; });
   if constexpr (kOffset) {
     for_corners([&](auto j) {
       r.x[j] = pixel_row(image, row.image_pixel[j][e], C, zeros);
@@ -167,22 +169,21 @@ DK_ALWAYS_INLINE void forward_position_f32x16(const float* image, const float* w
   f32x16 acc[kVectors];
   for (int j = 0; j < kVectors; ++j) acc[j] = f32x16{};
   const float* zeros = static_cast<const float*>(f.zeros);
-  const int64_t taps = f.taps, Wo = f.Wo, C = f.C;
+  const int64_t taps = f.taps, Wo = f.Wo, C = f.C, right = f.row.right, below = f.row.below;
   for (int64_t k = 0; k < taps; ++k) {
     if constexpr (!kOffset) {
       // Integer taps: read the row tables directly (no TapReads temporaries).
       const int64_t e = k * Wo + ox;
       const float* x = pixel_row(image, f.row.pixel[e], C, zeros) + c0;
-      const float* w0 = weight + f.row.index[0][e] + c0;
-      const float* w1 = weight + f.row.index[1][e] + c0;
-      const float* w2 = weight + f.row.index[2][e] + c0;
-      const float* w3 = weight + f.row.index[3][e] + c0;
+      const float* top = weight + f.row.cell[e] + c0;
+      const float* bottom = top + below;
       const float a0 = f.row.weight[0][e], a1 = f.row.weight[1][e];
       const float a2 = f.row.weight[2][e], a3 = f.row.weight[3][e];
       for (int j = 0; j < kVectors; ++j) {
         const int64_t c = 16 * j;
-        const f32x16 w = a0 * load_f32x16(w0 + c) + a1 * load_f32x16(w1 + c) +
-                         a2 * load_f32x16(w2 + c) + a3 * load_f32x16(w3 + c);
+        // Two independent pairs: a shorter dependency chain than four chained multiply-adds.
+        const f32x16 w = (a0 * load_f32x16(top + c) + a1 * load_f32x16(top + right + c)) +
+                         (a2 * load_f32x16(bottom + c) + a3 * load_f32x16(bottom + right + c));
         acc[j] += load_f32x16(x + c) * w;
       }
       continue;
@@ -234,13 +235,19 @@ DK_ALWAYS_INLINE void forward_rows(const DKTensors<scalar_t>& t, scalar_t* out, 
   const std::vector<scalar_t> zeros(C, scalar_t(0));
   std::vector<acc_t> acc(Cg);
   const ForwardTaps<acc_t> f{row_taps, g.taps(), Wo, C, zeros.data()};
+  cpu::NextRowPrefetch next_row;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t b = row / g.out_height, oy = row % g.out_height;
     const scalar_t* image = t.input + b * g.height * g.width * C;
+    if (row + 1 < end) {
+      next_row.collect(t, (row + 1) / g.out_height, (row + 1) % g.out_height, 0,
+                       g.rotation_groups, g.rotation_groups * Wo);
+    }
     for (int64_t group = 0; group < g.rotation_groups; ++group) {
       cpu::sample_row<kOffset>(t, b, oy, group, static_cast<int32_t>(C), row_taps);
       for (int64_t ox = 0; ox < Wo; ++ox) {
-        forward_position<kOffset>(image, t.weight, f, ox, group * Cg, (group + 1) * Cg,
+        next_row.request();
+        forward_position<kOffset>(image, t.scope, f, ox, group * Cg, (group + 1) * Cg,
                                   acc.data(), out + (row * Wo + ox) * C);
       }
     }
@@ -639,9 +646,12 @@ DK_ALWAYS_INLINE void backward_image_group_f32x16(const DKTensors<float>& t,
       for (int64_t k = 0; k < taps; ++k) {
         const int64_t e = k * Wo + ox;
         BackwardTap<kOffset> p;
-        p.r = tap_reads<float, float, kOffset>(row, e, image, t.weight, C, zeros.data());
+        p.r = tap_reads<float, float, kOffset>(row, e, image, t.scope, C, zeros.data());
         p.go = grad_output + (b * plane + pos) * C;
-        for_corners([&](auto j) { p.gw[j] = grad_weight + row.index[j][e]; });
+        p.gw[0] = grad_weight + row.cell[e];
+        p.gw[1] = p.gw[0] + row.right;
+        p.gw[2] = p.gw[0] + row.below;
+        p.gw[3] = p.gw[2] + row.right;
         if constexpr (kOffset) {
           for_corners([&](auto j) { p.gx[j] = grad_row(row.image_pixel[j][e]); });
         } else {
@@ -652,16 +662,18 @@ DK_ALWAYS_INLINE void backward_image_group_f32x16(const DKTensors<float>& t,
         int64_t c = c0;
         for (; c + 16 <= c_end; c += 16) backward_tap_vector(p, c, FullLanes{}, s);
         if (c < c_end) backward_tap_vector(p, c, PartialLanes{static_cast<int>(c_end - c)}, s);
-        // Chain rule through the corner weights, still per lane; then one reduction.
-        f32x16 rot_y = {}, rot_x = {}, off_y = {}, off_x = {};
-        for_corners([&](auto j) {
-          rot_y += row.dy[j][e] * s.d[j];
-          rot_x += row.dx[j][e] * s.d[j];
-          if constexpr (kOffset) {
+        // Chain rule through the corner weights, still per lane; then one reduction. The scope
+        // weights' derivatives follow from the weights (cpu::RowTaps).
+        const float* a = p.r.a;
+        f32x16 rot_y = (a[0] + a[2]) * (s.d[2] - s.d[0]) + (a[1] + a[3]) * (s.d[3] - s.d[1]);
+        f32x16 rot_x = (a[0] + a[1]) * (s.d[1] - s.d[0]) + (a[2] + a[3]) * (s.d[3] - s.d[2]);
+        f32x16 off_y = {}, off_x = {};
+        if constexpr (kOffset) {
+          for_corners([&](auto j) {
             off_y += row.image_dy[j][e] * s.e[j];
             off_x += row.image_dx[j][e] * s.e[j];
-          }
-        });
+          });
+        }
         const f32x4 sums = lane_sums(rot_y, rot_x, off_y, off_x);
         float* grot = grad_rotation +
                       (b * g.rotation_groups * taps * 2 + (group * taps + k) * 2) * plane + pos;
@@ -852,6 +864,7 @@ int64_t chunk_count(int64_t rows) { return std::max<int64_t>(1, std::min(rows, k
 struct Prepared {
   DKGeometry g;
   at::Tensor input, offset, rotation, weight;  // channels-last / NCHW / NCHW / [SS, C]
+  at::Tensor scope;                            // depthwise: cpu::padded_scope of weight
 };
 
 Prepared prepare(const at::Tensor& input, const c10::optional<at::Tensor>& offset,
@@ -869,6 +882,7 @@ Prepared prepare(const at::Tensor& input, const c10::optional<at::Tensor>& offse
   // The depthwise kernels read the weight transposed, [Sh*Sw, C]; the scope-space path as given.
   p.weight = p.g.depthwise() ? weight.reshape({p.g.out_channels, p.g.scope_cells()}).t().contiguous()
                              : weight.contiguous();
+  if (p.g.depthwise()) p.scope = cpu::padded_scope(p.weight, p.g.scope_h, p.g.scope_w);
   if (offset.has_value()) {
     check_offset(*offset, p.g);
     TORCH_CHECK(offset->scalar_type() == input.scalar_type(), "offset must have input's dtype");
@@ -881,7 +895,8 @@ template <typename scalar_t>
 DKTensors<scalar_t> view(const Prepared& p) {
   return {p.g, p.input.data_ptr<scalar_t>(),
           p.offset.defined() ? p.offset.data_ptr<scalar_t>() : nullptr,
-          p.rotation.data_ptr<scalar_t>(), p.weight.data_ptr<scalar_t>()};
+          p.rotation.data_ptr<scalar_t>(), p.weight.data_ptr<scalar_t>(),
+          p.scope.defined() ? p.scope.data_ptr<scalar_t>() : nullptr};
 }
 
 at::Tensor forward_cpu(const at::Tensor& input, const c10::optional<at::Tensor>& offset,
@@ -898,7 +913,7 @@ at::Tensor forward_cpu(const at::Tensor& input, const c10::optional<at::Tensor>&
   }
   // The row sampler (cpu::sample_row) keeps pixel indices in 32-bit lanes.
   TORCH_CHECK(g.height * g.width < (int64_t(1) << 31) &&
-                  g.scope_cells() * g.out_channels < (int64_t(1) << 31),
+                  (g.scope_h + 2) * (g.scope_w + 2) * g.out_channels < (int64_t(1) << 31),
               "deform_kernel2d on the CPU supports images of fewer than 2^31 pixels and scopes of "
               "fewer than 2^31 elements, got a ", g.height, "x", g.width, " image and a [",
               g.out_channels, ", ", g.scope_h, ", ", g.scope_w, "] scope");
@@ -962,7 +977,11 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_output, const at::Te
     // Enough (image, rotation group) tasks for every thread: one sweep computes all gradients.
     const int64_t tasks = g.batch * g.rotation_groups;
     if (tasks >= 2 * at::get_num_threads()) {
-      at::Tensor partial = at::zeros({tasks, SS, C}, acc_options);
+      // The float32 sweep accumulates into the padded scope layout (cpu::padded_scope), the
+      // generic one into [Sh*Sw, C].
+      constexpr bool kPadded = std::is_same_v<scalar_t, float>;
+      const int64_t cells = kPadded ? (g.scope_h + 2) * (g.scope_w + 2) : SS;
+      at::Tensor partial = at::zeros({tasks, cells, C}, acc_options);
       at::Tensor accumulator =
           at::empty(input.sizes(), acc_options.memory_format(at::MemoryFormat::ChannelsLast))
               .zero_();
@@ -979,7 +998,7 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_output, const at::Te
       at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
           const int64_t b = task / g.rotation_groups, group = task % g.rotation_groups;
-          acc_t* gw = partial_data + task * SS * C;
+          acc_t* gw = partial_data + task * cells * C;
           acc_t* group_offset = has_offset ? goff + group * offset_numel : nullptr;
           if (has_offset) {
             backward_image_group_dispatch<scalar_t, true>(t, d.grad_output, b, group, gw, gin,
@@ -990,7 +1009,14 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_output, const at::Te
           }
         }
       });
-      grad_weight = partial.sum(0).t().reshape(weight.sizes()).to(weight.scalar_type()).contiguous();
+      at::Tensor summed = partial.sum(0);
+      if (kPadded) {
+        summed = summed.view({g.scope_h + 2, g.scope_w + 2, C})
+                     .slice(0, 1, g.scope_h + 1)
+                     .slice(1, 1, g.scope_w + 1)
+                     .reshape({SS, C});
+      }
+      grad_weight = summed.t().reshape(weight.sizes()).to(weight.scalar_type()).contiguous();
       grad_input.copy_(accumulator);
       if (has_offset) grad_offset.copy_(offset_partial.sum(0));
       return;

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <vector>
 
+#include <ATen/ATen.h>
+
 #include "bilinear.h"
 #include "cpu/vectorize.h"
 #include "geometry.h"
@@ -21,7 +23,19 @@ struct DKTensors {
   const scalar_t* offset;    // [B, Kh*Kw*2, Ho, Wo], or nullptr for integer image taps
   const scalar_t* rotation;  // [B, G*Kh*Kw*2, Ho, Wo]
   const scalar_t* weight;    // depthwise: [Sh*Sw, C] (transposed); scope space: unused
+  const scalar_t* scope;     // depthwise: [(Sh+2)*(Sw+2), C], see padded_scope(); else unused
 };
+
+// The row kernels read the depthwise scope transposed and inside a ring of zero cells,
+// [(Sh+2)*(Sw+2), C]: scope cell (y, x) is padded cell (y+1, x+1). The four corners of a sample
+// that reads anything (-1 < y < Sh, -1 < x < Sw) are then always cells at fixed distances from
+// the first, and a corner outside the scope reads zero without a test.
+inline at::Tensor padded_scope(const at::Tensor& transposed, int64_t Sh, int64_t Sw) {
+  const int64_t C = transposed.size(1);
+  return at::constant_pad_nd(transposed.reshape({Sh, Sw, C}), {0, 0, 1, 1, 1, 1})
+      .reshape({(Sh + 2) * (Sw + 2), C})
+      .contiguous();
+}
 
 // Where one tap of one output position reads, in the scope and in the image.
 template <typename acc_t>
@@ -69,27 +83,29 @@ namespace cpu {
 
 // The corners of every tap of one output row and rotation group, computed branch-free over the
 // row (32-bit lanes and selects only, so the loop vectorises) before the channel loops use them.
-// Entry [k * Wo + ox]. Scope corners: `index` holds scope cell * cell_stride (the weight's row
-// stride, so the channel loops add it to a pointer as is), `weight` the bilinear weight, and,
-// for the backward, `dy`/`dx` the weight's derivatives with respect to the sample point. A tap
-// that reads nothing has all weights and derivatives 0, valid indices and pixel -1 (so it reads
-// a row of zeros). Integer image taps (deform_kernel2d) fill `pixel`; bilinear image reads
-// (deform_kernel_conv2d) fill the `image_*` corners instead, with pixel -1 for a corner outside
-// the image. Pixels are int32: callers check H * W < 2^31 and Sh * Sw * cell_stride < 2^31.
+// Entry [k * Wo + ox]. In the scope (padded_scope()): `cell` is the padded cell of the first
+// corner (y0, x0) times cell_stride (the weight's row stride, so the channel loops add it to a
+// pointer as is); the other corners are `right`, `below` and `below + right` further. `weight`
+// holds the four bilinear weights, (1-ly)(1-lx), (1-ly)lx, ly(1-lx), ly*lx, with no zeroing of
+// corners outside the scope (they read the zero ring), so their derivatives follow from them:
+// d/dy = {-(w0+w2), -(w1+w3), w0+w2, w1+w3}, d/dx = {-(w0+w1), w0+w1, -(w2+w3), w2+w3}. A tap that
+// reads nothing has all weights 0, cell 0 and pixel -1 (so it reads a row of zeros). Integer image
+// taps (deform_kernel2d) fill `pixel`; bilinear image reads (deform_kernel_conv2d) fill the
+// `image_*` corners instead (weights and derivatives 0 and pixel -1 for a corner outside the
+// image). Pixels are int32: callers check H * W < 2^31 and (Sh+2) * (Sw+2) * cell_stride < 2^31.
 template <typename acc_t>
 struct RowTaps {
-  std::vector<int32_t> index[4];
-  std::vector<acc_t> weight[4], dy[4], dx[4];
+  std::vector<int32_t> cell;
+  std::vector<acc_t> weight[4];
+  int64_t right = 0, below = 0;  // distances of corners (y0, x0+1) and (y0+1, x0) from `cell`
   std::vector<int32_t> pixel;
   std::vector<int32_t> image_pixel[4];
   std::vector<acc_t> image_weight[4], image_dy[4], image_dx[4];
 
   void resize(int64_t n, bool offset = false, bool derivatives = false) {
+    cell.resize(n);
     for (int j = 0; j < 4; ++j) {
-      index[j].resize(n);
       weight[j].resize(n);
-      dy[j].resize(derivatives ? n : 0);
-      dx[j].resize(derivatives ? n : 0);
       image_pixel[j].resize(offset ? n : 0);
       image_weight[j].resize(offset ? n : 0);
       image_dy[j].resize(offset && derivatives ? n : 0);
@@ -132,7 +148,27 @@ DK_ALWAYS_INLINE AxisCorners<acc_t> axis_corners(acc_t s, bool inside, int32_t s
 
 // Which of a row's arrays one vectorised loop over the row fills. One loop per group of arrays:
 // GCC does not vectorise a loop body that fills all of them at once.
-enum class RowPass { kScope, kScopeDerivatives, kImage, kImageDerivatives };
+enum class RowPass { kScope, kImage, kImageDerivatives };
+
+// Runs body(ox) for ox in [0, Wo) so that GCC vectorises it without a scalar remainder: in
+// blocks of exactly 16 (one AVX-512 vector), the last block shifted back to end at Wo (it redoes
+// a few entries; every body here writes entry ox only, so that is harmless). Rows shorter than 16
+// run one plain loop.
+template <typename Body>
+DK_ALWAYS_INLINE void for_row_blocks(int64_t Wo, Body&& body) {
+  // 64-bit counters: Python's -fwrapv makes 32-bit index arithmetic wrap, and GCC then turns the
+  // row's contiguous loads and stores into gathers and scatters.
+  if (Wo < 16) {
+    DK_SIMD
+    for (int64_t ox = 0; ox < Wo; ++ox) body(ox);
+    return;
+  }
+  for (int64_t start = 0; start < Wo; start += 16) {
+    const int64_t first = std::min<int64_t>(start, Wo - 16);
+    DK_SIMD
+    for (int64_t i = 0; i < 16; ++i) body(first + i);
+  }
+}
 
 // One pass over output row oy, tap (kh, kw): recomputes the tap's sample points (cheap, vector
 // code) and stores the pass's arrays at entries [at, at + Wo).
@@ -143,6 +179,7 @@ DK_ALWAYS_INLINE void sample_row_pass(const DKTensors<scalar_t>& t, int64_t b, i
   const DKGeometry& g = t.g;
   const int64_t Wo = g.out_width, plane = g.out_height * Wo, k = kh * g.kernel_w + kw;
   const int32_t Sh = static_cast<int32_t>(g.scope_h), Sw = static_cast<int32_t>(g.scope_w);
+  const int32_t padded_w = Sw + 2;
   const int32_t height = static_cast<int32_t>(g.height), width = static_cast<int32_t>(g.width);
   const int32_t stride_w = static_cast<int32_t>(g.stride_w);
   const int64_t iy = oy * g.stride_h - g.pad_h + kh * g.dilation_h;
@@ -160,29 +197,26 @@ DK_ALWAYS_INLINE void sample_row_pass(const DKTensors<scalar_t>& t, int64_t b, i
   const acc_t image_y = static_cast<acc_t>(iy);
   const int32_t ix0 = static_cast<int32_t>(kw * g.dilation_w - g.pad_w);
   constexpr bool kImage = kPass == RowPass::kImage || kPass == RowPass::kImageDerivatives;
-  constexpr bool kDerivatives =
-      kPass == RowPass::kScopeDerivatives || kPass == RowPass::kImageDerivatives;
-  // The pass's four corner arrays (index and weight, or the two derivatives) and the pixels.
+  constexpr bool kDerivatives = kPass == RowPass::kImageDerivatives;
   const int64_t at = k * Wo;
-  int32_t* __restrict i0 = (kImage ? taps.image_pixel : taps.index)[0].data() + at;
-  int32_t* __restrict i1 = (kImage ? taps.image_pixel : taps.index)[1].data() + at;
-  int32_t* __restrict i2 = (kImage ? taps.image_pixel : taps.index)[2].data() + at;
-  int32_t* __restrict i3 = (kImage ? taps.image_pixel : taps.index)[3].data() + at;
+  int32_t* __restrict cell = taps.cell.data() + at;
+  int32_t* __restrict i0 = kImage ? taps.image_pixel[0].data() + at : nullptr;
+  int32_t* __restrict i1 = kImage ? taps.image_pixel[1].data() + at : nullptr;
+  int32_t* __restrict i2 = kImage ? taps.image_pixel[2].data() + at : nullptr;
+  int32_t* __restrict i3 = kImage ? taps.image_pixel[3].data() + at : nullptr;
   std::vector<acc_t>* first = kImage ? (kDerivatives ? taps.image_dy : taps.image_weight)
-                                     : (kDerivatives ? taps.dy : taps.weight);
-  std::vector<acc_t>* second = kImage ? taps.image_dx : taps.dx;
+                                     : taps.weight;
   acc_t* __restrict a0 = first[0].data() + at;
   acc_t* __restrict a1 = first[1].data() + at;
   acc_t* __restrict a2 = first[2].data() + at;
   acc_t* __restrict a3 = first[3].data() + at;
-  acc_t* __restrict b0 = kDerivatives ? second[0].data() + at : nullptr;
-  acc_t* __restrict b1 = kDerivatives ? second[1].data() + at : nullptr;
-  acc_t* __restrict b2 = kDerivatives ? second[2].data() + at : nullptr;
-  acc_t* __restrict b3 = kDerivatives ? second[3].data() + at : nullptr;
+  acc_t* __restrict b0 = kDerivatives ? taps.image_dx[0].data() + at : nullptr;
+  acc_t* __restrict b1 = kDerivatives ? taps.image_dx[1].data() + at : nullptr;
+  acc_t* __restrict b2 = kDerivatives ? taps.image_dx[2].data() + at : nullptr;
+  acc_t* __restrict b3 = kDerivatives ? taps.image_dx[3].data() + at : nullptr;
   int32_t* __restrict pixel = kOffset ? nullptr : taps.pixel.data() + at;
-  DK_SIMD
-  for (int32_t ox = 0; ox < static_cast<int32_t>(Wo); ++ox) {
-    const int32_t ix = ox * stride_w + ix0;
+  for_row_blocks(Wo, [=](int64_t ox) DK_ALWAYS_INLINE_LAMBDA {
+    const int32_t ix = static_cast<int32_t>(ox) * stride_w + ix0;
     const acc_t sy = base_y + acc_t(ry[ox]);
     const acc_t sx = base_x + acc_t(rx[ox]);
     // `&` instead of `&&`: no short-circuit branches in the loop body.
@@ -196,58 +230,61 @@ DK_ALWAYS_INLINE void sample_row_pass(const DKTensors<scalar_t>& t, int64_t b, i
     } else {
       inside = inside & row_inside & (ix >= 0) & (ix < width);
     }
-    // Corner j = 2 * (row below?) + (column right?), the order of bilinear.h.
-    const AxisCorners<acc_t> Y = kImage ? axis_corners(y, inside, height)
-                                        : axis_corners(sy, inside, Sh);
-    const AxisCorners<acc_t> X = kImage ? axis_corners(x, inside, width)
-                                        : axis_corners(sx, inside, Sw);
-    if (kDerivatives) {
-      a0[ox] = Y.d_lo * X.w_lo;
-      a1[ox] = Y.d_lo * X.w_hi;
-      a2[ox] = Y.d_hi * X.w_lo;
-      a3[ox] = Y.d_hi * X.w_hi;
-      b0[ox] = Y.w_lo * X.d_lo;
-      b1[ox] = Y.w_lo * X.d_hi;
-      b2[ox] = Y.w_hi * X.d_lo;
-      b3[ox] = Y.w_hi * X.d_hi;
-    } else if (kImage) {
-      // Image pixels; -1 for a corner outside the image (it reads the zeros row).
-      const int32_t top = Y.lo * width, bottom = Y.hi * width;
-      i0[ox] = (Y.in_lo & X.in_lo) ? top + X.lo : -1;
-      i1[ox] = (Y.in_lo & X.in_hi) ? top + X.hi : -1;
-      i2[ox] = (Y.in_hi & X.in_lo) ? bottom + X.lo : -1;
-      i3[ox] = (Y.in_hi & X.in_hi) ? bottom + X.hi : -1;
+    if constexpr (kImage) {
+      // Corner j = 2 * (row below?) + (column right?), the order of bilinear.h.
+      const AxisCorners<acc_t> Y = axis_corners(y, inside, height);
+      const AxisCorners<acc_t> X = axis_corners(x, inside, width);
+      if (kDerivatives) {
+        a0[ox] = Y.d_lo * X.w_lo;
+        a1[ox] = Y.d_lo * X.w_hi;
+        a2[ox] = Y.d_hi * X.w_lo;
+        a3[ox] = Y.d_hi * X.w_hi;
+        b0[ox] = Y.w_lo * X.d_lo;
+        b1[ox] = Y.w_lo * X.d_hi;
+        b2[ox] = Y.w_hi * X.d_lo;
+        b3[ox] = Y.w_hi * X.d_hi;
+      } else {
+        // Image pixels; -1 for a corner outside the image (it reads the zeros row).
+        const int32_t top = Y.lo * width, bottom = Y.hi * width;
+        i0[ox] = (Y.in_lo & X.in_lo) ? top + X.lo : -1;
+        i1[ox] = (Y.in_lo & X.in_hi) ? top + X.hi : -1;
+        i2[ox] = (Y.in_hi & X.in_lo) ? bottom + X.lo : -1;
+        i3[ox] = (Y.in_hi & X.in_hi) ? bottom + X.hi : -1;
+        a0[ox] = Y.w_lo * X.w_lo;
+        a1[ox] = Y.w_lo * X.w_hi;
+        a2[ox] = Y.w_hi * X.w_lo;
+        a3[ox] = Y.w_hi * X.w_hi;
+      }
     } else {
-      // Scope cells, premultiplied by the weight's row stride.
-      const int32_t top = Y.lo * Sw, bottom = Y.hi * Sw;
-      i0[ox] = (top + X.lo) * cell_stride;
-      i1[ox] = (top + X.hi) * cell_stride;
-      i2[ox] = (bottom + X.lo) * cell_stride;
-      i3[ox] = (bottom + X.hi) * cell_stride;
+      // The scope: -1 < s < S puts floor(s) + 1 in [0, S], a valid padded cell.
+      const acc_t cy = inside ? sy : acc_t(0), cx = inside ? sx : acc_t(0);
+      const acc_t fy = std::floor(cy), fx = std::floor(cx);
+      const acc_t ly = cy - fy, lx = cx - fx;
+      const int32_t first_cell = (static_cast<int32_t>(fy) + 1) * padded_w +
+                                 static_cast<int32_t>(fx) + 1;
+      cell[ox] = inside ? first_cell * cell_stride : 0;
+      const acc_t hy = inside ? acc_t(1) - ly : acc_t(0);
+      const acc_t vy = inside ? ly : acc_t(0);
+      a0[ox] = hy * (acc_t(1) - lx);
+      a1[ox] = hy * lx;
+      a2[ox] = vy * (acc_t(1) - lx);
+      a3[ox] = vy * lx;
       if (!kOffset) pixel[ox] = inside ? row_start + ix : -1;
     }
-    if (!kDerivatives) {
-      a0[ox] = Y.w_lo * X.w_lo;
-      a1[ox] = Y.w_lo * X.w_hi;
-      a2[ox] = Y.w_hi * X.w_lo;
-      a3[ox] = Y.w_hi * X.w_hi;
-    }
-  }
+  });
 }
 
 // Fills `taps` for output row oy of image b and rotation group `group`. kOffset: the image is
-// read bilinearly at the tap plus its offset (deform_kernel_conv2d); kDerivatives: also the
+// read bilinearly at the tap plus its offset (deform_kernel_conv2d); kDerivatives: also the image
 // corner weights' derivatives, for the backward.
 template <bool kOffset = false, bool kDerivatives = false, typename scalar_t, typename acc_t>
 DK_ALWAYS_INLINE void sample_row(const DKTensors<scalar_t>& t, int64_t b, int64_t oy, int64_t group,
                                  int32_t cell_stride, RowTaps<acc_t>& taps) {
+  taps.right = cell_stride;
+  taps.below = int64_t(cell_stride) * (t.g.scope_w + 2);
   for (int64_t kh = 0; kh < t.g.kernel_h; ++kh) {
     for (int64_t kw = 0; kw < t.g.kernel_w; ++kw) {
       sample_row_pass<RowPass::kScope, kOffset>(t, b, oy, group, kh, kw, cell_stride, taps);
-      if (kDerivatives) {
-        sample_row_pass<RowPass::kScopeDerivatives, kOffset>(t, b, oy, group, kh, kw,
-                                                             cell_stride, taps);
-      }
       if (kOffset) {
         sample_row_pass<RowPass::kImage, kOffset>(t, b, oy, group, kh, kw, cell_stride, taps);
       }
@@ -258,6 +295,62 @@ DK_ALWAYS_INLINE void sample_row(const DKTensors<scalar_t>& t, int64_t b, int64_
     }
   }
 }
+
+// Cache lines that the next output row reads first, requested a few at a time while the current
+// row runs, so the misses overlap its work. Without this, the row sampler's G*Kh*Kw*2 rotation
+// rows (72 for G 4, K 3: more concurrent streams than the hardware prefetcher follows) and, with
+// several rotation groups, the input (read one group's channels at a time, a strided pattern) miss
+// to memory on every first touch. Requesting all lines at once would stall on the line-fill
+// buffers instead.
+class NextRowPrefetch {
+ public:
+  // Collects the lines of output row oy of image b: its rotation rows of groups
+  // [group_begin, group_end), its offset rows for deform_kernel_conv2d, and the input rows of its
+  // taps that output row oy - 1 of the same image did not read (all of them for oy 0).
+  template <typename scalar_t>
+  void collect(const DKTensors<scalar_t>& t, int64_t b, int64_t oy, int64_t group_begin,
+               int64_t group_end, int64_t requests) {
+    const DKGeometry& g = t.g;
+    const int64_t Wo = g.out_width, plane = g.out_height * Wo, taps2 = g.taps() * 2;
+    lines_.clear();
+    next_ = 0;
+    const scalar_t* rot = t.rotation + (b * g.rotation_groups + group_begin) * taps2 * plane;
+    for (int64_t ch = 0; ch < (group_end - group_begin) * taps2; ++ch) {
+      add(rot + ch * plane + oy * Wo, Wo * sizeof(scalar_t));
+    }
+    if (t.offset != nullptr) {
+      for (int64_t ch = 0; ch < taps2; ++ch) {
+        add(t.offset + (b * taps2 + ch) * plane + oy * Wo, Wo * sizeof(scalar_t));
+      }
+    }
+    const int64_t row_bytes = g.width * g.in_channels * sizeof(scalar_t);
+    const scalar_t* image = t.input + b * g.height * g.width * g.in_channels;
+    const int64_t first = oy * g.stride_h - g.pad_h, previous = first - g.stride_h;
+    for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+      const int64_t iy = first + kh * g.dilation_h;
+      if (iy < 0 || iy >= g.height) continue;
+      const int64_t from_previous = iy - previous;
+      const bool read_before = oy > 0 && from_previous % g.dilation_h == 0 &&
+                               from_previous / g.dilation_h < g.kernel_h;
+      if (!read_before) add(image + iy * g.width * g.in_channels, row_bytes);
+    }
+    per_request_ = (lines_.size() + requests - 1) / std::max<int64_t>(requests, 1);
+  }
+
+  // Requests the next share of the lines (one call per unit of the current row's work).
+  DK_ALWAYS_INLINE void request() {
+    const size_t end = std::min(lines_.size(), next_ + per_request_);
+    for (; next_ < end; ++next_) __builtin_prefetch(lines_[next_]);
+  }
+
+ private:
+  void add(const void* p, int64_t bytes) {
+    const char* c = static_cast<const char*>(p);
+    for (int64_t i = 0; i < bytes; i += 64) lines_.push_back(c + i);
+  }
+  std::vector<const char*> lines_;
+  size_t next_ = 0, per_request_ = 0;
+};
 
 }  // namespace cpu
 }  // namespace dk_detectron2

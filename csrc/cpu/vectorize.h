@@ -13,8 +13,10 @@
 
 #if defined(__GNUC__)
 #define DK_ALWAYS_INLINE inline __attribute__((always_inline))
+#define DK_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
 #else
 #define DK_ALWAYS_INLINE inline
+#define DK_ALWAYS_INLINE_LAMBDA
 #endif
 
 #if defined(_OPENMP)
