@@ -982,15 +982,22 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_output, const at::Te
       constexpr bool kPadded = std::is_same_v<scalar_t, float>;
       const int64_t cells = kPadded ? (g.scope_h + 2) * (g.scope_w + 2) : SS;
       at::Tensor partial = at::zeros({tasks, cells, C}, acc_options);
+      // float32 accumulates straight into grad_input; lower precisions in a float32 buffer.
+      constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
       at::Tensor accumulator =
-          at::empty(input.sizes(), acc_options.memory_format(at::MemoryFormat::ChannelsLast))
-              .zero_();
+          kSameType ? grad_input.zero_()
+                    : at::zeros(input.sizes(),
+                                acc_options.memory_format(at::MemoryFormat::ChannelsLast));
       // With several rotation groups each group sums its own offset gradient; the groups' buffers
       // are added in order afterwards.
+      // With one group and float32 that buffer is grad_offset itself.
+      const bool offset_in_place = has_offset && kSameType && g.rotation_groups == 1;
       at::Tensor offset_partial =
-          has_offset ? at::zeros({g.rotation_groups, g.batch, g.taps() * 2, g.out_height,
-                                  g.out_width}, acc_options)
-                     : at::Tensor();
+          !has_offset ? at::Tensor()
+          : offset_in_place
+              ? grad_offset
+              : at::zeros({g.rotation_groups, g.batch, g.taps() * 2, g.out_height, g.out_width},
+                          acc_options);
       acc_t* partial_data = partial.data_ptr<acc_t>();
       acc_t* gin = accumulator.data_ptr<acc_t>();
       acc_t* goff = has_offset ? offset_partial.data_ptr<acc_t>() : nullptr;
@@ -1017,8 +1024,8 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_output, const at::Te
                      .reshape({SS, C});
       }
       grad_weight = summed.t().reshape(weight.sizes()).to(weight.scalar_type()).contiguous();
-      grad_input.copy_(accumulator);
-      if (has_offset) grad_offset.copy_(offset_partial.sum(0));
+      if (!kSameType) grad_input.copy_(accumulator);
+      if (has_offset && !offset_in_place) grad_offset.copy_(offset_partial.sum(0));
       return;
     }
 
