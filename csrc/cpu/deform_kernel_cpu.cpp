@@ -91,7 +91,7 @@ DK_ALWAYS_INLINE TapReads<scalar_t, acc_t, kOffset> tap_reads(const cpu::RowTaps
   r.w[1] = r.w[0] + row.right;
   r.w[2] = r.w[0] + row.below;
   r.w[3] = r.w[2] + row.right;
-  for_corners([&](auto j) { r.a[j] = row.weight[j][e]; });
+  for_corners([&](auto j) { r.a[j] = row.weights[4 * e + j]; });
   if constexpr (kOffset) {
     for_corners([&](auto j) {
       r.x[j] = pixel_row(image, row.image_pixel[j][e], C, zeros);
@@ -162,6 +162,14 @@ DK_ALWAYS_INLINE f32x16 tap_value(const TapReads<float, float, kOffset>& r, int6
   }
 }
 
+// Makes p opaque to the optimiser (an empty asm that "may change" it), so it stays one register.
+template <typename T>
+DK_ALWAYS_INLINE void keep_in_register(T*& p) {
+#if defined(__GNUC__)
+  asm("" : "+r"(p));
+#endif
+}
+
 template <int kVectors, bool kOffset>
 DK_ALWAYS_INLINE void forward_position_f32x16(const float* image, const float* weight,
                                               const ForwardTaps<float>& f, int64_t ox, int64_t c0,
@@ -175,15 +183,24 @@ DK_ALWAYS_INLINE void forward_position_f32x16(const float* image, const float* w
       // Integer taps: read the row tables directly (no TapReads temporaries).
       const int64_t e = k * Wo + ox;
       const float* x = pixel_row(image, f.row.pixel[e], C, zeros) + c0;
-      const float* top = weight + f.row.cell[e] + c0;
-      const float* bottom = top + below;
-      const float a0 = f.row.weight[0][e], a1 = f.row.weight[1][e];
-      const float a2 = f.row.weight[2][e], a3 = f.row.weight[3][e];
+      // One pointer per corner, so every load below is pointer + constant. Left to itself GCC
+      // re-expresses them as one base plus loop-invariant offsets per vector, which do not fit in
+      // the registers and go to the stack; keep_in_register stops that.
+      const float* w0 = weight + f.row.cell[e] + c0;
+      const float* w1 = w0 + right;
+      const float* w2 = w0 + below;
+      const float* w3 = w2 + right;
+      keep_in_register(x);
+      keep_in_register(w0);
+      keep_in_register(w1);
+      keep_in_register(w2);
+      keep_in_register(w3);
+      const float* a = f.row.weights.data() + 4 * e;
+      const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
       for (int j = 0; j < kVectors; ++j) {
         const int64_t c = 16 * j;
-        // Two independent pairs: a shorter dependency chain than four chained multiply-adds.
-        const f32x16 w = (a0 * load_f32x16(top + c) + a1 * load_f32x16(top + right + c)) +
-                         (a2 * load_f32x16(bottom + c) + a3 * load_f32x16(bottom + right + c));
+        const f32x16 w = a0 * load_f32x16(w0 + c) + a1 * load_f32x16(w1 + c) +
+                         a2 * load_f32x16(w2 + c) + a3 * load_f32x16(w3 + c);
         acc[j] += load_f32x16(x + c) * w;
       }
       continue;

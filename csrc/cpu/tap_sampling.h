@@ -85,8 +85,9 @@ namespace cpu {
 // row (32-bit lanes and selects only, so the loop vectorises) before the channel loops use them.
 // Entry [k * Wo + ox]. In the scope (padded_scope()): `cell` is the padded cell of the first
 // corner (y0, x0) times cell_stride (the weight's row stride, so the channel loops add it to a
-// pointer as is); the other corners are `right`, `below` and `below + right` further. `weight`
-// holds the four bilinear weights, (1-ly)(1-lx), (1-ly)lx, ly(1-lx), ly*lx, with no zeroing of
+// pointer as is); the other corners are `right`, `below` and `below + right` further. `weights`
+// holds the four bilinear weights of entry e at [4e, 4e + 4) (one array, so the channel loops
+// need one register for them, not four), (1-ly)(1-lx), (1-ly)lx, ly(1-lx), ly*lx, with no zeroing of
 // corners outside the scope (they read the zero ring), so their derivatives follow from them:
 // d/dy = {-(w0+w2), -(w1+w3), w0+w2, w1+w3}, d/dx = {-(w0+w1), w0+w1, -(w2+w3), w2+w3}. A tap that
 // reads nothing has all weights 0, cell 0 and pixel -1 (so it reads a row of zeros). Integer image
@@ -96,7 +97,7 @@ namespace cpu {
 template <typename acc_t>
 struct RowTaps {
   std::vector<int32_t> cell;
-  std::vector<acc_t> weight[4];
+  std::vector<acc_t> weights;
   int64_t right = 0, below = 0;  // distances of corners (y0, x0+1) and (y0+1, x0) from `cell`
   std::vector<int32_t> pixel;
   std::vector<int32_t> image_pixel[4];
@@ -104,8 +105,8 @@ struct RowTaps {
 
   void resize(int64_t n, bool offset = false, bool derivatives = false) {
     cell.resize(n);
+    weights.resize(4 * n);
     for (int j = 0; j < 4; ++j) {
-      weight[j].resize(n);
       image_pixel[j].resize(offset ? n : 0);
       image_weight[j].resize(offset ? n : 0);
       image_dy[j].resize(offset && derivatives ? n : 0);
@@ -204,12 +205,12 @@ DK_ALWAYS_INLINE void sample_row_pass(const DKTensors<scalar_t>& t, int64_t b, i
   int32_t* __restrict i1 = kImage ? taps.image_pixel[1].data() + at : nullptr;
   int32_t* __restrict i2 = kImage ? taps.image_pixel[2].data() + at : nullptr;
   int32_t* __restrict i3 = kImage ? taps.image_pixel[3].data() + at : nullptr;
-  std::vector<acc_t>* first = kImage ? (kDerivatives ? taps.image_dy : taps.image_weight)
-                                     : taps.weight;
-  acc_t* __restrict a0 = first[0].data() + at;
-  acc_t* __restrict a1 = first[1].data() + at;
-  acc_t* __restrict a2 = first[2].data() + at;
-  acc_t* __restrict a3 = first[3].data() + at;
+  std::vector<acc_t>* first = kDerivatives ? taps.image_dy : taps.image_weight;
+  acc_t* __restrict a0 = kImage ? first[0].data() + at : nullptr;
+  acc_t* __restrict a1 = kImage ? first[1].data() + at : nullptr;
+  acc_t* __restrict a2 = kImage ? first[2].data() + at : nullptr;
+  acc_t* __restrict a3 = kImage ? first[3].data() + at : nullptr;
+  acc_t* __restrict scope_weights = taps.weights.data() + 4 * at;
   acc_t* __restrict b0 = kDerivatives ? taps.image_dx[0].data() + at : nullptr;
   acc_t* __restrict b1 = kDerivatives ? taps.image_dx[1].data() + at : nullptr;
   acc_t* __restrict b2 = kDerivatives ? taps.image_dx[2].data() + at : nullptr;
@@ -265,10 +266,10 @@ DK_ALWAYS_INLINE void sample_row_pass(const DKTensors<scalar_t>& t, int64_t b, i
       cell[ox] = inside ? first_cell * cell_stride : 0;
       const acc_t hy = inside ? acc_t(1) - ly : acc_t(0);
       const acc_t vy = inside ? ly : acc_t(0);
-      a0[ox] = hy * (acc_t(1) - lx);
-      a1[ox] = hy * lx;
-      a2[ox] = vy * (acc_t(1) - lx);
-      a3[ox] = vy * lx;
+      scope_weights[4 * ox + 0] = hy * (acc_t(1) - lx);
+      scope_weights[4 * ox + 1] = hy * lx;
+      scope_weights[4 * ox + 2] = vy * (acc_t(1) - lx);
+      scope_weights[4 * ox + 3] = vy * lx;
       if (!kOffset) pixel[ox] = inside ? row_start + ix : -1;
     }
   });
