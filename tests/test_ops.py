@@ -148,6 +148,29 @@ def test_float32_backward_matches_reference(channels, groups, with_offset):
                                        msg=f"grad of {name}, {n} threads")
 
 
+@pytest.mark.parametrize("with_offset", [False, True])
+@pytest.mark.parametrize("width, scope, groups", [(16, (4, 4), 1), (17, (3, 5), 2), (37, (5, 4), 1)])
+def test_float32_rows_of_16_and_more_match_reference(width, scope, groups, with_offset):
+    """Rows of 16 outputs or more are sampled in blocks of 16, the last one shifted back to end at
+    the row's end, into a zero-padded scope: forward and every gradient, for non-square scopes and
+    taps far outside scope and image, against the float64 reference."""
+    x, offset, rotation, weight, geo = make_case(B=4, C=32, H=5, W=width, S=scope, G=groups,
+                                                 rotation_scale=2.5, seed=6)
+    inputs64 = [x, offset, rotation, weight] if with_offset else [x, rotation, weight]
+    op = deform_kernel_conv2d if with_offset else deform_kernel2d
+    reference = deform_kernel_conv2d_reference if with_offset else deform_kernel2d_reference
+    ref_inputs = [t.clone().requires_grad_() for t in inputs64]
+    expected = reference(*ref_inputs, **geo)
+    grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(7), dtype=x.dtype)
+    want = torch.autograd.grad(expected, ref_inputs, grad)
+    inputs32 = [t.float().requires_grad_() for t in inputs64]
+    out = op(*inputs32, **geo)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+    got = torch.autograd.grad(out, inputs32, grad.float())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-3, atol=1e-3)
+
+
 def test_taps_outside_the_image_ignore_non_finite_borders():
     """A tap outside the image reads zero even though the zero padding is emulated: an infinite
     pixel at the border reaches only the outputs whose taps really read it."""
