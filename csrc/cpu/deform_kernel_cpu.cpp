@@ -656,6 +656,9 @@ DK_ALWAYS_INLINE void backward_image_group_f32x16(const DKTensors<float>& t,
   const auto grad_row = [&](int32_t pixel) {
     return pixel >= 0 ? image_grad + int64_t(pixel) * C : scratch.data();
   };
+  // deform_kernel2d: a tap's rotation sums wait here for the next tap's, to be reduced together.
+  float* pending = nullptr;
+  f32x16 pending_y = {}, pending_x = {};
   for (int64_t oy = 0; oy < g.out_height; ++oy) {
     cpu::sample_row<kOffset, true>(t, b, oy, group, static_cast<int32_t>(C), row);
     for (int64_t ox = 0; ox < Wo; ++ox) {
@@ -691,16 +694,34 @@ DK_ALWAYS_INLINE void backward_image_group_f32x16(const DKTensors<float>& t,
             off_x += row.image_dx[j][e] * s.e[j];
           });
         }
-        const f32x4 sums = lane_sums(rot_y, rot_x, off_y, off_x);
         float* grot = grad_rotation +
                       (b * g.rotation_groups * taps * 2 + (group * taps + k) * 2) * plane + pos;
-        grot[0] = sums[0];
-        grot[plane] = sums[1];
         if constexpr (kOffset) {
+          const f32x4 sums = lane_sums(rot_y, rot_x, off_y, off_x);
+          grot[0] = sums[0];
+          grot[plane] = sums[1];
           float* goff = grad_offset + (b * taps * 2 + k * 2) * plane + pos;
           goff[0] += sums[2];
           goff[plane] += sums[3];
+        } else if (pending != nullptr) {
+          // Two taps' rotation sums in one reduction (the same fixed order for every tap).
+          const f32x4 sums = lane_sums(pending_y, pending_x, rot_y, rot_x);
+          pending[0] = sums[0];
+          pending[plane] = sums[1];
+          grot[0] = sums[2];
+          grot[plane] = sums[3];
+          pending = nullptr;
+        } else {
+          pending = grot;
+          pending_y = rot_y;
+          pending_x = rot_x;
         }
+      }
+      if (pending != nullptr) {
+        const f32x4 sums = lane_sums(pending_y, pending_x, f32x16{}, f32x16{});
+        pending[0] = sums[0];
+        pending[plane] = sums[1];
+        pending = nullptr;
       }
     }
   }
