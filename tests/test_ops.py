@@ -119,6 +119,16 @@ def test_float32_channel_blocks_match_reference(channels, groups):
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
 
 
+def reference_gradients(with_offset, inputs64, geometry, seed):
+    """The float64 reference's output, a random output gradient and the inputs' gradients."""
+    reference = deform_kernel_conv2d_reference if with_offset else deform_kernel2d_reference
+    ref_inputs = [t.clone().requires_grad_() for t in inputs64]
+    expected = reference(*ref_inputs, **geometry)
+    gen = torch.Generator().manual_seed(seed)
+    grad = torch.randn(expected.shape, generator=gen, dtype=inputs64[0].dtype)
+    return expected.detach(), grad, torch.autograd.grad(expected, ref_inputs, grad)
+
+
 @pytest.mark.parametrize("with_offset", [False, True])
 @pytest.mark.parametrize("channels, groups", [(1, 1), (16, 1), (48, 3), (64, 2), (117, 1), (208, 4)])
 def test_float32_backward_matches_reference(channels, groups, with_offset):
@@ -128,11 +138,7 @@ def test_float32_backward_matches_reference(channels, groups, with_offset):
     x, offset, rotation, weight, geo = make_case(B=2, C=channels, H=9, W=10, G=groups, seed=4)
     inputs64 = [x, offset, rotation, weight] if with_offset else [x, rotation, weight]
     op = deform_kernel_conv2d if with_offset else deform_kernel2d
-    reference = deform_kernel_conv2d_reference if with_offset else deform_kernel2d_reference
-    ref_inputs = [t.clone().requires_grad_() for t in inputs64]
-    expected = reference(*ref_inputs, **geo)
-    grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype)
-    want = torch.autograd.grad(expected, ref_inputs, grad)
+    _, grad, want = reference_gradients(with_offset, inputs64, geo, seed=5)
     names = ["input", "offset", "rotation", "weight"] if with_offset else ["input", "rotation", "weight"]
     threads = torch.get_num_threads()
     # One thread: the single sweep per (image, rotation group); more: possibly the two passes.
@@ -158,11 +164,7 @@ def test_float32_rows_of_16_and_more_match_reference(width, scope, groups, with_
                                                  rotation_scale=2.5, seed=6)
     inputs64 = [x, offset, rotation, weight] if with_offset else [x, rotation, weight]
     op = deform_kernel_conv2d if with_offset else deform_kernel2d
-    reference = deform_kernel_conv2d_reference if with_offset else deform_kernel2d_reference
-    ref_inputs = [t.clone().requires_grad_() for t in inputs64]
-    expected = reference(*ref_inputs, **geo)
-    grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(7), dtype=x.dtype)
-    want = torch.autograd.grad(expected, ref_inputs, grad)
+    expected, grad, want = reference_gradients(with_offset, inputs64, geo, seed=7)
     inputs32 = [t.float().requires_grad_() for t in inputs64]
     out = op(*inputs32, **geo)
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
