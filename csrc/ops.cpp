@@ -7,6 +7,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/vectorize.h"
+
 TORCH_LIBRARY(dk_detectron2, m) {
   // Local deformable kernel: weight [C_out, C_in/groups, Sh, Sw], rotation [B, G*Kh*Kw*2, Ho, Wo].
   m.def(
@@ -41,10 +43,23 @@ bool compiled_with_cuda() {
   return false;
 #endif
 }
+
+// Floats per vector in the CPU kernels written with explicit vectors (DK_DEFINE_NATIVE_WIDTH).
+int cpu_vector_lanes() {
+#if DK_X86_DISPATCH
+  const int level = dk_detectron2::cpu::x86_64_level();
+  return level == 4 ? 16 : level == 3 ? 8 : 4;
+#else
+  return 4;
+#endif
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Compiled Deformable Kernel operators (registered as torch.ops.dk_detectron2.*)";
   m.def("compiled_with_cuda", &compiled_with_cuda,
         "Whether this build contains the CUDA kernels.");
+  m.def("cpu_vector_lanes", &cpu_vector_lanes,
+        "Floats per vector in the CPU kernels' explicit-vector copy that runs here: 16 (AVX-512), "
+        "8 (AVX2 + FMA) or 4 (baseline; also chosen by DK_DETECTRON2_CPU_LEVEL=1).");
 }

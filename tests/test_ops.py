@@ -173,6 +173,51 @@ def test_float32_rows_of_16_and_more_match_reference(width, scope, groups, with_
         torch.testing.assert_close(g.double(), w, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("with_offset", [False, True])
+@pytest.mark.parametrize("channels, groups", [(7, 1), (56, 2), (100, 1)])
+def test_float32_channel_blocks_match_reference(channels, groups, with_offset):
+    """The float32 kernels run a group's channels in blocks of 4, 2 and 1 vectors and the rest in
+    a generic loop: 7, 28 and 100 channels per group reach every block with 4, 8 and 16 lanes
+    (100 = 64 + 32 + 4 = 3 * 32 + 4 = 25 * 4); forward and every gradient against float64."""
+    x, offset, rotation, weight, geo = make_case(B=2, C=channels, H=4, W=18, G=groups,
+                                                 rotation_scale=2.0, seed=11)
+    inputs64 = [x, offset, rotation, weight] if with_offset else [x, rotation, weight]
+    op = deform_kernel_conv2d if with_offset else deform_kernel2d
+    expected, grad, want = reference_gradients(with_offset, inputs64, geo, seed=12)
+    inputs32 = [t.float().requires_grad_() for t in inputs64]
+    out = op(*inputs32, **geo)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+    got = torch.autograd.grad(out, inputs32, grad.float())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("level, lanes", [("1", 4), ("3", 8)])
+def test_every_cpu_vector_width_matches_reference(level, lanes):
+    """The kernels with explicit vectors have one copy per x86-64 level (16, 8 and 4 floats per
+    vector); the machine runs only its widest. DK_DETECTRON2_CPU_LEVEL lowers the level, so the
+    float32 tests above run again on each narrower copy, in a fresh process."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DK_DETECTRON2_CPU_LEVEL=level)
+    probe = subprocess.run(
+        [sys.executable, "-c",
+         "from dk_detectron2.layers._extension import cpu_vector_lanes; print(cpu_vector_lanes())"],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    got_lanes = int(probe.stdout.strip())
+    native = _extension.cpu_vector_lanes()
+    assert got_lanes == min(lanes, native), (level, got_lanes, native)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
+         "-k", "float32_channel_blocks or float32_rows_of_16"],
+        env=env, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout, result.stdout[-2000:]
+
+
 def test_taps_outside_the_image_ignore_non_finite_borders():
     """A tap outside the image reads zero even though the zero padding is emulated: an infinite
     pixel at the border reaches only the outputs whose taps really read it."""

@@ -138,27 +138,21 @@ DK_ALWAYS_INLINE void forward_position_channels(const scalar_t* image, const sca
   for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<scalar_t>(acc[c]);
 }
 
-// float32: kVectors x 16 channels with their accumulators in registers. GCC's vector extension
-// types become one zmm (AVX-512), two ymm (AVX2) or four xmm per 16 floats in the respective
-// target_clones copies.
-typedef float f32x16 __attribute__((vector_size(64)));
+// float32: kVectors float vectors V with their accumulators in registers. V is the native vector
+// of the instruction set each copy is compiled for (cpu::FloatVector, DK_DEFINE_NATIVE_WIDTH):
+// 16 floats with AVX-512, 8 with AVX2, 4 otherwise.
+using cpu::lanes_of;
+using cpu::load_vector;
+using cpu::store_vector;
 
-DK_ALWAYS_INLINE f32x16 load_f32x16(const float* p) {
-  f32x16 v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-DK_ALWAYS_INLINE void store_f32x16(float* p, f32x16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
-
-// The bilinear image read of a tap at channels [c, c + 16).
-template <bool kOffset>
-DK_ALWAYS_INLINE f32x16 tap_value(const TapReads<float, float, kOffset>& r, int64_t c) {
+// The bilinear image read of a tap at channels [c, c + lanes).
+template <typename V, bool kOffset>
+DK_ALWAYS_INLINE V tap_value(const TapReads<float, float, kOffset>& r, int64_t c) {
   if constexpr (kOffset) {
-    return r.b[0] * load_f32x16(r.x[0] + c) + r.b[1] * load_f32x16(r.x[1] + c) +
-           r.b[2] * load_f32x16(r.x[2] + c) + r.b[3] * load_f32x16(r.x[3] + c);
+    return r.b[0] * load_vector<V>(r.x[0] + c) + r.b[1] * load_vector<V>(r.x[1] + c) +
+           r.b[2] * load_vector<V>(r.x[2] + c) + r.b[3] * load_vector<V>(r.x[3] + c);
   } else {
-    return load_f32x16(r.x[0] + c);
+    return load_vector<V>(r.x[0] + c);
   }
 }
 
@@ -170,12 +164,13 @@ DK_ALWAYS_INLINE void keep_in_register(T*& p) {
 #endif
 }
 
-template <int kVectors, bool kOffset>
-DK_ALWAYS_INLINE void forward_position_f32x16(const float* image, const float* weight,
+template <typename V, int kVectors, bool kOffset>
+DK_ALWAYS_INLINE void forward_position_vectors(const float* image, const float* weight,
                                               const ForwardTaps<float>& f, int64_t ox, int64_t c0,
                                               float* dst) {
-  f32x16 acc[kVectors];
-  for (int j = 0; j < kVectors; ++j) acc[j] = f32x16{};
+  constexpr int64_t L = lanes_of<V>();
+  V acc[kVectors];
+  for (int j = 0; j < kVectors; ++j) acc[j] = V{};
   const float* zeros = static_cast<const float*>(f.zeros);
   const int64_t taps = f.taps, Wo = f.Wo, C = f.C, right = f.row.right, below = f.row.below;
   for (int64_t k = 0; k < taps; ++k) {
@@ -198,42 +193,44 @@ DK_ALWAYS_INLINE void forward_position_f32x16(const float* image, const float* w
       const float* a = f.row.weights.data() + 4 * e;
       const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
       for (int j = 0; j < kVectors; ++j) {
-        const int64_t c = 16 * j;
-        const f32x16 w = a0 * load_f32x16(w0 + c) + a1 * load_f32x16(w1 + c) +
-                         a2 * load_f32x16(w2 + c) + a3 * load_f32x16(w3 + c);
-        acc[j] += load_f32x16(x + c) * w;
+        const int64_t c = L * j;
+        const V w = a0 * load_vector<V>(w0 + c) + a1 * load_vector<V>(w1 + c) +
+                    a2 * load_vector<V>(w2 + c) + a3 * load_vector<V>(w3 + c);
+        acc[j] += load_vector<V>(x + c) * w;
       }
       continue;
     }
     const auto r = tap_reads<float, float, kOffset>(f.row, k * f.Wo + ox, image, weight, f.C,
                                                     zeros);
     for (int j = 0; j < kVectors; ++j) {
-      const int64_t c = c0 + 16 * j;
-      const f32x16 w = r.a[0] * load_f32x16(r.w[0] + c) + r.a[1] * load_f32x16(r.w[1] + c) +
-                       r.a[2] * load_f32x16(r.w[2] + c) + r.a[3] * load_f32x16(r.w[3] + c);
-      acc[j] += tap_value(r, c) * w;
+      const int64_t c = c0 + L * j;
+      const V w = r.a[0] * load_vector<V>(r.w[0] + c) + r.a[1] * load_vector<V>(r.w[1] + c) +
+                  r.a[2] * load_vector<V>(r.w[2] + c) + r.a[3] * load_vector<V>(r.w[3] + c);
+      acc[j] += tap_value<V>(r, c) * w;
     }
   }
-  for (int j = 0; j < kVectors; ++j) store_f32x16(dst + 16 * j, acc[j]);
+  for (int j = 0; j < kVectors; ++j) store_vector(dst + L * j, acc[j]);
 }
 
-// One output position, channels [c0, c_end) of one rotation group: float32 in blocks of 64, 32
-// and 16 channels; other dtypes and the last (c_end - c0) % 16 channels in the generic loop.
-template <bool kOffset, typename scalar_t, typename acc_t>
+// One output position, channels [c0, c_end) of one rotation group: float32 in blocks of 4, 2
+// and 1 vectors V (64, 32 and 16 channels with AVX-512); other dtypes and the last channels that
+// fill no vector in the generic loop.
+template <typename V, bool kOffset, typename scalar_t, typename acc_t>
 DK_ALWAYS_INLINE void forward_position(const scalar_t* image, const scalar_t* weight,
                                        const ForwardTaps<acc_t>& f, int64_t ox, int64_t c0,
                                        int64_t c_end, acc_t* acc, scalar_t* dst) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    for (; c0 + 64 <= c_end; c0 += 64) {
-      forward_position_f32x16<4, kOffset>(image, weight, f, ox, c0, dst + c0);
+    constexpr int64_t L = lanes_of<V>();
+    for (; c0 + 4 * L <= c_end; c0 += 4 * L) {
+      forward_position_vectors<V, 4, kOffset>(image, weight, f, ox, c0, dst + c0);
     }
-    if (c0 + 32 <= c_end) {
-      forward_position_f32x16<2, kOffset>(image, weight, f, ox, c0, dst + c0);
-      c0 += 32;
+    if (c0 + 2 * L <= c_end) {
+      forward_position_vectors<V, 2, kOffset>(image, weight, f, ox, c0, dst + c0);
+      c0 += 2 * L;
     }
-    if (c0 + 16 <= c_end) {
-      forward_position_f32x16<1, kOffset>(image, weight, f, ox, c0, dst + c0);
-      c0 += 16;
+    if (c0 + L <= c_end) {
+      forward_position_vectors<V, 1, kOffset>(image, weight, f, ox, c0, dst + c0);
+      c0 += L;
     }
   }
   if (c0 < c_end) {
@@ -241,7 +238,8 @@ DK_ALWAYS_INLINE void forward_position(const scalar_t* image, const scalar_t* we
   }
 }
 
-template <typename scalar_t, bool kOffset>
+// V: the float vector of the float32 kernels (unused for other dtypes).
+template <typename scalar_t, bool kOffset, typename V = cpu::FloatVector<4>>
 DK_ALWAYS_INLINE void forward_rows(const DKTensors<scalar_t>& t, scalar_t* out, int64_t begin,
                                    int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -264,21 +262,24 @@ DK_ALWAYS_INLINE void forward_rows(const DKTensors<scalar_t>& t, scalar_t* out, 
       cpu::sample_row<kOffset>(t, b, oy, group, static_cast<int32_t>(C), row_taps);
       for (int64_t ox = 0; ox < Wo; ++ox) {
         next_row.request();
-        forward_position<kOffset>(image, t.scope, f, ox, group * Cg, (group + 1) * Cg,
+        forward_position<V, kOffset>(image, t.scope, f, ox, group * Cg, (group + 1) * Cg,
                                   acc.data(), out + (row * Wo + ox) * C);
       }
     }
   }
 }
 
-DK_CPU_CLONES void forward_rows_f32(const DKTensors<float>& t, float* out, int64_t begin,
-                                    int64_t end) {
-  forward_rows<float, false>(t, out, begin, end);
-}
-DK_CPU_CLONES void forward_rows_offset_f32(const DKTensors<float>& t, float* out, int64_t begin,
+template <typename V, bool kOffset>
+DK_ALWAYS_INLINE void forward_rows_vectors(const DKTensors<float>& t, float* out, int64_t begin,
                                            int64_t end) {
-  forward_rows<float, true>(t, out, begin, end);
+  forward_rows<float, kOffset, V>(t, out, begin, end);
 }
+DK_DEFINE_NATIVE_WIDTH(forward_rows_f32,
+                       (const DKTensors<float>& t, float* out, int64_t begin, int64_t end),
+                       (t, out, begin, end), forward_rows_vectors, false)
+DK_DEFINE_NATIVE_WIDTH(forward_rows_offset_f32,
+                       (const DKTensors<float>& t, float* out, int64_t begin, int64_t end),
+                       (t, out, begin, end), forward_rows_vectors, true)
 
 template <typename scalar_t, bool kOffset>
 void forward_dispatch(const DKTensors<scalar_t>& t, scalar_t* out, int64_t begin, int64_t end) {
@@ -558,20 +559,22 @@ DK_ALWAYS_INLINE void backward_image_group(const DKTensors<scalar_t>& t,
 // anything but the inputs. The weight and input gradients are read-modify-writes of the task's
 // own rows; a corner outside the image reads the zeros row and writes a scratch row.
 
-// Whole 16-float vectors, or the first n floats of one (the last channels of a group); the lanes
-// past n read zeros and are never stored.
+// Whole vectors V, or the first n floats of one (the last channels of a group); the lanes past n
+// read zeros and are never stored.
+template <typename V>
 struct FullLanes {
-  static f32x16 load(const float* p) { return load_f32x16(p); }
-  static void store(float* p, f32x16 v) { store_f32x16(p, v); }
+  DK_ALWAYS_INLINE static V load(const float* p) { return load_vector<V>(p); }
+  DK_ALWAYS_INLINE static void store(float* p, V v) { store_vector(p, v); }
 };
+template <typename V>
 struct PartialLanes {
   int n;
-  f32x16 load(const float* p) const {
-    f32x16 v = {};
+  DK_ALWAYS_INLINE V load(const float* p) const {
+    V v = {};
     __builtin_memcpy(&v, p, n * sizeof(float));
     return v;
   }
-  void store(float* p, f32x16 v) const { __builtin_memcpy(p, &v, n * sizeof(float)); }
+  DK_ALWAYS_INLINE void store(float* p, V v) const { __builtin_memcpy(p, &v, n * sizeof(float)); }
 };
 
 template <bool kOffset>
@@ -582,26 +585,27 @@ struct BackwardTap {
   float* gx[kOffset ? 4 : 1];    // input-gradient rows of the image corner(s) (or scratch)
 };
 
+template <typename V>
 struct TapSums {
-  f32x16 d[4], e[4];
+  V d[4], e[4];
 };
 
-template <bool kOffset, typename Lanes>
+template <typename V, bool kOffset, typename Lanes>
 DK_ALWAYS_INLINE void backward_tap_vector(const BackwardTap<kOffset>& p, int64_t c, Lanes lanes,
-                                          TapSums& s) {
+                                          TapSums<V>& s) {
   constexpr int kImageCorners = kOffset ? 4 : 1;
-  f32x16 w[4], x[kImageCorners];
+  V w[4], x[kImageCorners];
   for_corners([&](auto j) { w[j] = lanes.load(p.r.w[j] + c); });
-  const f32x16 go = lanes.load(p.go + c);
-  f32x16 value;
+  const V go = lanes.load(p.go + c);
+  V value;
   if constexpr (kOffset) {
     for_corners([&](auto j) { x[j] = lanes.load(p.r.x[j] + c); });
     value = p.r.b[0] * x[0] + p.r.b[1] * x[1] + p.r.b[2] * x[2] + p.r.b[3] * x[3];
   } else {
     value = x[0] = lanes.load(p.r.x[0] + c);
   }
-  const f32x16 tv = go * value;
-  const f32x16 u = go * (p.r.a[0] * w[0] + p.r.a[1] * w[1] + p.r.a[2] * w[2] + p.r.a[3] * w[3]);
+  const V tv = go * value;
+  const V u = go * (p.r.a[0] * w[0] + p.r.a[1] * w[1] + p.r.a[2] * w[2] + p.r.a[3] * w[3]);
   for_corners([&](auto j) {
     s.d[j] += tv * w[j];
     lanes.store(p.gw[j] + c, lanes.load(p.gw[j] + c) + p.r.a[j] * tv);
@@ -616,11 +620,32 @@ DK_ALWAYS_INLINE void backward_tap_vector(const BackwardTap<kOffset>& p, int64_t
   }
 }
 
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
+typedef cpu::FloatVector<4> f32x4;
 
-// The lane sums of a, b, c and d (a fixed pairwise order), in 8 shuffles and 4 additions.
-DK_ALWAYS_INLINE f32x4 lane_sums(f32x16 a, f32x16 b, f32x16 c, f32x16 d) {
+// The lane sums of a, b, c and d (a fixed pairwise order): halves added pairwise, two vectors'
+// halves per shuffle, until one lane per vector is left.
+DK_ALWAYS_INLINE f32x4 lane_sums(f32x4 a, f32x4 b, f32x4 c, f32x4 d) {
+  const f32x4 ab = __builtin_shufflevector(a, b, 0, 1, 4, 5) + __builtin_shufflevector(a, b, 2, 3, 6, 7);
+  const f32x4 cd = __builtin_shufflevector(c, d, 0, 1, 4, 5) + __builtin_shufflevector(c, d, 2, 3, 6, 7);
+  return __builtin_shufflevector(ab, cd, 0, 2, 4, 6) + __builtin_shufflevector(ab, cd, 1, 3, 5, 7);
+}
+
+DK_ALWAYS_INLINE f32x4 lane_sums(cpu::FloatVector<8> a, cpu::FloatVector<8> b,
+                                 cpu::FloatVector<8> c, cpu::FloatVector<8> d) {
+  typedef cpu::FloatVector<8> f32x8;
+  const f32x8 ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) +
+                   __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+  const f32x8 cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 8, 9, 10, 11) +
+                   __builtin_shufflevector(c, d, 4, 5, 6, 7, 12, 13, 14, 15);
+  const f32x8 q = __builtin_shufflevector(ab, cd, 0, 1, 4, 5, 8, 9, 12, 13) +
+                  __builtin_shufflevector(ab, cd, 2, 3, 6, 7, 10, 11, 14, 15);
+  return __builtin_shufflevector(q, q, 0, 2, 4, 6) + __builtin_shufflevector(q, q, 1, 3, 5, 7);
+}
+
+DK_ALWAYS_INLINE f32x4 lane_sums(cpu::FloatVector<16> a, cpu::FloatVector<16> b,
+                                 cpu::FloatVector<16> c, cpu::FloatVector<16> d) {
+  typedef cpu::FloatVector<16> f32x16;
+  typedef cpu::FloatVector<8> f32x8;
   const f32x16 ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21,
                                             22, 23) +
                     __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28,
@@ -638,8 +663,8 @@ DK_ALWAYS_INLINE f32x4 lane_sums(f32x16 a, f32x16 b, f32x16 c, f32x16 d) {
   return __builtin_shufflevector(h, h, 0, 2, 4, 6) + __builtin_shufflevector(h, h, 1, 3, 5, 7);
 }
 
-template <bool kOffset>
-DK_ALWAYS_INLINE void backward_image_group_f32x16(const DKTensors<float>& t,
+template <typename V, bool kOffset>
+DK_ALWAYS_INLINE void backward_image_group_vectors(const DKTensors<float>& t,
                                                   const float* grad_output, int64_t b,
                                                   int64_t group, float* grad_weight,
                                                   float* grad_input, float* grad_rotation,
@@ -658,7 +683,8 @@ DK_ALWAYS_INLINE void backward_image_group_f32x16(const DKTensors<float>& t,
   };
   // deform_kernel2d: a tap's rotation sums wait here for the next tap's, to be reduced together.
   float* pending = nullptr;
-  f32x16 pending_y = {}, pending_x = {};
+  V pending_y = {}, pending_x = {};
+  constexpr int64_t L = lanes_of<V>();
   for (int64_t oy = 0; oy < g.out_height; ++oy) {
     cpu::sample_row<kOffset, true>(t, b, oy, group, static_cast<int32_t>(C), row);
     for (int64_t ox = 0; ox < Wo; ++ox) {
@@ -677,17 +703,19 @@ DK_ALWAYS_INLINE void backward_image_group_f32x16(const DKTensors<float>& t,
         } else {
           p.gx[0] = grad_row(row.pixel[e]);
         }
-        TapSums s;
-        for_corners([&](auto j) { s.d[j] = s.e[j] = f32x16{}; });
+        TapSums<V> s;
+        for_corners([&](auto j) { s.d[j] = s.e[j] = V{}; });
         int64_t c = c0;
-        for (; c + 16 <= c_end; c += 16) backward_tap_vector(p, c, FullLanes{}, s);
-        if (c < c_end) backward_tap_vector(p, c, PartialLanes{static_cast<int>(c_end - c)}, s);
+        for (; c + L <= c_end; c += L) backward_tap_vector<V>(p, c, FullLanes<V>{}, s);
+        if (c < c_end) {
+          backward_tap_vector<V>(p, c, PartialLanes<V>{static_cast<int>(c_end - c)}, s);
+        }
         // Chain rule through the corner weights, still per lane; then one reduction. The scope
         // weights' derivatives follow from the weights (cpu::RowTaps).
         const float* a = p.r.a;
-        f32x16 rot_y = (a[0] + a[2]) * (s.d[2] - s.d[0]) + (a[1] + a[3]) * (s.d[3] - s.d[1]);
-        f32x16 rot_x = (a[0] + a[1]) * (s.d[1] - s.d[0]) + (a[2] + a[3]) * (s.d[3] - s.d[2]);
-        f32x16 off_y = {}, off_x = {};
+        V rot_y = (a[0] + a[2]) * (s.d[2] - s.d[0]) + (a[1] + a[3]) * (s.d[3] - s.d[1]);
+        V rot_x = (a[0] + a[1]) * (s.d[1] - s.d[0]) + (a[2] + a[3]) * (s.d[3] - s.d[2]);
+        V off_y = {}, off_x = {};
         if constexpr (kOffset) {
           for_corners([&](auto j) {
             off_y += row.image_dy[j][e] * s.e[j];
@@ -718,7 +746,7 @@ DK_ALWAYS_INLINE void backward_image_group_f32x16(const DKTensors<float>& t,
         }
       }
       if (pending != nullptr) {
-        const f32x4 sums = lane_sums(pending_y, pending_x, f32x16{}, f32x16{});
+        const f32x4 sums = lane_sums(pending_y, pending_x, V{}, V{});
         pending[0] = sums[0];
         pending[plane] = sums[1];
         pending = nullptr;
@@ -727,16 +755,16 @@ DK_ALWAYS_INLINE void backward_image_group_f32x16(const DKTensors<float>& t,
   }
 }
 
-DK_CPU_CLONES void backward_image_group_f32(const DKTensors<float>& t, const float* gout,
-                                            int64_t b, int64_t group, float* gw, float* gin,
-                                            float* grot, float* goff) {
-  backward_image_group_f32x16<false>(t, gout, b, group, gw, gin, grot, goff);
-}
-DK_CPU_CLONES void backward_image_group_offset_f32(const DKTensors<float>& t, const float* gout,
-                                                   int64_t b, int64_t group, float* gw,
-                                                   float* gin, float* grot, float* goff) {
-  backward_image_group_f32x16<true>(t, gout, b, group, gw, gin, grot, goff);
-}
+#define DK_BACKWARD_IMAGE_GROUP_PARAMS                                                    \
+  (const DKTensors<float>& t, const float* gout, int64_t b, int64_t group, float* gw, float* gin, \
+   float* grot, float* goff)
+DK_DEFINE_NATIVE_WIDTH(backward_image_group_f32, DK_BACKWARD_IMAGE_GROUP_PARAMS,
+                       (t, gout, b, group, gw, gin, grot, goff), backward_image_group_vectors,
+                       false)
+DK_DEFINE_NATIVE_WIDTH(backward_image_group_offset_f32, DK_BACKWARD_IMAGE_GROUP_PARAMS,
+                       (t, gout, b, group, gw, gin, grot, goff), backward_image_group_vectors,
+                       true)
+#undef DK_BACKWARD_IMAGE_GROUP_PARAMS
 
 template <typename scalar_t, bool kOffset>
 void backward_image_group_dispatch(const DKTensors<scalar_t>& t, const scalar_t* gout, int64_t b,

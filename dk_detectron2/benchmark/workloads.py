@@ -32,10 +32,17 @@ _MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.chann
 def dk_ops_backend() -> str:
     """Which implementation ``dk_detectron2.layers`` calls: the compiled extension (its path)."""
     try:
-        from dk_detectron2.layers._extension import compiled_with_cuda, extension_path
+        from dk_detectron2.layers._extension import (
+            compiled_with_cuda,
+            cpu_vector_lanes,
+            extension_path,
+        )
     except ImportError:
         return "reference (dk_detectron2._C is not built; pure-PyTorch stand-ins)"
-    return f"compiled {extension_path()} (CUDA kernels: {compiled_with_cuda()})"
+    return (
+        f"compiled {extension_path()} (CUDA kernels: {compiled_with_cuda()}; "
+        f"CPU vectors of {cpu_vector_lanes()} floats)"
+    )
 
 
 @dataclass

@@ -10,7 +10,7 @@ except ImportError as error:  # pragma: no cover - exercised only on a broken in
         f"dk_detectron2 checkout first. ({error})"
     ) from error
 
-__all__ = ["extension_path", "compiled_with_cuda"]
+__all__ = ["extension_path", "compiled_with_cuda", "cpu_vector_lanes"]
 
 
 def extension_path() -> str:
@@ -21,3 +21,10 @@ def extension_path() -> str:
 def compiled_with_cuda() -> bool:
     """Whether the loaded build contains the CUDA kernels."""
     return bool(_C.compiled_with_cuda())
+
+
+def cpu_vector_lanes() -> int:
+    """Floats per vector in the CPU kernels that run on this machine: 16 (AVX-512), 8 (AVX2 + FMA)
+    or 4 (baseline x86-64 and other architectures). The environment variable
+    ``DK_DETECTRON2_CPU_LEVEL`` (``1`` or ``3``, read when the library loads) lowers it."""
+    return int(_C.cpu_vector_lanes())
