@@ -218,6 +218,34 @@ def test_every_cpu_vector_width_matches_reference(level, lanes):
     assert " passed" in result.stdout and "failed" not in result.stdout, result.stdout[-2000:]
 
 
+@pytest.mark.parametrize("with_offset", [False, True])
+@pytest.mark.parametrize("stride, padding, dilation", [(1, 1, 1), (2, 3, 2), (1, 4, 1)])
+def test_nchw_forward_stages_rows_like_channels_last(stride, padding, dilation, with_offset):
+    """An NCHW input is transposed a band of rows at a time (a quarter of the image per band
+    here, so a thread refills it several times and keeps the rows it shares), and each output
+    row is written straight into the NCHW output: the same values as channels-last, for 1 and 2
+    threads, padding that leaves whole output rows outside the image, and the float64 reference."""
+    x, offset, rotation, weight, geo = make_case(B=3, C=20, H=41, W=9, stride=stride,
+                                                 padding=padding, dilation=dilation,
+                                                 rotation_scale=2.0, dtype=torch.float32, seed=13)
+    inputs = [x, offset, rotation, weight] if with_offset else [x, rotation, weight]
+    op = deform_kernel_conv2d if with_offset else deform_kernel2d
+    reference = deform_kernel_conv2d_reference if with_offset else deform_kernel2d_reference
+    expected = reference(*[t.double() for t in inputs], **geo)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            nchw = op(*inputs, **geo)
+            channels_last = op(x.contiguous(memory_format=torch.channels_last), *inputs[1:], **geo)
+            assert nchw.is_contiguous()
+            assert channels_last.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(nchw, channels_last, rtol=0, atol=0)
+            torch.testing.assert_close(nchw.double(), expected, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_taps_outside_the_image_ignore_non_finite_borders():
     """A tap outside the image reads zero even though the zero padding is emulated: an infinite
     pixel at the border reaches only the outputs whose taps really read it."""

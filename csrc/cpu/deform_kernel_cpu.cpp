@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "bilinear.h"
+#include "cpu/nchw_staging.h"
 #include "cpu/scope_space_cpu.h"
 #include "cpu/tap_sampling.h"
 #include "cpu/vectorize.h"
@@ -238,7 +239,26 @@ DK_ALWAYS_INLINE void forward_position(const scalar_t* image, const scalar_t* we
   }
 }
 
-// V: the float vector of the float32 kernels (unused for other dtypes).
+// Rows of the band an NCHW forward stages per thread (cpu::ChannelsLastBand), and how many
+// output rows one filling serves: about 128 KB of rows (it stays in L2), at most a quarter of the
+// image (so small images do not copy most of the input), never fewer than one output row reads.
+struct BandPlan {
+  int64_t rows, output_rows;
+};
+
+inline BandPlan plan_band(const DKGeometry& g, bool offset, int64_t element_bytes) {
+  if (offset) return {g.height, g.out_height};  // DK+DCN taps land anywhere in the image
+  const int64_t span = (g.kernel_h - 1) * g.dilation_h + 1;
+  const int64_t row_bytes = std::max<int64_t>(1, g.width * g.in_channels * element_bytes);
+  const int64_t budget =
+      std::max<int64_t>(span, std::min<int64_t>((int64_t(128) << 10) / row_bytes, g.height / 4));
+  const int64_t output_rows = std::max<int64_t>(1, (budget - span) / g.stride_h + 1);
+  return {std::min<int64_t>(g.height, (output_rows - 1) * g.stride_h + span), output_rows};
+}
+
+// V: the float vector of the float32 kernels (unused for other dtypes). Output rows
+// [begin, end) of the B * Ho rows; channels-last in and out, or NCHW (t.nchw) staged through a
+// band of input rows and a one-row output buffer (nchw_staging.h).
 template <typename scalar_t, bool kOffset, typename V = cpu::FloatVector<4>>
 DK_ALWAYS_INLINE void forward_rows(const DKTensors<scalar_t>& t, scalar_t* out, int64_t begin,
                                    int64_t end) {
@@ -251,21 +271,45 @@ DK_ALWAYS_INLINE void forward_rows(const DKTensors<scalar_t>& t, scalar_t* out, 
   std::vector<acc_t> acc(Cg);
   const ForwardTaps<acc_t> f{row_taps, g.taps(), Wo, C, zeros.data()};
   cpu::NextRowPrefetch next_row;
+  // NCHW staging; a tensor, so memory profiles see it.
+  const BandPlan plan = t.nchw ? plan_band(g, kOffset, sizeof(scalar_t)) : BandPlan{0, 0};
+  const at::Tensor staging =
+      t.nchw ? at::empty({(plan.rows * g.width + Wo) * C},
+                         at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value))
+             : at::Tensor();
+  scalar_t* const band_storage = t.nchw ? staging.data_ptr<scalar_t>() : nullptr;
+  scalar_t* const row_buffer = t.nchw ? band_storage + plan.rows * g.width * C : nullptr;
+  cpu::ChannelsLastBand<scalar_t> band(t.input, C, g.height, g.width, band_storage, plan.rows);
+  const int64_t span = (g.kernel_h - 1) * g.dilation_h + 1;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t b = row / g.out_height, oy = row % g.out_height;
     const scalar_t* image = t.input + b * g.height * g.width * C;
+    int64_t first_row = 0;
+    if (t.nchw) {
+      const int64_t lo = oy * g.stride_h - g.pad_h;
+      if (kOffset) {
+        band.cover(b, 0, g.height);
+      } else if (!band.holds(b, lo, lo + span)) {
+        const int64_t last = std::min({g.out_height, oy + plan.output_rows, oy + end - row}) - 1;
+        band.cover(b, lo, last * g.stride_h - g.pad_h + span);
+      }
+      image = band.rows();
+      first_row = band.first();
+    }
     if (row + 1 < end) {
       next_row.collect(t, (row + 1) / g.out_height, (row + 1) % g.out_height, 0,
                        g.rotation_groups, g.rotation_groups * Wo);
     }
+    scalar_t* const dst = t.nchw ? row_buffer : out + row * Wo * C;
     for (int64_t group = 0; group < g.rotation_groups; ++group) {
-      cpu::sample_row<kOffset>(t, b, oy, group, static_cast<int32_t>(C), row_taps);
+      cpu::sample_row<kOffset>(t, b, oy, group, static_cast<int32_t>(C), row_taps, first_row);
       for (int64_t ox = 0; ox < Wo; ++ox) {
         next_row.request();
         forward_position<V, kOffset>(image, t.scope, f, ox, group * Cg, (group + 1) * Cg,
-                                  acc.data(), out + (row * Wo + ox) * C);
+                                     acc.data(), dst + ox * C);
       }
     }
+    if (t.nchw) cpu::store_row_nchw(row_buffer, C, g.out_height, Wo, b, oy, out);
   }
 }
 
@@ -929,21 +973,27 @@ int64_t chunk_count(int64_t rows) { return std::max<int64_t>(1, std::min(rows, k
 
 struct Prepared {
   DKGeometry g;
-  at::Tensor input, offset, rotation, weight;  // channels-last / NCHW / NCHW / [SS, C]
+  at::Tensor input, offset, rotation, weight;  // channels-last (or NCHW if nchw) / NCHW / NCHW /
+                                               // [SS, C]
   at::Tensor scope;                            // depthwise: cpu::padded_scope of weight
+  bool nchw = false;                           // depthwise forward of an NCHW input
 };
 
 Prepared prepare(const at::Tensor& input, const c10::optional<at::Tensor>& offset,
                  const at::Tensor& rotation, const at::Tensor& weight,
                  at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                 at::IntArrayRef dilation, int64_t rotation_groups) {
+                 at::IntArrayRef dilation, int64_t rotation_groups,
+                 bool stage_nchw_input = false) {
   Prepared p;
   p.g = make_geometry(input, weight, kernel_size, stride, padding, dilation, rotation_groups);
   check_rotation(rotation, p.g);
   TORCH_CHECK(input.scalar_type() == weight.scalar_type() &&
                   input.scalar_type() == rotation.scalar_type(),
               "input, rotation and weight must share a dtype");
-  p.input = input.contiguous(at::MemoryFormat::ChannelsLast);
+  // The depthwise forward stages an NCHW input a few rows at a time (forward_rows) rather than
+  // converting all of it.
+  p.nchw = stage_nchw_input && p.g.depthwise() && !is_channels_last(input);
+  p.input = p.nchw ? input.contiguous() : input.contiguous(at::MemoryFormat::ChannelsLast);
   p.rotation = rotation.contiguous();
   // The depthwise kernels read the weight transposed, [Sh*Sw, C]; the scope-space path as given.
   p.weight = p.g.depthwise() ? weight.reshape({p.g.out_channels, p.g.scope_cells()}).t().contiguous()
@@ -962,7 +1012,7 @@ DKTensors<scalar_t> view(const Prepared& p) {
   return {p.g, p.input.data_ptr<scalar_t>(),
           p.offset.defined() ? p.offset.data_ptr<scalar_t>() : nullptr,
           p.rotation.data_ptr<scalar_t>(), p.weight.data_ptr<scalar_t>(),
-          p.scope.defined() ? p.scope.data_ptr<scalar_t>() : nullptr};
+          p.scope.defined() ? p.scope.data_ptr<scalar_t>() : nullptr, p.nchw};
 }
 
 at::Tensor forward_cpu(const at::Tensor& input, const c10::optional<at::Tensor>& offset,
@@ -971,7 +1021,7 @@ at::Tensor forward_cpu(const at::Tensor& input, const c10::optional<at::Tensor>&
                        at::IntArrayRef padding, at::IntArrayRef dilation,
                        int64_t rotation_groups) {
   const Prepared p = prepare(input, offset, rotation, weight, kernel_size, stride, padding,
-                             dilation, rotation_groups);
+                             dilation, rotation_groups, /*stage_nchw_input=*/true);
   const DKGeometry& g = p.g;
   if (!g.depthwise()) {
     const at::Tensor out = cpu::scope_space_forward(g, p.input, p.offset, p.rotation, p.weight);
@@ -984,7 +1034,8 @@ at::Tensor forward_cpu(const at::Tensor& input, const c10::optional<at::Tensor>&
               "fewer than 2^31 elements, got a ", g.height, "x", g.width, " image and a [",
               g.out_channels, ", ", g.scope_h, ", ", g.scope_w, "] scope");
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_height, g.out_width},
-                             input.options().memory_format(at::MemoryFormat::ChannelsLast));
+                             input.options().memory_format(p.nchw ? at::MemoryFormat::Contiguous
+                                                                  : at::MemoryFormat::ChannelsLast));
   const int64_t rows = g.batch * g.out_height;
   if (rows > 0 && g.out_channels > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
@@ -1000,7 +1051,7 @@ at::Tensor forward_cpu(const at::Tensor& input, const c10::optional<at::Tensor>&
       });
     });
   }
-  return is_channels_last(input) ? out : out.contiguous();
+  return p.nchw || is_channels_last(input) ? out : out.contiguous();
 }
 
 std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,

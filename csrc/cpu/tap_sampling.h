@@ -19,11 +19,14 @@ namespace cpu {
 template <typename scalar_t>
 struct DKTensors {
   DKGeometry g;
-  const scalar_t* input;     // [B, H, W, C_in] (channels-last)
+  const scalar_t* input;     // [B, H, W, C_in] (channels-last); [B, C_in, H, W] if nchw
   const scalar_t* offset;    // [B, Kh*Kw*2, Ho, Wo], or nullptr for integer image taps
   const scalar_t* rotation;  // [B, G*Kh*Kw*2, Ho, Wo]
   const scalar_t* weight;    // depthwise: [Sh*Sw, C] (transposed); scope space: unused
   const scalar_t* scope;     // depthwise: [(Sh+2)*(Sw+2), C], see padded_scope(); else unused
+  // The depthwise forward's input and output are NCHW: it stages them a few rows at a time
+  // (nchw_staging.h) instead of reading `input` directly.
+  bool nchw = false;
 };
 
 // The row kernels read the depthwise scope transposed and inside a ring of zero cells,
@@ -172,11 +175,12 @@ DK_ALWAYS_INLINE void for_row_blocks(int64_t Wo, Body&& body) {
 }
 
 // One pass over output row oy, tap (kh, kw): recomputes the tap's sample points (cheap, vector
-// code) and stores the pass's arrays at entries [at, at + Wo).
+// code) and stores the pass's arrays at entries [at, at + Wo). Integer taps' pixels count from
+// image row first_row (the first row of a staged band, cpu::ChannelsLastBand; 0 otherwise).
 template <RowPass kPass, bool kOffset, typename scalar_t, typename acc_t>
 DK_ALWAYS_INLINE void sample_row_pass(const DKTensors<scalar_t>& t, int64_t b, int64_t oy,
                                       int64_t group, int64_t kh, int64_t kw, int32_t cell_stride,
-                                      RowTaps<acc_t>& taps) {
+                                      int64_t first_row, RowTaps<acc_t>& taps) {
   const DKGeometry& g = t.g;
   const int64_t Wo = g.out_width, plane = g.out_height * Wo, k = kh * g.kernel_w + kw;
   const int32_t Sh = static_cast<int32_t>(g.scope_h), Sw = static_cast<int32_t>(g.scope_w);
@@ -185,7 +189,7 @@ DK_ALWAYS_INLINE void sample_row_pass(const DKTensors<scalar_t>& t, int64_t b, i
   const int32_t stride_w = static_cast<int32_t>(g.stride_w);
   const int64_t iy = oy * g.stride_h - g.pad_h + kh * g.dilation_h;
   const bool row_inside = iy >= 0 && iy < g.height;
-  const int32_t row_start = static_cast<int32_t>(row_inside ? iy * g.width : 0);
+  const int32_t row_start = static_cast<int32_t>(row_inside ? (iy - first_row) * g.width : 0);
   const scalar_t* ry = t.rotation +
                        (b * g.rotation_groups * g.taps() * 2 + (group * g.taps() + k) * 2) *
                            plane + oy * Wo;
@@ -277,21 +281,25 @@ DK_ALWAYS_INLINE void sample_row_pass(const DKTensors<scalar_t>& t, int64_t b, i
 
 // Fills `taps` for output row oy of image b and rotation group `group`. kOffset: the image is
 // read bilinearly at the tap plus its offset (deform_kernel_conv2d); kDerivatives: also the image
-// corner weights' derivatives, for the backward.
+// corner weights' derivatives, for the backward. Integer taps' pixels count from image row
+// first_row (see sample_row_pass).
 template <bool kOffset = false, bool kDerivatives = false, typename scalar_t, typename acc_t>
 DK_ALWAYS_INLINE void sample_row(const DKTensors<scalar_t>& t, int64_t b, int64_t oy, int64_t group,
-                                 int32_t cell_stride, RowTaps<acc_t>& taps) {
+                                 int32_t cell_stride, RowTaps<acc_t>& taps,
+                                 int64_t first_row = 0) {
   taps.right = cell_stride;
   taps.below = int64_t(cell_stride) * (t.g.scope_w + 2);
   for (int64_t kh = 0; kh < t.g.kernel_h; ++kh) {
     for (int64_t kw = 0; kw < t.g.kernel_w; ++kw) {
-      sample_row_pass<RowPass::kScope, kOffset>(t, b, oy, group, kh, kw, cell_stride, taps);
+      sample_row_pass<RowPass::kScope, kOffset>(t, b, oy, group, kh, kw, cell_stride, first_row,
+                                                taps);
       if (kOffset) {
-        sample_row_pass<RowPass::kImage, kOffset>(t, b, oy, group, kh, kw, cell_stride, taps);
+        sample_row_pass<RowPass::kImage, kOffset>(t, b, oy, group, kh, kw, cell_stride,
+                                                  first_row, taps);
       }
       if (kOffset && kDerivatives) {
         sample_row_pass<RowPass::kImageDerivatives, kOffset>(t, b, oy, group, kh, kw,
-                                                             cell_stride, taps);
+                                                             cell_stride, first_row, taps);
       }
     }
   }
@@ -307,7 +315,8 @@ class NextRowPrefetch {
  public:
   // Collects the lines of output row oy of image b: its rotation rows of groups
   // [group_begin, group_end), its offset rows for deform_kernel_conv2d, and the input rows of its
-  // taps that output row oy - 1 of the same image did not read (all of them for oy 0).
+  // taps that output row oy - 1 of the same image did not read (all of them for oy 0); no input
+  // rows when the input is staged (t.nchw: the band is written just before it is read).
   template <typename scalar_t>
   void collect(const DKTensors<scalar_t>& t, int64_t b, int64_t oy, int64_t group_begin,
                int64_t group_end, int64_t requests) {
@@ -327,7 +336,7 @@ class NextRowPrefetch {
     const int64_t row_bytes = g.width * g.in_channels * sizeof(scalar_t);
     const scalar_t* image = t.input + b * g.height * g.width * g.in_channels;
     const int64_t first = oy * g.stride_h - g.pad_h, previous = first - g.stride_h;
-    for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+    for (int64_t kh = 0; kh < (t.nchw ? 0 : g.kernel_h); ++kh) {
       const int64_t iy = first + kh * g.dilation_h;
       if (iy < 0 || iy >= g.height) continue;
       const int64_t from_previous = iy - previous;
