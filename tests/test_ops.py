@@ -246,6 +246,36 @@ def test_nchw_forward_stages_rows_like_channels_last(stride, padding, dilation, 
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("with_offset", [False, True])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_nchw_backward_stages_images_like_channels_last(groups, with_offset):
+    """With two images or more per thread the backward of an NCHW input transposes one image at a
+    time (input, grad_output, then grad_input back): every gradient equals the channels-last one
+    exactly and the float64 reference, for 1 and 2 threads."""
+    x, offset, rotation, weight, geo = make_case(B=4, C=24, H=9, W=19, G=groups,
+                                                 rotation_scale=2.0, seed=14)
+    inputs64 = [x, offset, rotation, weight] if with_offset else [x, rotation, weight]
+    op = deform_kernel_conv2d if with_offset else deform_kernel2d
+    _, grad, want = reference_gradients(with_offset, inputs64, geo, seed=15)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results = []
+            for layout in (torch.contiguous_format, torch.channels_last):
+                inputs = [t.float() for t in inputs64]
+                inputs[0] = inputs[0].contiguous(memory_format=layout)
+                inputs = [t.requires_grad_() for t in inputs]
+                got = torch.autograd.grad(op(*inputs, **geo), inputs, grad.float())
+                assert got[0].is_contiguous(memory_format=layout)
+                results.append(got)
+            for nchw, channels_last, w in zip(*results, want):
+                torch.testing.assert_close(nchw, channels_last.contiguous(), rtol=0, atol=0)
+                torch.testing.assert_close(nchw.double(), w, rtol=1e-3, atol=1e-3)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_taps_outside_the_image_ignore_non_finite_borders():
     """A tap outside the image reads zero even though the zero padding is emulated: an infinite
     pixel at the border reaches only the outputs whose taps really read it."""

@@ -669,8 +669,10 @@ typedef cpu::FloatVector<4> f32x4;
 // The lane sums of a, b, c and d (a fixed pairwise order): halves added pairwise, two vectors'
 // halves per shuffle, until one lane per vector is left.
 DK_ALWAYS_INLINE f32x4 lane_sums(f32x4 a, f32x4 b, f32x4 c, f32x4 d) {
-  const f32x4 ab = __builtin_shufflevector(a, b, 0, 1, 4, 5) + __builtin_shufflevector(a, b, 2, 3, 6, 7);
-  const f32x4 cd = __builtin_shufflevector(c, d, 0, 1, 4, 5) + __builtin_shufflevector(c, d, 2, 3, 6, 7);
+  const f32x4 ab =
+      __builtin_shufflevector(a, b, 0, 1, 4, 5) + __builtin_shufflevector(a, b, 2, 3, 6, 7);
+  const f32x4 cd =
+      __builtin_shufflevector(c, d, 0, 1, 4, 5) + __builtin_shufflevector(c, d, 2, 3, 6, 7);
   return __builtin_shufflevector(ab, cd, 0, 2, 4, 6) + __builtin_shufflevector(ab, cd, 1, 3, 5, 7);
 }
 
@@ -1033,9 +1035,9 @@ at::Tensor forward_cpu(const at::Tensor& input, const c10::optional<at::Tensor>&
               "deform_kernel2d on the CPU supports images of fewer than 2^31 pixels and scopes of "
               "fewer than 2^31 elements, got a ", g.height, "x", g.width, " image and a [",
               g.out_channels, ", ", g.scope_h, ", ", g.scope_w, "] scope");
+  const auto out_format = p.nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_height, g.out_width},
-                             input.options().memory_format(p.nchw ? at::MemoryFormat::Contiguous
-                                                                  : at::MemoryFormat::ChannelsLast));
+                             input.options().memory_format(out_format));
   const int64_t rows = g.batch * g.out_height;
   if (rows > 0 && g.out_channels > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
@@ -1054,20 +1056,77 @@ at::Tensor forward_cpu(const at::Tensor& input, const c10::optional<at::Tensor>&
   return p.nchw || is_channels_last(input) ? out : out.contiguous();
 }
 
+// The single-sweep backward of an NCHW input (t.nchw, float32/float64): each thread transposes one
+// image's input and grad_output to channels-last, runs every rotation group on it into a
+// channels-last input gradient, and transposes that into grad_input (NCHW). Extra memory: two
+// images and one output image per thread, instead of whole-tensor copies of all three.
+template <typename scalar_t, typename acc_t>
+void backward_staged_images(const DKTensors<scalar_t>& t, const DKGrads<scalar_t>& d,
+                            bool has_offset, acc_t* partial, int64_t cells,
+                            acc_t* offset_partial, int64_t offset_numel, scalar_t* grad_input) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    TORCH_INTERNAL_ASSERT(false, "NCHW staging needs float32 or float64");
+  } else {
+    const DKGeometry& g = t.g;
+    const int64_t C = g.out_channels, pixels = g.height * g.width;
+    const int64_t plane = g.out_height * g.out_width, taps2 = g.taps() * 2;
+    const int64_t image = pixels * C, out_image = plane * C;
+    at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+      const at::Tensor staging = at::empty(
+          {2 * image + out_image},
+          at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
+      scalar_t* input_cl = staging.data_ptr<scalar_t>();
+      scalar_t* grad_input_cl = input_cl + image;
+      scalar_t* grad_output_cl = grad_input_cl + image;
+      for (int64_t b = begin; b < end; ++b) {
+        cpu::transpose_rows(t.input + b * image, pixels, C, pixels, input_cl, C);
+        cpu::transpose_rows(d.grad_output + b * out_image, plane, C, plane, grad_output_cl, C);
+        std::fill(grad_input_cl, grad_input_cl + image, scalar_t(0));
+        // Image b as image 0 of a one-image batch.
+        DKTensors<scalar_t> one = t;
+        one.input = input_cl;
+        one.rotation = t.rotation + b * g.rotation_groups * taps2 * plane;
+        if (t.offset != nullptr) one.offset = t.offset + b * taps2 * plane;
+        one.nchw = false;
+        scalar_t* grad_rotation = d.grad_rotation + b * g.rotation_groups * taps2 * plane;
+        for (int64_t group = 0; group < g.rotation_groups; ++group) {
+          scalar_t* gw = partial + (b * g.rotation_groups + group) * cells * C;
+          scalar_t* goff = has_offset ? offset_partial + group * offset_numel + b * taps2 * plane
+                                      : nullptr;
+          if (has_offset) {
+            backward_image_group_dispatch<scalar_t, true>(one, grad_output_cl, 0, group, gw,
+                                                          grad_input_cl, grad_rotation, goff);
+          } else {
+            backward_image_group_dispatch<scalar_t, false>(one, grad_output_cl, 0, group, gw,
+                                                           grad_input_cl, grad_rotation, goff);
+          }
+        }
+        cpu::transpose_rows(grad_input_cl, C, pixels, C, grad_input + b * image, pixels);
+      }
+    });
+  }
+}
+
 std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
                                      const c10::optional<at::Tensor>& offset,
                                      const at::Tensor& rotation, const at::Tensor& weight,
                                      at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation,
                                      int64_t rotation_groups) {
+  // An NCHW float32/float64 input with at least two images per thread is staged one image at a
+  // time (see the single sweep below) instead of converting input, grad_output and grad_input.
+  const bool stage_nchw = (input.scalar_type() == at::kFloat ||
+                           input.scalar_type() == at::kDouble) &&
+                          input.dim() == 4 && input.size(0) >= 2 * at::get_num_threads();
   const Prepared p = prepare(input, offset, rotation, weight, kernel_size, stride, padding,
-                             dilation, rotation_groups);
+                             dilation, rotation_groups, stage_nchw);
   const DKGeometry& g = p.g;
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.batch, g.out_channels, g.out_height,
                                                       g.out_width}),
               "grad_output has shape ", grad_output.sizes());
   const at::Tensor gout = grad_output.to(input.scalar_type())
-                              .contiguous(at::MemoryFormat::ChannelsLast);
+                              .contiguous(p.nchw ? at::MemoryFormat::Contiguous
+                                                 : at::MemoryFormat::ChannelsLast);
   const bool has_offset = offset.has_value();
   if (!g.depthwise()) {
     std::vector<at::Tensor> grads =
@@ -1076,7 +1135,7 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_output, const at::Te
     return grads;
   }
   const auto cl = input.options().memory_format(at::MemoryFormat::ChannelsLast);
-  at::Tensor grad_input = at::empty(input.sizes(), cl);
+  at::Tensor grad_input = at::empty(input.sizes(), p.nchw ? input.options() : cl);
   at::Tensor grad_rotation = at::empty(rotation.sizes(), rotation.options());
   at::Tensor grad_offset = has_offset ? at::zeros(offset->sizes(), offset->options()) : at::Tensor();
   at::Tensor grad_weight;
@@ -1119,7 +1178,11 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_output, const at::Te
       acc_t* gin = accumulator.data_ptr<acc_t>();
       acc_t* goff = has_offset ? offset_partial.data_ptr<acc_t>() : nullptr;
       const int64_t offset_numel = has_offset ? grad_offset.numel() : 0;
-      at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      if (p.nchw) {
+        backward_staged_images(t, d, has_offset, partial_data, cells, goff, offset_numel,
+                               grad_input.data_ptr<scalar_t>());
+      }
+      if (!p.nchw) at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
           const int64_t b = task / g.rotation_groups, group = task % g.rotation_groups;
           acc_t* gw = partial_data + task * cells * C;
@@ -1146,6 +1209,7 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_output, const at::Te
       return;
     }
 
+    TORCH_INTERNAL_ASSERT(!p.nchw, "an NCHW input is staged only for the single sweep");
     // Otherwise two sweeps. Pass 1: rotation/offset gradients and per-chunk weight-gradient
     // partials over chunks of output rows.
     const int64_t chunks = chunk_count(rows);
