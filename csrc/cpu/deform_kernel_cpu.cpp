@@ -5,7 +5,9 @@
 // stay NCHW (a position's taps are a few scattered scalars). The innermost loop runs over the
 // contiguous channels of one rotation group, so it vectorises, and the bilinear corners of a tap
 // (in the scope and, for DK+DCN, in the image) are computed once per (position, rotation group)
-// and reused across that group's channels.
+// and reused across that group's channels. An NCHW input is not converted as a whole: the forward
+// stages bands of its rows and writes NCHW output rows (cpu::ChannelsLastBand), the single-sweep
+// backward stages one image at a time (backward_staged_images).
 //
 // Parallelism and determinism: forward and the rotation/offset/weight gradients split the output
 // rows into a fixed number of chunks (independent of the thread count); the weight gradient keeps
