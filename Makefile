@@ -4,7 +4,7 @@ PYTEST_ARGS ?=
 
 .PHONY: run test setup benchmark clean
 
-## run: train + evaluate the DK Mask R-CNN on the embedded dk_shapes dataset (CPU, ~10 minutes)
+## run: train + evaluate the DK Mask R-CNN on the embedded dk_shapes dataset (CPU, 10-30 minutes on 2 cores)
 run: setup
 	bash scripts/run_embedded_job.sh
 
