@@ -154,6 +154,19 @@ def test_float32_backward_matches_reference(channels, groups, with_offset):
                                        msg=f"grad of {name}, {n} threads")
 
 
+def assert_float32_matches_reference(with_offset, x, offset, rotation, weight, geo, seed):
+    """The float32 op's output and every gradient (for a random grad_output) against float64."""
+    inputs64 = [x, offset, rotation, weight] if with_offset else [x, rotation, weight]
+    op = deform_kernel_conv2d if with_offset else deform_kernel2d
+    expected, grad, want = reference_gradients(with_offset, inputs64, geo, seed=seed)
+    inputs32 = [t.float().requires_grad_() for t in inputs64]
+    out = op(*inputs32, **geo)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+    got = torch.autograd.grad(out, inputs32, grad.float())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("with_offset", [False, True])
 @pytest.mark.parametrize("width, scope, groups", [(16, (4, 4), 1), (17, (3, 5), 2), (37, (5, 4), 1)])
 def test_float32_rows_of_16_and_more_match_reference(width, scope, groups, with_offset):
@@ -162,15 +175,7 @@ def test_float32_rows_of_16_and_more_match_reference(width, scope, groups, with_
     taps far outside scope and image, against the float64 reference."""
     x, offset, rotation, weight, geo = make_case(B=4, C=32, H=5, W=width, S=scope, G=groups,
                                                  rotation_scale=2.5, seed=6)
-    inputs64 = [x, offset, rotation, weight] if with_offset else [x, rotation, weight]
-    op = deform_kernel_conv2d if with_offset else deform_kernel2d
-    expected, grad, want = reference_gradients(with_offset, inputs64, geo, seed=7)
-    inputs32 = [t.float().requires_grad_() for t in inputs64]
-    out = op(*inputs32, **geo)
-    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
-    got = torch.autograd.grad(out, inputs32, grad.float())
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g.double(), w, rtol=1e-3, atol=1e-3)
+    assert_float32_matches_reference(with_offset, x, offset, rotation, weight, geo, seed=7)
 
 
 @pytest.mark.parametrize("with_offset", [False, True])
@@ -181,15 +186,7 @@ def test_float32_channel_blocks_match_reference(channels, groups, with_offset):
     (100 = 64 + 32 + 4 = 3 * 32 + 4 = 25 * 4); forward and every gradient against float64."""
     x, offset, rotation, weight, geo = make_case(B=2, C=channels, H=4, W=18, G=groups,
                                                  rotation_scale=2.0, seed=11)
-    inputs64 = [x, offset, rotation, weight] if with_offset else [x, rotation, weight]
-    op = deform_kernel_conv2d if with_offset else deform_kernel2d
-    expected, grad, want = reference_gradients(with_offset, inputs64, geo, seed=12)
-    inputs32 = [t.float().requires_grad_() for t in inputs64]
-    out = op(*inputs32, **geo)
-    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
-    got = torch.autograd.grad(out, inputs32, grad.float())
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g.double(), w, rtol=1e-3, atol=1e-3)
+    assert_float32_matches_reference(with_offset, x, offset, rotation, weight, geo, seed=12)
 
 
 @pytest.mark.parametrize("level, lanes", [("1", 4), ("3", 8)])
