@@ -246,16 +246,17 @@ DK_ALWAYS_INLINE void forward_position(const scalar_t* image, const scalar_t* we
 // image (so small images do not copy most of the input), never fewer than one output row reads.
 struct BandPlan {
   int64_t rows, output_rows;
+  int64_t span;  // input rows one output row reads: (Kh - 1) * dilation + 1
 };
 
 inline BandPlan plan_band(const DKGeometry& g, bool offset, int64_t element_bytes) {
-  if (offset) return {g.height, g.out_height};  // DK+DCN taps land anywhere in the image
   const int64_t span = (g.kernel_h - 1) * g.dilation_h + 1;
+  if (offset) return {g.height, g.out_height, span};  // DK+DCN taps land anywhere in the image
   const int64_t row_bytes = std::max<int64_t>(1, g.width * g.in_channels * element_bytes);
   const int64_t budget =
       std::max<int64_t>(span, std::min<int64_t>((int64_t(128) << 10) / row_bytes, g.height / 4));
   const int64_t output_rows = std::max<int64_t>(1, (budget - span) / g.stride_h + 1);
-  return {std::min<int64_t>(g.height, (output_rows - 1) * g.stride_h + span), output_rows};
+  return {std::min<int64_t>(g.height, (output_rows - 1) * g.stride_h + span), output_rows, span};
 }
 
 // V: the float vector of the float32 kernels (unused for other dtypes). Output rows
@@ -274,7 +275,7 @@ DK_ALWAYS_INLINE void forward_rows(const DKTensors<scalar_t>& t, scalar_t* out, 
   const ForwardTaps<acc_t> f{row_taps, g.taps(), Wo, C, zeros.data()};
   cpu::NextRowPrefetch next_row;
   // NCHW staging; a tensor, so memory profiles see it.
-  const BandPlan plan = t.nchw ? plan_band(g, kOffset, sizeof(scalar_t)) : BandPlan{0, 0};
+  const BandPlan plan = t.nchw ? plan_band(g, kOffset, sizeof(scalar_t)) : BandPlan{0, 0, 0};
   const at::Tensor staging =
       t.nchw ? at::empty({(plan.rows * g.width + Wo) * C},
                          at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value))
@@ -282,7 +283,6 @@ DK_ALWAYS_INLINE void forward_rows(const DKTensors<scalar_t>& t, scalar_t* out, 
   scalar_t* const band_storage = t.nchw ? staging.data_ptr<scalar_t>() : nullptr;
   scalar_t* const row_buffer = t.nchw ? band_storage + plan.rows * g.width * C : nullptr;
   cpu::ChannelsLastBand<scalar_t> band(t.input, C, g.height, g.width, band_storage, plan.rows);
-  const int64_t span = (g.kernel_h - 1) * g.dilation_h + 1;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t b = row / g.out_height, oy = row % g.out_height;
     const scalar_t* image = t.input + b * g.height * g.width * C;
@@ -291,9 +291,9 @@ DK_ALWAYS_INLINE void forward_rows(const DKTensors<scalar_t>& t, scalar_t* out, 
       const int64_t lo = oy * g.stride_h - g.pad_h;
       if (kOffset) {
         band.cover(b, 0, g.height);
-      } else if (!band.holds(b, lo, lo + span)) {
+      } else if (!band.holds(b, lo, lo + plan.span)) {
         const int64_t last = std::min({g.out_height, oy + plan.output_rows, oy + end - row}) - 1;
-        band.cover(b, lo, last * g.stride_h - g.pad_h + span);
+        band.cover(b, lo, last * g.stride_h - g.pad_h + plan.span);
       }
       image = band.rows();
       first_row = band.first();
