@@ -20,13 +20,13 @@ keys, the embedded ``dk_shapes`` datasets), COCO evaluation, and multi-process t
 import logging
 import os
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 
 import dk_detectron2  # noqa: F401  (registers DK backbones and the dk_shapes datasets)
 from dk_detectron2 import add_dk_config
+from dk_detectron2.checkpoint import DKCheckpointer
 from dk_detectron2.data import check_datasets_available
 from dk_detectron2.engine import DKTrainer, backend_for_device, launch
 
@@ -74,7 +74,9 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        # Converts a rigid checkpoint's 3x3 kernels into DK scopes; a shape that fits neither
+        # the parameter nor a scope of it is an error, not a silently skipped layer.
+        DKCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return Trainer.test(cfg, model)

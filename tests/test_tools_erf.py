@@ -252,8 +252,13 @@ def test_rotation_statistics_find_layers_whose_taps_left_the_scope():
     assert stats["0"]["taps_reading_zero"] == 1.0
     assert stats["0"]["mean_abs_rotation"] == pytest.approx(10.0)
     assert stats["1"]["taps_reading_zero"] == 0.0 and stats["1"]["max_abs_rotation"] == 0.0
+    # S 4, K 3, zero rotation: taps at 0.5 .. 2.5, none on the border rows (0 and 3).
+    assert stats["1"]["taps_on_scope_edge"] == 0.0
     assert stats["2"]["op"] == "nd_linear_sample"
     assert stats["2"]["mean_abs_rotation"] == pytest.approx(1.0, abs=1e-5)
     assert stats["2"]["taps_reading_zero"] == 0.0  # base + 1 = 1.5 .. 3.5 < 4: still inside
     assert stats["3"]["op"] == "deform_kernel_conv2d"
     assert stats["3"]["taps_reading_zero"] == pytest.approx(5 / 9)  # taps with y or x at -1
+    # S 5: points at -1 .. 1; y or x <= 0 for all but the tap at (1, 1).
+    assert stats["3"]["taps_on_scope_edge"] == pytest.approx(8 / 9)
+    assert stats["2"]["taps_on_scope_edge"] == pytest.approx(5 / 9)  # y or x at 3.5, past row 3

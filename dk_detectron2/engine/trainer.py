@@ -1,11 +1,13 @@
 """``DKTrainer``: Detectron2's ``DefaultTrainer`` with COCO evaluation, CPU-capable DDP, a smaller
-learning rate for the DK generators and prediction pictures.
+learning rate for the DK generators, a checkpointer that converts standard 3x3 kernels into DK
+scopes on load, and prediction pictures.
 
 Everything else (hooks, TensorBoard/JSON/ETA writers, checkpointing, LR schedule) is Detectron2's.
 """
 import json
 import logging
 import os
+import weakref
 
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
@@ -13,6 +15,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
+from ..checkpoint import DKCheckpointer
 from ..solver import build_dk_optimizer
 from .ddp import device_aware_ddp
 from .visualize import save_prediction_images
@@ -32,6 +35,17 @@ class DKTrainer(DefaultTrainer):
     def __init__(self, cfg):
         with device_aware_ddp():
             super().__init__(cfg)
+
+    def build_hooks(self):
+        """Detectron2's hooks, after swapping ``DefaultTrainer``'s ``DetectionCheckpointer`` for a
+        :class:`~dk_detectron2.checkpoint.DKCheckpointer`: ``MODEL.WEIGHTS`` may then name a
+        rigid checkpoint (model zoo ``.pkl``, Detectron2 ``.pth``, torchvision) whose 3x3 kernels
+        become DK scopes exactly, instead of being skipped as shape mismatches. Saving and
+        ``--resume`` are unchanged."""
+        self.checkpointer = DKCheckpointer(
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        return super().build_hooks()
 
     def train(self):
         """Runs training; returns the results of the last evaluation (``{}`` if none ran)."""

@@ -9,11 +9,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
+
+from ..checkpoint import DKCheckpointer
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -82,7 +83,7 @@ def load_model(cfg: CfgNode) -> nn.Module:
     model = build_model(cfg)
     model.eval()
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        DKCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     else:
         logger.warning("MODEL.WEIGHTS is empty: the model keeps its random initialisation.")
     return model

@@ -274,6 +274,14 @@ def _reads_zero(points: torch.Tensor, scope_h: int, scope_w: int) -> torch.Tenso
     return (y <= -1) | (y >= scope_h) | (x <= -1) | (x >= scope_w)
 
 
+def _on_scope_edge(points: torch.Tensor, scope_h: int, scope_w: int) -> torch.Tensor:
+    """A sample point on (or beyond) the first or last row or column of the scope: where
+    ``ROTATION_CLIP "scope"`` holds a tap, with the gradient of its rotation stopped."""
+    y, x = points[..., 0], points[..., 1]
+    eps = 1e-6
+    return (y <= eps) | (y >= scope_h - 1 - eps) | (x <= eps) | (x >= scope_w - 1 - eps)
+
+
 def rotation_statistics(model: nn.Module, run: Callable[[], object]) -> List[Dict[str, object]]:
     """Measures the rotations every DK layer of ``model`` uses while ``run()`` executes.
 
@@ -287,6 +295,8 @@ def rotation_statistics(model: nn.Module, run: Callable[[], object]) -> List[Dic
         ``max_abs_rotation`` (scope cells), and ``taps_reading_zero``: the fraction of sampled
         taps (over positions, images and rotation groups) whose point lies outside ``(-1, S)``,
         where the bilinear read is zero. A layer with 100% reads zero everywhere: it is dead.
+        ``taps_on_scope_edge``: the fraction whose point lies on (or beyond) the scope's border
+        row or column, where rotation clipping to the scope holds a tap and stops its gradient.
     """
     names = find_dk_layers(model)
     spans: Dict[str, Tuple[int, int]] = {}
@@ -340,6 +350,9 @@ def rotation_statistics(model: nn.Module, run: Callable[[], object]) -> List[Dic
                 "mean_abs_rotation": float(rotation.abs().mean()),
                 "max_abs_rotation": float(rotation.abs().max()),
                 "taps_reading_zero": float(_reads_zero(points, scope_h, scope_w).double().mean()),
+                "taps_on_scope_edge": float(
+                    _on_scope_edge(points, scope_h, scope_w).double().mean()
+                ),
             }
         )
     return results
@@ -422,7 +435,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List:
             print(
                 f"{row['layer']:50s} |rotation| mean {row['mean_abs_rotation']:7.2f} "
                 f"max {row['max_abs_rotation']:7.2f}  taps reading zero "
-                f"{100 * row['taps_reading_zero']:5.1f}%"
+                f"{100 * row['taps_reading_zero']:5.1f}%  on the scope edge "
+                f"{100 * row['taps_on_scope_edge']:5.1f}%"
             )
         return stats
     name = args.layer or layers[-1]

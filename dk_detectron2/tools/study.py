@@ -1,0 +1,421 @@
+"""Seeded ablation studies: a grid of configs x seeds trained one after another, resumable.
+
+Each run is ``train_net.py --config-file CONFIG SEED s OUTPUT_DIR ROOT/NAME/seed_s KEY VALUE ...``
+in its own process (``OMP_NUM_THREADS`` fixed per run, so a seed always replays the same
+trajectory on the same machine). A run counts as finished when its ``eval_results.json`` exists;
+finished runs are skipped when the study is started again, so a killed study resumes where it
+stopped (an unfinished run starts over). After every run the study writes
+
+* ``ROOT/study.json``: every run (config, seed, command, threads, seconds, metrics) and the summary;
+* ``ROOT/study.md``: per config mean ± std (sample std over seeds) of box / mask AP, and the paired
+  difference to ``--baseline`` over the seeds both have finished;
+* ``ROOT/study.png``: box AP per config, every seed a point, mean and ± std marked.
+
+Configs come from a YAML spec (``--spec``; a list of ``{name, config, opts}``) and/or the command
+line (``--config NAME CONFIG.yaml [KEY VALUE ...]``, repeatable). Example::
+
+    python -m dk_detectron2.tools.study --spec configs/studies/shapes_recipe.yaml \\
+        --seeds 11 12 13 --output output/study --jobs 2 --threads 1
+    python -m dk_detectron2.tools.study --output output/study --summarize-only
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+__all__ = ["StudyConfig", "StudyRun", "load_spec", "plan_runs", "summarize", "format_markdown"]
+
+logger = logging.getLogger("dk_detectron2.study")
+
+_DEPENDENCY = re.compile(r"\{root\}/([^/]+)/seed_\{seed\}")
+METRICS = (("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("segm", "AP"), ("segm", "AP50"))
+
+
+@dataclass
+class StudyConfig:
+    """One row of the study: a name, a Detectron2 config file, command-line overrides and,
+    optionally, its own seeds (a subset of the study's, e.g. 2 seeds to screen a hypothesis)."""
+
+    name: str
+    config: str
+    opts: List[str] = field(default_factory=list)
+    seeds: Optional[List[int]] = None
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"study config name must be a plain folder name, got {self.name!r}")
+        if len(self.opts) % 2:
+            raise ValueError(
+                f"opts of study config {self.name!r} must be KEY VALUE pairs, got {self.opts!r}"
+            )
+        self.opts = [str(v) for v in self.opts]
+        if self.seeds is not None:
+            self.seeds = [int(s) for s in self.seeds]
+
+
+@dataclass
+class StudyRun:
+    config: StudyConfig
+    seed: int
+    root: str
+
+    @property
+    def output_dir(self) -> str:
+        return os.path.join(self.root, self.config.name, f"seed_{self.seed}")
+
+    def command(self, python: str, train_script: str) -> List[str]:
+        """In an override, ``{seed}`` becomes the run's seed and ``{root}`` the study folder (e.g.
+        ``MODEL.WEIGHTS {root}/dw/seed_{seed}/model_final.pth``: the same seed's run of another
+        config)."""
+        opts = [v.replace("{seed}", str(self.seed)).replace("{root}", self.root)
+                for v in self.config.opts]
+        return [python, train_script, "--config-file", self.config.config,
+                "SEED", str(self.seed), "OUTPUT_DIR", self.output_dir, *opts]
+
+    @property
+    def dependencies(self) -> List[str]:
+        """Configs whose run of the same seed this run reads (``{root}/NAME/seed_{seed}``)."""
+        return sorted({m for v in self.config.opts for m in _DEPENDENCY.findall(v)})
+
+    @property
+    def results_path(self) -> str:
+        return os.path.join(self.output_dir, "eval_results.json")
+
+    @property
+    def finished(self) -> bool:
+        return os.path.exists(self.results_path)
+
+
+def load_spec(path: str) -> List[StudyConfig]:
+    """The configs of a YAML spec: a list (or ``{configs: [...]}``) of ``{name, config, opts}``
+    (and optionally ``seeds``, a subset of the study's seeds for that config)."""
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if isinstance(data, dict):
+        data = data.get("configs")
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path}: expected a non-empty list of {{name, config, opts}}, got {data!r}")
+    configs = []
+    for entry in data:
+        if not isinstance(entry, dict) or set(entry) - {"name", "config", "opts", "seeds"} \
+                or not {"name", "config"} <= set(entry):
+            raise ValueError(
+                f"{path}: each entry needs name, config and optional opts, seeds; got {entry!r}")
+        configs.append(StudyConfig(entry["name"], entry["config"], list(entry.get("opts") or []),
+                                   entry.get("seeds")))
+    return configs
+
+
+def plan_runs(configs: Sequence[StudyConfig], seeds: Sequence[int], root: str) -> List[StudyRun]:
+    """Seed-major order (every config on the first seed, then the second, ...), so that an
+    interrupted study leaves complete pairs."""
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"study config names must be unique, got {names}")
+    return [StudyRun(c, int(s), root)
+            for s in seeds for c in configs if c.seeds is None or int(s) in c.seeds]
+
+
+def _metric(results: Dict, task: str, key: str) -> Optional[float]:
+    value = results.get(task, {}).get(key)
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _mean_std(values: Sequence[float]) -> Dict:
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": None, "std": None}
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"n": n, "mean": mean, "std": std}
+
+
+def summarize(records: Sequence[Dict], baseline: Optional[str]) -> Dict:
+    """Per config: mean/std of each metric; paired differences to ``baseline`` over common seeds."""
+    by_config: Dict[str, Dict[int, Dict]] = {}
+    for r in records:
+        if r.get("metrics"):
+            by_config.setdefault(r["name"], {})[r["seed"]] = r["metrics"]
+    summary = {}
+    for name, per_seed in by_config.items():
+        entry = {"seeds": sorted(per_seed)}
+        for task, key in METRICS:
+            label = f"{task}/{key}"
+            entry[label] = _mean_std([m[label] for m in per_seed.values() if m.get(label) is not None])
+            if baseline and name != baseline and baseline in by_config:
+                common = sorted(set(per_seed) & set(by_config[baseline]))
+                diffs = [per_seed[s][label] - by_config[baseline][s][label] for s in common
+                         if per_seed[s].get(label) is not None
+                         and by_config[baseline][s].get(label) is not None]
+                entry[f"{label} - {baseline}"] = _mean_std(diffs)
+        summary[name] = entry
+    return summary
+
+
+def _fmt(stats: Dict, signed: bool = False) -> str:
+    if not stats or stats["mean"] is None:
+        return "—"
+    mean = f"{stats['mean']:+.1f}" if signed else f"{stats['mean']:.1f}"
+    return mean + (f" ± {stats['std']:.1f}" if stats["std"] is not None else "") + f" (n={stats['n']})"
+
+
+def format_markdown(configs: Sequence[StudyConfig], records: Sequence[Dict], summary: Dict,
+                    baseline: Optional[str]) -> str:
+    lines = ["# Study results", "",
+             "Mean ± sample std over seeds; Δ: paired difference to the baseline "
+             f"(`{baseline}`) over the seeds both finished, mean ± std.", "",
+             "| config | seeds | box AP | mask AP | box AP50 | Δ box AP | Δ mask AP |",
+             "|---|---|---|---|---|---|---|"]
+    for c in configs:
+        s = summary.get(c.name)
+        if not s:
+            lines.append(f"| `{c.name}` | — | — | — | — | — | — |")
+            continue
+        lines.append(
+            f"| `{c.name}` | {' '.join(map(str, s['seeds']))} | {_fmt(s['bbox/AP'])} | "
+            f"{_fmt(s['segm/AP'])} | {_fmt(s['bbox/AP50'])} | "
+            f"{_fmt(s.get(f'bbox/AP - {baseline}'), True)} | {_fmt(s.get(f'segm/AP - {baseline}'), True)} |")
+    lines += ["", "## Configs", ""]
+    for c in configs:
+        lines.append(f"- `{c.name}`: `{c.config}` {shlex.join(c.opts)}".rstrip())
+    lines += ["", "## Runs", "", "| config | seed | box AP | mask AP | minutes | command |",
+              "|---|---|---|---|---|---|"]
+    def cell(value, scale=1.0):
+        return "—" if value is None else f"{value / scale:.1f}"
+
+    for r in records:
+        m = r.get("metrics") or {}
+        lines.append(
+            f"| `{r['name']}` | {r['seed']} | {cell(m.get('bbox/AP'))} | {cell(m.get('segm/AP'))} | "
+            f"{cell(r.get('seconds'), 60.0)} | `{r['command']}` |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_study(configs: Sequence[StudyConfig], records: Sequence[Dict], summary: Dict,
+               path: str, metric: str = "bbox/AP") -> None:
+    """Box AP per config: every seed a point, the mean a bar, ± std a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [c.name for c in configs if c.name in summary]
+    if not names:
+        return
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(names), 4.2), dpi=120)
+    seeds = sorted({r["seed"] for r in records if r.get("metrics")})
+    colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(seeds)}
+    for i, name in enumerate(names):
+        stats = summary[name][metric]
+        ax.bar(i, stats["mean"], width=0.6, color="0.85", edgecolor="0.4")
+        if stats["std"] is not None:
+            ax.errorbar(i, stats["mean"], yerr=stats["std"], color="k", capsize=6, lw=1.5)
+        for r in records:
+            if r["name"] == name and r.get("metrics") and r["metrics"].get(metric) is not None:
+                jitter = (seeds.index(r["seed"]) - (len(seeds) - 1) / 2) * 0.08
+                ax.plot(i + jitter, r["metrics"][metric], "o", color=colors[r["seed"]], ms=6,
+                        label=f"seed {r['seed']}")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="lower right")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=20, ha="right", fontsize=9)
+    values = [r["metrics"][metric] for r in records if r.get("metrics") and r["name"] in names]
+    ax.set_ylim(max(0.0, min(values) - 8), max(values) + 4)
+    ax.set_ylabel(metric.replace("bbox", "box").replace("segm", "mask"))
+    ax.set_title("dk_shapes: mean ± std over seeds (bars), each seed a point")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _record(run: StudyRun, command: List[str], threads: int, seconds: Optional[float]) -> Dict:
+    metrics = None
+    if run.finished:
+        with open(run.results_path) as f:
+            results = json.load(f)
+        metrics = {f"{t}/{k}": _metric(results, t, k) for t, k in METRICS}
+    return {"name": run.config.name, "seed": run.seed, "config": run.config.config,
+            "opts": run.config.opts, "output_dir": run.output_dir, "threads": threads,
+            "command": f"OMP_NUM_THREADS={threads} " + shlex.join(command[1:]),
+            "seconds": seconds, "metrics": metrics}
+
+
+class Study:
+    """Runs the planned runs (``jobs`` at a time), skipping finished ones, and writes the report."""
+
+    poll_seconds = 5.0  # how often running runs are checked
+
+    def __init__(self, configs, seeds, root, baseline=None, threads=1, jobs=1,
+                 python=sys.executable, train_script="train_net.py"):
+        if baseline is not None and baseline not in {c.name for c in configs}:
+            raise ValueError(f"--baseline {baseline!r} is not one of the study's configs")
+        for name, value in (("threads", threads), ("jobs", jobs)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.configs, self.root, self.baseline = list(configs), root, baseline
+        self.threads, self.jobs, self.python, self.train_script = threads, jobs, python, train_script
+        self.runs = plan_runs(self.configs, seeds, root)
+        self.only = None  # config names to train (None: all); the report keeps every run
+        self._seconds = self._load_previous_seconds()
+
+    def _load_previous_seconds(self) -> Dict:
+        path = os.path.join(self.root, "study.json")
+        if not os.path.exists(path):
+            return {}
+        try:
+            with open(path) as f:
+                return {(r["name"], r["seed"]): r.get("seconds") for r in json.load(f)["runs"]}
+        except (OSError, ValueError, KeyError) as e:
+            logger.warning(f"ignoring unreadable {path}: {e}")
+            return {}
+
+    def records(self) -> List[Dict]:
+        return [_record(r, r.command(self.python, self.train_script), self.threads,
+                        self._seconds.get((r.config.name, r.seed))) for r in self.runs]
+
+    def write_report(self) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        records = self.records()
+        summary = summarize(records, self.baseline)
+        payload = {"baseline": self.baseline, "configs": [asdict(c) for c in self.configs],
+                   "runs": records, "summary": summary}
+        _atomic_write(os.path.join(self.root, "study.json"), json.dumps(payload, indent=2))
+        _atomic_write(os.path.join(self.root, "study.md"),
+                      format_markdown(self.configs, records, summary, self.baseline))
+        plot_study(self.configs, records, summary, os.path.join(self.root, "study.png"))
+
+    def _start(self, run: StudyRun) -> subprocess.Popen:
+        if os.path.isdir(run.output_dir):  # an unfinished run starts over
+            shutil.rmtree(run.output_dir)
+        os.makedirs(run.output_dir)
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads),
+                   PYTHONUNBUFFERED="1")
+        log = open(os.path.join(run.output_dir, "stdout.log"), "w")
+        proc = subprocess.Popen(run.command(self.python, self.train_script), env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        proc.log, proc.run, proc.started = log, run, time.time()
+        return proc
+
+    def run(self) -> int:
+        if not os.path.exists(self.train_script):
+            raise FileNotFoundError(
+                f"--train-script {self.train_script!r} not found (run from the repository root)")
+        todo = [r for r in self.runs
+                 if not r.finished and (self.only is None or r.config.name in self.only)]
+        finished = sum(r.finished for r in self.runs)
+        logger.info(f"{len(self.runs)} runs in the study, {finished} finished, {len(todo)} to train now"
+                    f" ({self.jobs} at a time, {self.threads} thread(s) each)")
+        self.write_report()
+        running: List[subprocess.Popen] = []
+        failures, done, start = 0, 0, time.time()
+        by_key = {(r.config.name, r.seed): r for r in self.runs}
+        for run in todo:
+            missing = [d for d in run.dependencies if (d, run.seed) not in by_key]
+            if missing:
+                raise ValueError(f"{run.config.name} reads the runs of {missing}, which are not "
+                                 f"in the study for seed {run.seed}")
+
+        def ready(run):
+            return all(by_key[(d, run.seed)].finished for d in run.dependencies)
+
+        while todo or running:
+            while len(running) < self.jobs and any(ready(r) for r in todo):
+                run = next(r for r in todo if ready(r))
+                todo.remove(run)
+                proc = self._start(run)
+                running.append(proc)
+                logger.info(f"started {run.config.name} seed {run.seed} -> {run.output_dir}")
+            if not running:  # what is left reads runs that failed or are not in this invocation
+                failures += len(todo)
+                logger.error("not started (a run they read did not finish): " + ", ".join(
+                    f"{r.config.name} seed {r.seed}" for r in todo))
+                break
+            time.sleep(self.poll_seconds)
+            for proc in [p for p in running if p.poll() is not None]:
+                running.remove(proc)
+                proc.log.close()
+                seconds = time.time() - proc.started
+                done += 1
+                run = proc.run
+                if proc.returncode == 0 and run.finished:
+                    self._seconds[(run.config.name, run.seed)] = seconds
+                    self.write_report()
+                    box = self.records()[self.runs.index(run)]["metrics"]["bbox/AP"]
+                    status = f"box AP {box:.1f}"
+                else:
+                    failures += 1
+                    status = f"FAILED (rc {proc.returncode}, see {run.output_dir}/stdout.log)"
+                elapsed = time.time() - start
+                eta = elapsed / done * (len(todo) + len(running))
+                logger.info(f"[{done}/{done + len(todo) + len(running)}] {run.config.name} seed "
+                            f"{run.seed}: {status} in {seconds / 60:.1f} min; ETA {eta / 60:.0f} min")
+        self.write_report()
+        logger.info(f"study written to {self.root}/study.md ({failures} failed)")
+        return 1 if failures else 0
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--spec", help="YAML list of {name, config, opts}")
+    p.add_argument("--config", action="append", nargs="+", default=[],
+                   metavar="NAME CONFIG [KEY VALUE]", help="a study config (repeatable)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--output", required=True, help="study folder (runs, study.md/json/png)")
+    p.add_argument("--baseline", help="config name the paired differences are taken against")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--only", nargs="+", help="run only these config names (the report keeps all)")
+    p.add_argument("--train-script", default="train_net.py")
+    p.add_argument("--summarize-only", action="store_true", help="rewrite the report, train nothing")
+    return p
+
+
+def main(argv=None) -> int:
+    args = argument_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s study] %(message)s",
+                        datefmt="%H:%M:%S")
+    configs = load_spec(args.spec) if args.spec else []
+    for entry in args.config:
+        if len(entry) < 2:
+            raise SystemExit(f"--config needs NAME CONFIG [KEY VALUE ...], got {entry}")
+        configs.append(StudyConfig(entry[0], entry[1], entry[2:]))
+    if not configs:
+        raise SystemExit("no configs: give --spec and/or --config")
+    study = Study(configs, args.seeds, args.output, args.baseline, args.threads, args.jobs,
+                  train_script=args.train_script)
+    if args.only:
+        unknown = set(args.only) - {c.name for c in configs}
+        if unknown:
+            raise SystemExit(f"--only names not in the study: {sorted(unknown)}")
+        study.only = set(args.only)
+    if args.summarize_only:
+        study.write_report()
+        return 0
+    return study.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
