@@ -31,14 +31,14 @@ optimizer.params = L(get_dk_optimizer_params)(
     base_lr="${..lr}", generator_lr_factor=0.1, weight_decay_norm=0.0
 )
 
-# DK stages: depthwise 3x3 convs, local DK (scope 4) in res3-res5.
+# DK stages: depthwise 3x3 convs, local DK (scope 5, taps clipped to it) in res3-res5.
 model.backbone.bottom_up.stages = L(make_resnet_dk_stages)(
     depth=50,
     on_per_stage=[False, True, True, True],
     dk_type="deform_kernel",
     base_type="depthwise",
     depthwise=True,
-    dk_options=L(DKOptions)(scope_size=4, rotation_groups=1, rotation_clip="none"),
+    dk_options=L(DKOptions)(scope_size=5, rotation_groups=1, rotation_clip="scope"),
     norm="GN",
     stride_in_1x1=False,
 )

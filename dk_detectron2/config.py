@@ -22,12 +22,15 @@ def add_dk_config(cfg):
     _C.MODEL.DK.BASE_TYPE = "depthwise"
     # True: 3x3 convs are depthwise (the paper's DW-ResNet); False: groups = MODEL.RESNETS.NUM_GROUPS.
     _C.MODEL.DK.DEPTHWISE = True
-    # S, side of the scope each 3x3 kernel is sampled from (>= 3).
-    _C.MODEL.DK.SCOPE_SIZE = 4
+    # S, side of the scope each 3x3 kernel is sampled from (>= 3). With S - 3 even (5) the
+    # zero-rotation taps sit on scope cells: the scope then trains like a 3x3 conv until its taps
+    # move, and a 3x3 checkpoint converts into it exactly (docs/results_shapes.md).
+    _C.MODEL.DK.SCOPE_SIZE = 5
     # G, blocks of output channels sharing one rotation (must divide the conv's channels).
     _C.MODEL.DK.ROTATION_GROUPS = 1
-    # Rotation clipping: "none", "scope" (taps stay inside the scope) or "range" (ROTATION_CLIP_RANGE).
-    _C.MODEL.DK.ROTATION_CLIP = "none"
+    # Rotation clipping: "scope" (taps stay inside the scope), "range" (ROTATION_CLIP_RANGE) or
+    # "none" (a tap pushed outside reads zero and gets no gradient back: layers can die).
+    _C.MODEL.DK.ROTATION_CLIP = "scope"
     # (low, high) bounds of every rotation when ROTATION_CLIP is "range".
     _C.MODEL.DK.ROTATION_CLIP_RANGE = [-1.0, 1.0]
     # Learning-rate factor of the generators that predict rotations and offsets (as for DCN's

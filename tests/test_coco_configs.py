@@ -121,7 +121,8 @@ def test_lazy_config_builds_the_dk_mask_rcnn_and_trains_one_step():
     torch.manual_seed(0)
     model = instantiate(cfg.model)
     assert isinstance(model.backbone.bottom_up.res4[0].conv2, DeformKernel2d)
-    assert model.backbone.bottom_up.res4[0].conv2.scope_size == (4, 4)
+    assert model.backbone.bottom_up.res4[0].conv2.scope_size == (5, 5)
+    assert model.backbone.bottom_up.res4[0].conv2.rotation_clip.mode == "scope"
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     lr = {p: g["lr"] for g in optimizer.param_groups for p in g["params"]}

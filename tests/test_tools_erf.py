@@ -226,9 +226,9 @@ def test_kernel_samples_command_line_draws_a_layer_of_a_dk_model(tmp_path):
     samples = main(args + ["--channels", "0", "5", "--output", str(output)])
     assert output.stat().st_size > 0
     assert [s.channel for s in samples] == [0, 5]
-    # A fresh DK's rotation generator is zero: the taps sit on the base grid of the 4x4 scope.
+    # A fresh DK's rotation generator is zero: the taps sit on the base grid of the 5x5 scope (the default).
     assert np.allclose(samples[0].points, samples[0].base)
-    assert samples[0].scope.shape == (4, 4)
+    assert samples[0].scope.shape == (5, 5)
 
 
 def test_rotation_statistics_find_layers_whose_taps_left_the_scope():

@@ -34,9 +34,9 @@ DK_CONV_REGISTRY = Registry("DK_CONV")
 class DKOptions:
     """The variant-specific options (``MODEL.DK.*``); each builder reads the ones it needs."""
 
-    scope_size: int = 4  # S of the DK scope (DK variants)
+    scope_size: int = 5  # S of the DK scope (DK variants)
     rotation_groups: int = 1  # G, output-channel blocks sharing a rotation (DK variants)
-    rotation_clip: str = "none"  # "none" | "scope" | "range" (DK variants)
+    rotation_clip: str = "scope"  # "scope" | "range" | "none" (DK variants)
     rotation_clip_range: Tuple[float, float] = (-1.0, 1.0)  # bounds for rotation_clip="range"
     num_experts: int = 4  # E (cond_conv)
 
