@@ -79,6 +79,8 @@ def test_bad_configs_are_rejected_with_the_reason(tmp_path):
         load_spec(str(spec))
     with pytest.raises(ValueError, match="--baseline"):
         Study([StudyConfig("a", "a.yaml")], [0], str(tmp_path), baseline="zzz")
+    with pytest.raises(ValueError, match="baseline 'zzz' of 'a'"):
+        Study([StudyConfig("a", "a.yaml", baseline="zzz")], [0], str(tmp_path))
 
 
 def test_summary_has_mean_sample_std_and_paired_differences():
@@ -96,7 +98,10 @@ def test_summary_has_mean_sample_std_and_paired_differences():
     assert diff["n"] == 2 and diff["mean"] == pytest.approx(2.0)  # paired: (3 + 1) / 2
     assert diff["std"] == pytest.approx(math.sqrt(2.0))
     assert summary["dk"]["seeds"] == [1, 2]
-    assert "bbox/AP - base" not in summary["base"]
+    assert "bbox/AP - base" not in summary["base"] and summary["base"]["baseline"] is None
+    per_config = summarize(records, {"dk": "dk", "base": "dk"})  # each row its own baseline
+    assert per_config["base"]["bbox/AP - dk"]["mean"] == pytest.approx(-2.0)
+    assert per_config["dk"]["baseline"] is None
 
 
 def test_study_runs_resumes_and_reports(tmp_path, fake_train):
@@ -104,7 +109,8 @@ def test_study_runs_resumes_and_reports(tmp_path, fake_train):
     configs = [
         StudyConfig("base", "base.yaml"),
         StudyConfig("dk", "dk.yaml", ["GAIN", "2.5"]),
-        StudyConfig("ft", "dk.yaml", ["MODEL.WEIGHTS", "{root}/base/seed_{seed}/model_final.pth"]),
+        StudyConfig("ft", "dk.yaml", ["MODEL.WEIGHTS", "{root}/base/seed_{seed}/model_final.pth",
+                                      "GAIN", "3"], baseline="dk"),
     ]
     study = Study(configs, [1, 2], root, baseline="base", jobs=2, train_script=fake_train)
     assert study.run() == 0
@@ -117,10 +123,12 @@ def test_study_runs_resumes_and_reports(tmp_path, fake_train):
         report = json.load(f)
     assert report["summary"]["dk"]["bbox/AP - base"]["mean"] == pytest.approx(2.5)
     assert report["summary"]["dk"]["bbox/AP"]["mean"] == pytest.approx(44.0)
+    assert report["summary"]["ft"]["bbox/AP - dk"]["mean"] == pytest.approx(0.5)
     assert len(report["runs"]) == 6 and all(r["seconds"] is not None for r in report["runs"])
     assert report["runs"][0]["command"].startswith("OMP_NUM_THREADS=1 ")
     markdown = open(os.path.join(root, "study.md")).read()
-    assert "| `dk` | 1 2 | 44.0 ± 0.7 (n=2)" in markdown and "+2.5 ± 0.0 (n=2)" in markdown
+    assert "| `dk` | 1 2 | 44.0 ± 0.7 (n=2)" in markdown and "`base` | +2.5 ± 0.0 (n=2)" in markdown
+    assert "`dk` | +0.5 ± 0.0 (n=2)" in markdown
     assert os.path.getsize(os.path.join(root, "study.png")) > 1000
 
     # Started again with one more seed: only the new seed's runs train; the old times are kept.

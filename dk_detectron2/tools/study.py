@@ -30,12 +30,13 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 __all__ = ["StudyConfig", "StudyRun", "load_spec", "plan_runs", "summarize", "format_markdown"]
 
 logger = logging.getLogger("dk_detectron2.study")
 
+SPEC_KEYS = {"name", "config", "opts", "seeds", "baseline"}
 _DEPENDENCY = re.compile(r"\{root\}/([^/]+)/seed_\{seed\}")
 METRICS = (("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("segm", "AP"), ("segm", "AP50"))
 
@@ -43,12 +44,14 @@ METRICS = (("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("segm", "AP"), (
 @dataclass
 class StudyConfig:
     """One row of the study: a name, a Detectron2 config file, command-line overrides and,
-    optionally, its own seeds (a subset of the study's, e.g. 2 seeds to screen a hypothesis)."""
+    optionally, its own seeds (a subset of the study's, e.g. 2 seeds to screen a hypothesis) and
+    its own baseline for the paired differences (default: the study's ``--baseline``)."""
 
     name: str
     config: str
     opts: List[str] = field(default_factory=list)
     seeds: Optional[List[int]] = None
+    baseline: Optional[str] = None
 
     def __post_init__(self):
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -97,7 +100,7 @@ class StudyRun:
 
 def load_spec(path: str) -> List[StudyConfig]:
     """The configs of a YAML spec: a list (or ``{configs: [...]}``) of ``{name, config, opts}``
-    (and optionally ``seeds``, a subset of the study's seeds for that config)."""
+    (and optionally ``seeds``, a subset of the study's seeds for that config, and ``baseline``)."""
     import yaml
 
     with open(path) as f:
@@ -108,12 +111,12 @@ def load_spec(path: str) -> List[StudyConfig]:
         raise ValueError(f"{path}: expected a non-empty list of {{name, config, opts}}, got {data!r}")
     configs = []
     for entry in data:
-        if not isinstance(entry, dict) or set(entry) - {"name", "config", "opts", "seeds"} \
+        if not isinstance(entry, dict) or set(entry) - SPEC_KEYS \
                 or not {"name", "config"} <= set(entry):
-            raise ValueError(
-                f"{path}: each entry needs name, config and optional opts, seeds; got {entry!r}")
+            raise ValueError(f"{path}: each entry needs name, config and optional opts, seeds, "
+                             f"baseline; got {entry!r}")
         configs.append(StudyConfig(entry["name"], entry["config"], list(entry.get("opts") or []),
-                                   entry.get("seeds")))
+                                   entry.get("seeds"), entry.get("baseline")))
     return configs
 
 
@@ -141,24 +144,26 @@ def _mean_std(values: Sequence[float]) -> Dict:
     return {"n": n, "mean": mean, "std": std}
 
 
-def summarize(records: Sequence[Dict], baseline: Optional[str]) -> Dict:
-    """Per config: mean/std of each metric; paired differences to ``baseline`` over common seeds."""
+def summarize(records: Sequence[Dict], baseline: Union[None, str, Dict[str, str]]) -> Dict:
+    """Per config: mean/std of each metric; paired differences to its baseline over the seeds
+    both finished. ``baseline``: one config name for all, or ``{config: its baseline}``."""
     by_config: Dict[str, Dict[int, Dict]] = {}
     for r in records:
         if r.get("metrics"):
             by_config.setdefault(r["name"], {})[r["seed"]] = r["metrics"]
     summary = {}
     for name, per_seed in by_config.items():
-        entry = {"seeds": sorted(per_seed)}
+        base = baseline.get(name) if isinstance(baseline, dict) else baseline
+        entry = {"seeds": sorted(per_seed), "baseline": base if base != name else None}
         for task, key in METRICS:
             label = f"{task}/{key}"
             entry[label] = _mean_std([m[label] for m in per_seed.values() if m.get(label) is not None])
-            if baseline and name != baseline and baseline in by_config:
-                common = sorted(set(per_seed) & set(by_config[baseline]))
-                diffs = [per_seed[s][label] - by_config[baseline][s][label] for s in common
+            if base and name != base and base in by_config:
+                common = sorted(set(per_seed) & set(by_config[base]))
+                diffs = [per_seed[s][label] - by_config[base][s][label] for s in common
                          if per_seed[s].get(label) is not None
-                         and by_config[baseline][s].get(label) is not None]
-                entry[f"{label} - {baseline}"] = _mean_std(diffs)
+                         and by_config[base][s].get(label) is not None]
+                entry[f"{label} - {base}"] = _mean_std(diffs)
         summary[name] = entry
     return summary
 
@@ -170,22 +175,22 @@ def _fmt(stats: Dict, signed: bool = False) -> str:
     return mean + (f" ± {stats['std']:.1f}" if stats["std"] is not None else "") + f" (n={stats['n']})"
 
 
-def format_markdown(configs: Sequence[StudyConfig], records: Sequence[Dict], summary: Dict,
-                    baseline: Optional[str]) -> str:
+def format_markdown(configs: Sequence[StudyConfig], records: Sequence[Dict], summary: Dict) -> str:
     lines = ["# Study results", "",
-             "Mean ± sample std over seeds; Δ: paired difference to the baseline "
-             f"(`{baseline}`) over the seeds both finished, mean ± std.", "",
-             "| config | seeds | box AP | mask AP | box AP50 | Δ box AP | Δ mask AP |",
-             "|---|---|---|---|---|---|---|"]
+             "Mean ± sample std over seeds; Δ: paired difference to the row's baseline over the "
+             "seeds both finished, mean ± std.", "",
+             "| config | seeds | box AP | mask AP | box AP50 | baseline | Δ box AP | Δ mask AP |",
+             "|---|---|---|---|---|---|---|---|"]
     for c in configs:
         s = summary.get(c.name)
         if not s:
-            lines.append(f"| `{c.name}` | — | — | — | — | — | — |")
+            lines.append(f"| `{c.name}` | — | — | — | — | — | — | — |")
             continue
+        base = s.get("baseline")
         lines.append(
             f"| `{c.name}` | {' '.join(map(str, s['seeds']))} | {_fmt(s['bbox/AP'])} | "
-            f"{_fmt(s['segm/AP'])} | {_fmt(s['bbox/AP50'])} | "
-            f"{_fmt(s.get(f'bbox/AP - {baseline}'), True)} | {_fmt(s.get(f'segm/AP - {baseline}'), True)} |")
+            f"{_fmt(s['segm/AP'])} | {_fmt(s['bbox/AP50'])} | {f'`{base}`' if base else '—'} | "
+            f"{_fmt(s.get(f'bbox/AP - {base}'), True)} | {_fmt(s.get(f'segm/AP - {base}'), True)} |")
     lines += ["", "## Configs", ""]
     for c in configs:
         lines.append(f"- `{c.name}`: `{c.config}` {shlex.join(c.opts)}".rstrip())
@@ -260,8 +265,12 @@ class Study:
 
     def __init__(self, configs, seeds, root, baseline=None, threads=1, jobs=1,
                  python=sys.executable, train_script="train_net.py"):
-        if baseline is not None and baseline not in {c.name for c in configs}:
+        names = {c.name for c in configs}
+        if baseline is not None and baseline not in names:
             raise ValueError(f"--baseline {baseline!r} is not one of the study's configs")
+        for c in configs:
+            if c.baseline is not None and c.baseline not in names:
+                raise ValueError(f"baseline {c.baseline!r} of {c.name!r} is not a study config")
         for name, value in (("threads", threads), ("jobs", jobs)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -289,12 +298,13 @@ class Study:
     def write_report(self) -> None:
         os.makedirs(self.root, exist_ok=True)
         records = self.records()
-        summary = summarize(records, self.baseline)
+        baselines = {c.name: c.baseline or self.baseline for c in self.configs}
+        summary = summarize(records, baselines)
         payload = {"baseline": self.baseline, "configs": [asdict(c) for c in self.configs],
                    "runs": records, "summary": summary}
         _atomic_write(os.path.join(self.root, "study.json"), json.dumps(payload, indent=2))
         _atomic_write(os.path.join(self.root, "study.md"),
-                      format_markdown(self.configs, records, summary, self.baseline))
+                      format_markdown(self.configs, records, summary))
         plot_study(self.configs, records, summary, os.path.join(self.root, "study.png"))
 
     def _start(self, run: StudyRun) -> subprocess.Popen:
