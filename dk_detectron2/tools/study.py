@@ -238,7 +238,8 @@ def plot_study(configs: Sequence[StudyConfig], records: Sequence[Dict], summary:
     ax.set_xticklabels(names, rotation=20, ha="right", fontsize=9)
     values = [r["metrics"][metric] for r in records if r.get("metrics") and r["name"] in names]
     ax.set_ylim(max(0.0, min(values) - 8), max(values) + 4)
-    ax.set_ylabel(metric.replace("bbox", "box").replace("segm", "mask"))
+    task, key = metric.split("/")
+    ax.set_ylabel(f"{ {'bbox': 'box', 'segm': 'mask'}.get(task, task)} {key}")
     ax.set_title("dk_shapes: mean ± std over seeds (bars), each seed a point")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
