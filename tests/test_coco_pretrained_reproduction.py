@@ -15,6 +15,7 @@ config:
 - two SGD steps on two 64x64 images: losses finite, stem and res2 frozen, every FrozenBN
   unchanged, DK scopes and generators (rotations; offsets for DK+DCN) trained.
 """
+import contextlib
 import logging
 import os
 import sys
@@ -85,6 +86,23 @@ def rigid_model(checkpoint):
             print(f"  {name}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
 
 
+@contextlib.contextmanager
+def _checkpointer_log():
+    """Collects the INFO messages of fvcore's checkpointer logger (which Detectron2's
+    ``setup_logger`` may have detached from the root logger)."""
+    lines, logger = [], logging.getLogger("fvcore.common.checkpoint")
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def _load_dk_config(name):
     cfg = get_cfg()
     add_dk_config(cfg)
@@ -141,7 +159,8 @@ def _compare(dk_out, rigid_out):
     assert len(detections) == len(ref_detections) > 0
     index = _pairing(detections.pred_boxes.tensor, ref_detections.pred_boxes.tensor)
     assert torch.equal(detections.pred_classes, ref_detections.pred_classes[index])
-    errors["boxes"] = _relative(detections.pred_boxes.tensor, ref_detections.pred_boxes.tensor[index])
+    errors["boxes"] = _relative(
+        detections.pred_boxes.tensor, ref_detections.pred_boxes.tensor[index])
     errors["scores"] = _relative(detections.scores, ref_detections.scores[index])
     if ref_detections.has("pred_masks"):
         errors["masks"] = _relative(detections.pred_masks, ref_detections.pred_masks[index])
@@ -183,15 +202,15 @@ def _train_steps(model, cfg, steps=2):
 
 @pytest.mark.parametrize("name", list(COCO_PRETRAINED_CONFIGS), ids=os.path.basename)
 def test_config_loads_the_model_zoo_pkl_reproduces_the_rigid_model_and_trains(
-    name, checkpoint, rigid_model, caplog
+    name, checkpoint, rigid_model
 ):
     _, rigid_path = COCO_PRETRAINED_CONFIGS[name]
     rigid = rigid_model(rigid_path)
     cfg = _load_dk_config(name)
     model = build_model(cfg).eval()
-    with caplog.at_level(logging.INFO, logger="fvcore.common.checkpoint"):
+    with _checkpointer_log() as lines:
         DKCheckpointer(model).load(checkpoint(cfg.MODEL.WEIGHTS))
-    stage_lines = [r.getMessage() for r in caplog.records if "[DKCheckpointer]" in r.getMessage()]
+    stage_lines = [line for line in lines if "[DKCheckpointer]" in line]
     assert [line.split(", ")[1].split(":")[0] for line in stage_lines] == ["res3", "res4", "res5"]
     assert all("-> 5x5 DK scopes, exact" in line for line in stage_lines), stage_lines
 
@@ -252,7 +271,7 @@ def test_a_detectron2_pth_of_the_rigid_model_loads_whole(tmp_path, checkpoint, r
     assert max(errors.values()) < TOLERANCE, errors
 
 
-def test_train_net_trains_a_new_config_from_a_model_zoo_pkl(tmp_path, checkpoint, caplog):
+def test_train_net_trains_a_new_config_from_a_model_zoo_pkl(tmp_path, checkpoint):
     """``train_net.py --config-file <config> MODEL.WEIGHTS <pkl>``, as the README writes it, on a
     tiny dataset: the checkpoint is converted (one line per stage) and training runs."""
     sys.path.insert(0, ROOT)
@@ -273,9 +292,9 @@ def test_train_net_trains_a_new_config_from_a_model_zoo_pkl(tmp_path, checkpoint
         "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
         "OUTPUT_DIR", str(tmp_path / "out"),
     ])
-    with caplog.at_level(logging.INFO):
-        train_net.main(args)
-    lines = [r.getMessage() for r in caplog.records if "[DKCheckpointer]" in r.getMessage()]
-    assert len(lines) == 3 and all("exact" in line for line in lines), lines
+    train_net.main(args)
+    with open(tmp_path / "out" / "log.txt") as log:  # Detectron2's default_setup writes it
+        lines = [line for line in log if "INFO: [DKCheckpointer]" in line]
+    assert len(lines) == 3 and all("-> 5x5 DK scopes, exact" in line for line in lines), lines
     final = torch.load(tmp_path / "out" / "model_final.pth", weights_only=False)["model"]
     assert final["backbone.bottom_up.res3.0.conv2.weight"].shape[-2:] == (5, 5)
