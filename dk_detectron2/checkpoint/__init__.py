@@ -11,6 +11,7 @@ from .conversion import (
     LayerConversion,
     convert_state_dict,
     format_conversion_report,
+    format_stage_report,
     match_checkpoint_names,
 )
 from .loader import DKCheckpointer

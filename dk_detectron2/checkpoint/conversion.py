@@ -10,6 +10,7 @@ layer with both shapes, and the caller never loads half a model.
 """
 import contextlib
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -28,6 +29,7 @@ __all__ = [
     "convert_state_dict",
     "match_checkpoint_names",
     "format_conversion_report",
+    "format_stage_report",
 ]
 
 Shape = Tuple[int, ...]
@@ -291,3 +293,49 @@ def format_conversion_report(result: ConversionResult, max_rows: Optional[int] =
         f"{len(result.unmatched)} unmatched, {len(result.skipped)} skipped"
     )
     return f"{table}\n{summary}" if rows else summary
+
+
+_STAGE = re.compile(r"(?:^|\.)(stem|res\d+)\.")
+
+
+def _stage_of(name: str) -> str:
+    """``backbone.bottom_up.res3.0.conv2.weight`` -> ``res3``; names outside a ResNet stage
+    are grouped by their parent module."""
+    match = _STAGE.search(name)
+    if match is not None:
+        return match.group(1)
+    return name.rsplit(".", 2)[0] if name.count(".") >= 2 else name
+
+
+def format_stage_report(result: ConversionResult) -> List[str]:
+    """One line per stage with converted kernels, in the order the stages were converted.
+
+    Each line gives the number of KxK kernels that became SxS DK scopes, whether the scopes
+    reproduce the kernels exactly at zero rotation (S - K even: each kernel sits at its scope's
+    centre) or are minimum-norm scopes (S - K odd), and the largest reproduction error (max
+    |kernel - zero-rotation samples of the scope|), absolute and relative to max |kernel|.
+    For example::
+
+        res3: 4 3x3 kernel(s) -> 5x5 DK scopes, exact: kernels at the scope centres (max
+        reproduction error 0.000e+00, relative 0.000e+00)
+    """
+    stages: Dict[str, List[LayerConversion]] = {}
+    for layer in result.converted:
+        stages.setdefault(_stage_of(layer.name), []).append(layer)
+    lines = []
+    for stage, layers in stages.items():
+        kernels = sorted({"x".join(map(str, layer.source_shape[2:])) for layer in layers})
+        scopes = sorted({"x".join(map(str, layer.target_shape[2:])) for layer in layers})
+        error = max(layer.error for layer in layers)
+        relative = max(layer.relative_error for layer in layers)
+        even = all(
+            (scope - kernel) % 2 == 0
+            for layer in layers
+            for kernel, scope in zip(layer.source_shape[2:], layer.target_shape[2:])
+        )
+        kind = "exact: kernels at the scope centres" if even else "minimum-norm"
+        lines.append(
+            f"{stage}: {len(layers)} {'/'.join(kernels)} kernel(s) -> {'/'.join(scopes)} DK "
+            f"scopes, {kind} (max reproduction error {error:.3e}, relative {relative:.3e})"
+        )
+    return lines

@@ -2,7 +2,7 @@
 from fvcore.common.checkpoint import _IncompatibleKeys
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .conversion import convert_state_dict, format_conversion_report
+from .conversion import convert_state_dict, format_conversion_report, format_stage_report
 from .source_formats import detect_source_format
 
 __all__ = ["DKCheckpointer"]
@@ -16,8 +16,9 @@ class DKCheckpointer(DetectionCheckpointer):
     are mapped to the model's with Detectron2's machinery; every ``[O, I, K, K]`` kernel whose
     parameter is a larger ``[O, I, S, S]`` DK scope is replaced by the scope that reproduces it at
     zero rotation (:func:`dk_detectron2.checkpoint.kernel_to_scope`), so the loaded DK model
-    starts out computing what the checkpoint's model computed. The per-layer reproduction errors
-    are logged.
+    starts out computing what the checkpoint's model computed. One INFO line per stage reports
+    the conversion (:func:`~dk_detectron2.checkpoint.format_stage_report`: exact, or the
+    minimum-norm error for odd S - K); the per-layer table is logged at DEBUG level.
 
     Unlike ``DetectionCheckpointer``, a checkpoint tensor that fits neither its parameter nor a
     scope of it raises :class:`~dk_detectron2.checkpoint.CheckpointShapeError` naming each such
@@ -43,9 +44,11 @@ class DKCheckpointer(DetectionCheckpointer):
             skip_mismatched=self.skip_mismatched,
         )
         if result.converted:
-            self.logger.info(
-                f"[DKCheckpointer] {source_format} checkpoint converted for the DK model:\n"
-                + format_conversion_report(result)
+            # One line per stage; the per-layer table only at DEBUG level.
+            for line in format_stage_report(result):
+                self.logger.info(f"[DKCheckpointer] {source_format} checkpoint, {line}")
+            self.logger.debug(
+                "[DKCheckpointer] per-layer conversion:\n" + format_conversion_report(result)
             )
         checkpoint["model"] = result.state_dict
         checkpoint["matching_heuristics"] = False  # already matched

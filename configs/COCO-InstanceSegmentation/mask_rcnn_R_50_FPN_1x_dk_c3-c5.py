@@ -1,0 +1,4 @@
+"""LazyConfig twin of mask_rcnn_R_50_FPN_1x_dk_c3-c5.yaml
+(mirrors Detectron2's Misc/mask_rcnn_R_50_FPN_1x_dconv_c3-c5.yaml)."""
+from ..common.dk_rcnn_fpn_imagenet import dataloader, model, optimizer, train
+from ..common.dk_rcnn_fpn_imagenet import lr_multiplier_1x as lr_multiplier
