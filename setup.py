@@ -65,9 +65,10 @@ def _cuda_arch_list() -> str:
         chosen, why = os.environ["TORCH_CUDA_ARCH_LIST"], "TORCH_CUDA_ARCH_LIST"
     elif torch.cuda.is_available():
         # torch's own detection: the capabilities of the visible GPUs, the newest with PTX
-        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        devices = range(torch.cuda.device_count())
+        caps = sorted({torch.cuda.get_device_capability(i) for i in devices})
         chosen = ";".join(f"{major}.{minor}" for major, minor in caps) + "+PTX"
-        names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+        names = sorted({torch.cuda.get_device_name(i) for i in devices})
         why = "the visible GPU(s): " + ", ".join(names)
     else:
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST

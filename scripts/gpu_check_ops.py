@@ -39,7 +39,8 @@ def out_size(n, k, s, p, d):
 def call_all(shape, dtype, channels_last, nonfinite):
     B, c_in, c_out, groups, H, W, K, S, stride, padding, dilation, G = shape
     dev = "cuda"
-    ho, wo = out_size(H, K[0], stride, padding, dilation), out_size(W, K[1], stride, padding, dilation)
+    ho = out_size(H, K[0], stride, padding, dilation)
+    wo = out_size(W, K[1], stride, padding, dilation)
     x = torch.randn(B, c_in, H, W, device=dev, dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

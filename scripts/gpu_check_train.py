@@ -101,7 +101,8 @@ def main():
             runs.append(train(name, amp, args))
             r = runs[-1]
             print(f"{name:5s} amp={amp!s:5s} median {r['median_s'] * 1000:.1f} ms/iter, loss "
-                  f"{r['first_total_loss']:.3f} -> {r['last_total_loss']:.3f}, finite={r['finite']}",
+                  f"{r['first_total_loss']:.3f} -> {r['last_total_loss']:.3f}, "
+                  f"finite={r['finite']}",
                   flush=True)
     checks = []
     for amp in (False, True):

@@ -136,24 +136,22 @@ def _run_emulated(op, x, offset, rotation, weight, grad, geo, dtype, channels_la
     return out, list(grads)
 
 
-def dk_case(op, kind, geo: Geometry, dtype, channels_last, nonfinite=False, tag=""):
+def dk_case(op, kind, geo: Geometry, dtype, channels_last, nonfinite=False, tag="case"):
     """deform_kernel2d ("dk") or deform_kernel_conv2d ("dkc"), forward and every gradient."""
-    name = (f"{op}:{kind}:{tag or 'B%dC%dH%dW%dK%dx%dS%dx%d' % (geo.B, geo.C, geo.H, geo.W, *geo.K, *geo.S)}"
-            f":{DTYPE_NAMES[dtype]}:{'cl' if channels_last else 'nchw'}"
+    name = (f"{op}:{kind}:{tag}:{DTYPE_NAMES[dtype]}:{'cl' if channels_last else 'nchw'}"
             + (":nonfinite" if nonfinite else ""))
 
     def run():
         errors: List[str] = []
         x, offset, rotation, weight = _tensors(geo, kind, dtype, nonfinite, seed=len(name))
         leaves = [t.clone().requires_grad_() for t in (x, offset, rotation, weight)]
+        geometry = (geo.K, geo.stride, geo.pad, geo.dil, geo.G)
         if op == "dkc":
-            ref = _reference().deform_kernel_conv2d_reference(leaves[0], leaves[1], leaves[2], leaves[3],
-                                                 geo.K, geo.stride, geo.pad, geo.dil, geo.G)
+            ref = _reference().deform_kernel_conv2d_reference(*leaves, *geometry)
             used = leaves
         else:
-            ref = _reference().deform_kernel2d_reference(leaves[0], leaves[2], leaves[3], geo.K, geo.stride,
-                                            geo.pad, geo.dil, geo.G)
             used = [leaves[0], leaves[2], leaves[3]]
+            ref = _reference().deform_kernel2d_reference(*used, *geometry)
         grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
         grad = grad.to(dtype).double()
         want = torch.autograd.grad(ref, used, grad, allow_unused=True)
@@ -247,7 +245,7 @@ def alert_case(op, kind, expect_alert):
         geo = Geometry(1, 4, 5, 5, (3, 3), (4, 4), G=2)
         x, offset, rotation, weight = _tensors(geo, kind, F64, False, seed=5)
         if op == "nd":
-            args = (torch.randn(3, 4), torch.randn(3, 4, 4), torch.rand(3, 2) * 3)
+            args = (torch.randn(5, 3), torch.randn(3, 4, 4), torch.rand(5, 2) * 3)  # grad [P, M]
             call = lambda: _emu()._nd_linear_sample_backward(*args)  # noqa: E731
         else:
             grad = torch.randn(1, weight.shape[0], *geo.out(), dtype=F64)
@@ -389,7 +387,8 @@ def half_overflow_case() -> Case:
         rotation = torch.zeros(1, 2, 4, 4, dtype=F64)
         grad = torch.full((1, 4, 4, 4), 400.0, dtype=F64)
         leaves = [t.clone().requires_grad_() for t in (x, rotation, weight)]
-        ref = _reference().deform_kernel2d_reference(*leaves, geo.K, geo.stride, geo.pad, geo.dil, geo.G)
+        ref = _reference().deform_kernel2d_reference(*leaves, geo.K, geo.stride, geo.pad, geo.dil,
+                                                     geo.G)
         want = torch.autograd.grad(ref, leaves, grad)
         args = [t.to(F16) for t in (x, rotation, weight)]
         out = _emu().deform_kernel2d(*args, *_geometry_args(geo))

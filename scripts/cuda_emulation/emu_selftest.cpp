@@ -86,7 +86,7 @@ TORCH_LIBRARY_FRAGMENT(dk_emu, m) {
   m.def("launches() -> int", &launches);
   m.def("selftest_block_sum(Tensor input, int threads, bool barrier) -> Tensor", &block_sum);
   m.def("selftest_last_writer(int blocks) -> int", &last_writer);
-  m.def("selftest_launch(int gx, int gy, int gz, int bx, int by, int bz, int shared, int opt_in) -> ()",
-        &launch);
+  m.def("selftest_launch(int gx, int gy, int gz, int bx, int by, int bz, int shared, "
+        "int opt_in) -> ()", &launch);
   m.def("selftest_shared_overrun(int words) -> ()", &shared_overrun);
 }

@@ -1,6 +1,6 @@
 """Turns csrc/cuda/*.cu(h) into host C++ run by prelude.h's emulator, ops in torch.ops.dk_emu.
 
-    python scripts/cuda_emulation/make_emu.py [WORK_DIR]     # writes WORK_DIR/src (default $DK_EMU_DIR)
+    python scripts/cuda_emulation/make_emu.py [WORK_DIR]   # writes WORK_DIR/src ($DK_EMU_DIR)
 
 The rewrite is mechanical: each ``kernel<T><<<grid, block, shared, stream>>>(args)`` becomes an
 emulated launch, ``is_cuda()`` checks accept CPU tensors, the CUDA registrations become
@@ -13,7 +13,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-SRC = os.path.join(REPO, "csrc")
+# DK_EMU_CSRC: another csrc/ to emulate (e.g. a deliberately broken copy, to see a case fail)
+SRC = os.environ.get("DK_EMU_CSRC", os.path.join(REPO, "csrc"))
 DEFAULT_WORK = os.environ.get("DK_EMU_DIR", "/tmp/dk_cuda_emulation")
 KMAX_BLOCKS = 3
 

@@ -198,7 +198,9 @@ struct Launcher {
     std::vector<uint64_t> order(blocks);
     std::iota(order.begin(), order.end(), 0);
     if (schedule == 1) std::reverse(order.begin(), order.end());
-    if (schedule > 1) std::shuffle(order.begin(), order.end(), std::mt19937_64(schedule + launches));
+    if (schedule > 1) {
+      std::shuffle(order.begin(), order.end(), std::mt19937_64(schedule + launches));
+    }
     return order;
   }
 
