@@ -14,6 +14,7 @@ visible) the default list below. The build prints which it chose.
 import glob
 import os
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
@@ -126,6 +127,18 @@ def make_extension():
     )
 
 
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension with ninja. An editable install (pip install -e) compiles into the
+    same build/temp.* folder as `setup.py build_ext --inplace` instead of a throw-away one, so
+    either reuses the other's objects and a develop-mode install does not compile twice."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if getattr(self, "editable_mode", False):
+            tag = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+            self.build_temp = os.path.join(ROOT, "build", f"temp.{tag}")
+
+
 class BuildPyWithConfigs(build_py):
     """Ships the repository's configs/ inside the package (dk_detectron2/configs/...), so that an
     installed wheel carries them: importlib.resources.files("dk_detectron2") / "configs"."""
@@ -150,7 +163,7 @@ setup(
     install_requires=["torch>=2.4", "torchvision", "numpy", "fvcore", "pycocotools", "matplotlib"],
     ext_modules=[make_extension()],
     cmdclass={
-        "build_ext": BuildExtension.with_options(use_ninja=True),
+        "build_ext": BuildExt,
         "build_py": BuildPyWithConfigs,
     },
     zip_safe=False,

@@ -63,22 +63,25 @@ step() {
 step setup 900 env MAX_JOBS="${MAX_JOBS:-$(nproc)}" bash scripts/setup_env.sh || {
   echo "[gpu_check] the set-up failed: nothing else can run (see $OUT/setup.log)"; exit 1; }
 step arch 120 "$PY" - <<'EOF'
-import glob, subprocess, sys, torch
+import os, shutil, subprocess, torch
 from dk_detectron2.layers import _extension
 assert _extension.compiled_with_cuda(), "dk_detectron2._C was built without the CUDA kernels"
 major, minor = torch.cuda.get_device_capability(0)
 so = _extension.extension_path()
-listing = subprocess.run(["cuobjdump", "--list-elf", "--list-ptx", so], capture_output=True,
-                         text=True).stdout
-print(listing)
-sm = f"sm_{major}{minor}"
-assert sm in listing or "compute_" in listing, f"{so} holds no code for {sm}"
+tool = shutil.which("cuobjdump") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"),
+                                                 "bin", "cuobjdump")
+if os.path.exists(tool):
+    listing = subprocess.run([tool, "--list-elf", "--list-ptx", so], capture_output=True,
+                             text=True).stdout
+    print(listing)
+    print(f"sm_{major}{minor} code in the library: {f'sm_{major}{minor}' in listing}")
+# The proof that counts: a kernel runs ("no kernel image is available" would raise here).
 x = torch.randn(1, 4, 5, 5, device="cuda")
 w = torch.randn(4, 1, 4, 4, device="cuda")
 r = torch.zeros(1, 18, 5, 5, device="cuda")
 torch.ops.dk_detectron2.deform_kernel2d(x, r, w, [3, 3], [1, 1], [1, 1], [1, 1], 1)
 torch.cuda.synchronize()
-print(f"kernels run on {torch.cuda.get_device_name(0)} ({sm})")
+print(f"kernels run on {torch.cuda.get_device_name(0)} (sm_{major}{minor})")
 EOF
 
 # 2. The CUDA tests (a skip here means the GPU was not used: counted as a failure).
