@@ -105,9 +105,9 @@ def main() -> int:
     asan = not args.no_asan
     if asan and "libasan" not in os.environ.get("LD_PRELOAD", ""):
         # Re-run this script with the ASan runtime loaded first, as an instrumented library needs.
+        # exec, not a child: a caller's timeout or kill reaches the process doing the work.
         env = dict(os.environ, LD_PRELOAD=asan_preload(), ASAN_OPTIONS=ASAN_OPTIONS)
-        return subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:]],
-                              env=env).returncode
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
     build(asan)
     if args.build_only:
         return 0
