@@ -1,29 +1,82 @@
-"""Builds dk_detectron2 and its compiled extension dk_detectron2._C.
+"""Builds dk_detectron2 and its compiled extension dk_detectron2._C against the installed torch.
 
-The C++ CPU kernels are always built. The CUDA kernels are added whenever a CUDA toolkit is found
-(CUDA_HOME or nvcc) or FORCE_CUDA=1, also on a machine with no GPU; DK_WITH_CUDA=0 leaves them out.
-TORCH_CUDA_ARCH_LIST is respected; without it we build for Turing, Ampere and Hopper (sm_90, with
-PTX for newer GPUs; CUDA 13 dropped Volta), since torch's own detection needs a visible GPU.
+Install into an environment that already has torch (the build must see it, so pip's isolated
+build environment cannot be used, as for Detectron2 and torchvision):
+
+    pip install --no-build-isolation -e .
+
+The C++ CPU kernels are always built. The CUDA kernels are built when a CUDA toolkit is found
+(CUDA_HOME or nvcc) and torch sees a GPU, or when asked: DK_WITH_CUDA=1 (or Detectron2's
+FORCE_CUDA=1) builds them without a GPU (CI, Docker images), DK_WITH_CUDA=0 never. Architectures:
+TORCH_CUDA_ARCH_LIST if set, else those of the visible GPUs (torch's own detection), else (no GPU
+visible) the default list below. The build prints which it chose.
 """
 import glob
 import os
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as error:  # pip's default isolated build environment has no torch
+    raise RuntimeError(
+        "dk_detectron2 compiles against the installed torch, but this build environment has none "
+        f"({error}). Install torch first, then build without isolation:\n"
+        "    pip install --no-build-isolation -e .\n"
+        "(an isolated build, pip's default, cannot see the environment's torch)"
+    ) from error
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;8.6;9.0+PTX"
 
 
+def _log(message: str) -> None:
+    print(f"[dk_detectron2] {message}", file=sys.stderr, flush=True)
+
+
 def _want_cuda() -> bool:
-    if os.environ.get("DK_WITH_CUDA", "") == "0":
+    asked = os.environ.get("DK_WITH_CUDA", "")
+    if asked == "0":
+        _log("CUDA kernels: not built (DK_WITH_CUDA=0)")
         return False
-    if os.environ.get("FORCE_CUDA", "0") == "1":
+    if asked == "1" or os.environ.get("FORCE_CUDA", "0") == "1":
+        if CUDA_HOME is None:
+            raise RuntimeError("DK_WITH_CUDA=1 (or FORCE_CUDA=1) asks for the CUDA kernels, but no "
+                               "CUDA toolkit was found: set CUDA_HOME to one (with bin/nvcc)")
+        if torch.version.cuda is None:
+            raise RuntimeError(f"DK_WITH_CUDA=1 asks for the CUDA kernels, but torch "
+                               f"{torch.__version__} is a CPU-only build")
         return True
-    return CUDA_HOME is not None and torch.version.cuda is not None
+    if CUDA_HOME is None or torch.version.cuda is None:
+        _log("CUDA kernels: not built (no CUDA toolkit or a CPU-only torch)")
+        return False
+    if not torch.cuda.is_available():
+        _log("CUDA kernels: not built (no GPU visible; DK_WITH_CUDA=1 builds them anyway)")
+        return False
+    return True
+
+
+def _cuda_arch_list() -> str:
+    """Sets TORCH_CUDA_ARCH_LIST when nothing else decides it and says what will be built."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        chosen, why = os.environ["TORCH_CUDA_ARCH_LIST"], "TORCH_CUDA_ARCH_LIST"
+    elif torch.cuda.is_available():
+        # torch's own detection: the capabilities of the visible GPUs, the newest with PTX
+        devices = range(torch.cuda.device_count())
+        caps = sorted({torch.cuda.get_device_capability(i) for i in devices})
+        chosen = ";".join(f"{major}.{minor}" for major, minor in caps) + "+PTX"
+        names = sorted({torch.cuda.get_device_name(i) for i in devices})
+        why = "the visible GPU(s): " + ", ".join(names)
+    else:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
+        chosen, why = DEFAULT_CUDA_ARCH_LIST, "default list, no GPU visible"
+    _log(f"CUDA kernels: built with CUDA {torch.version.cuda} ({CUDA_HOME}) for compute "
+         f"capabilities {chosen} ({why})")
+    return chosen
 
 
 def _cuda_include_dirs():
@@ -55,7 +108,7 @@ def make_extension():
     define_macros = []
     extension = CppExtension
     if _want_cuda():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
+        _cuda_arch_list()
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         extension = CUDAExtension
         define_macros.append(("DK_WITH_CUDA", None))
@@ -74,15 +127,44 @@ def make_extension():
     )
 
 
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension with ninja. An editable install (pip install -e) compiles into the
+    same build/temp.* folder as `setup.py build_ext --inplace` instead of a throw-away one, so
+    either reuses the other's objects and a develop-mode install does not compile twice."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if getattr(self, "editable_mode", False):
+            tag = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+            self.build_temp = os.path.join(ROOT, "build", f"temp.{tag}")
+
+
+class BuildPyWithConfigs(build_py):
+    """Ships the repository's configs/ inside the package (dk_detectron2/configs/...), so that an
+    installed wheel carries them: importlib.resources.files("dk_detectron2") / "configs"."""
+
+    def run(self):
+        super().run()
+        source = os.path.join(ROOT, "configs")
+        for path in sorted(glob.glob(os.path.join(source, "**", "*"), recursive=True)):
+            if os.path.isfile(path) and path.endswith((".yaml", ".py")):
+                target = os.path.join(self.build_lib, "dk_detectron2", "configs",
+                                      os.path.relpath(path, source))
+                self.mkpath(os.path.dirname(target))
+                self.copy_file(path, target)
+
+
 setup(
     name="dk_detectron2",
     version="0.1.0",
     description="Deformable Kernels (ICLR 2020) for Detectron2: operators, backbones, tools",
     packages=find_packages(include=["dk_detectron2", "dk_detectron2.*"]),
-    package_data={"dk_detectron2": ["configs/**/*.yaml", "configs/**/*.py"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "torchvision", "numpy", "fvcore", "pycocotools", "matplotlib"],
     ext_modules=[make_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={
+        "build_ext": BuildExt,
+        "build_py": BuildPyWithConfigs,
+    },
     zip_safe=False,
 )

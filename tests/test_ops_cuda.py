@@ -1,9 +1,13 @@
 """The CUDA kernels of the Deformable Kernel operators against the CPU kernels.
 
-Every test but the first needs a GPU and skips without one. The CPU kernels are themselves tested
-against the pure-PyTorch reference in tests/test_ops.py, so agreement with them in float64 checks
-the CUDA kernels' semantics; the half-precision tests check accumulation in float32.
+Every test but the first needs a GPU and skips without one (scripts/gpu_check.sh runs them on a GPU
+machine; tests/test_cuda_emulation.py runs the same kernels emulated on the CPU). The CPU kernels
+are themselves tested against the pure-PyTorch reference in tests/test_ops.py, so agreement with
+them in float64 checks the CUDA kernels' semantics: the depthwise kernels and the grouped / full
+path (scope-space columns + cuBLAS). The half-precision tests check accumulation in float32.
 """
+import warnings
+
 import pytest
 import torch
 
@@ -25,13 +29,18 @@ def pair(v):
 
 
 def make_case(B=2, C=8, H=9, W=8, K=(3, 3), S=(4, 4), stride=1, padding=1, dilation=1, G=1,
-              rotation_scale=1.5, offset_scale=2.0, dtype=torch.float64, seed=0):
-    """CPU tensors for one call; rotations/offsets large enough to leave the scope and image."""
+              rotation_scale=1.5, offset_scale=2.0, dtype=torch.float64, seed=0, groups=None,
+              C_out=None):
+    """CPU tensors for one call; rotations/offsets large enough to leave the scope and image.
+    groups=None: depthwise weights [C, 1, S]; else [C_out, C / groups, S] (grouped or full)."""
     gen = torch.Generator().manual_seed(seed)
     (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
     ho, wo = out_size(H, K[0], sh, ph, dh), out_size(W, K[1], sw, pw, dw)
     x = torch.randn(B, C, H, W, generator=gen, dtype=dtype)
-    weight = torch.randn(C, 1, *S, generator=gen, dtype=dtype)
+    if groups is None:
+        weight = torch.randn(C, 1, *S, generator=gen, dtype=dtype)
+    else:
+        weight = torch.randn(C_out or C, C // groups, *S, generator=gen, dtype=dtype)
     rotation = torch.randn(B, G * K[0] * K[1] * 2, ho, wo, generator=gen, dtype=dtype)
     offset = torch.randn(B, K[0] * K[1] * 2, ho, wo, generator=gen, dtype=dtype)
     geometry = dict(kernel_size=K, stride=stride, padding=padding, dilation=dilation,
@@ -278,8 +287,10 @@ def test_non_finite_rotation_and_offset_read_zero(bad):
 
 @requires_cuda
 def test_backward_without_atomics_is_deterministic():
-    """Only deform_kernel_conv2d's grad_input uses atomics; every other gradient is a fixed-order
-    sum (gathers and per-block reductions)."""
+    """Gradients computed without atomics are bitwise reproducible: with depthwise weights every
+    gradient of deform_kernel2d, and every gradient but grad_input of deform_kernel_conv2d (its
+    bilinear image reads scatter grad_input with atomics, as do nd_linear_sample's grad_input
+    and the grouped / full path's grad_input)."""
     case = make_case(B=2, C=32, H=30, W=30, G=2, dtype=torch.float32)
     for with_offset in (False, True):
         tensors, geo = cuda(arguments(case, with_offset)), case[-1]
@@ -288,6 +299,52 @@ def test_backward_without_atomics_is_deterministic():
         for name, a, b in zip(names(with_offset)[-len(deterministic):], deterministic,
                               second[-len(deterministic):]):
             assert torch.equal(a, b), name
+
+
+def _alerts(fn):
+    """The non-determinism alerts fn raises under torch.use_deterministic_algorithms(True,
+    warn_only=True), as strings."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+            torch.cuda.synchronize()
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+    return [str(w.message) for w in caught if "dk_detectron2" in str(w.message)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("with_offset,groups,expected", [
+    (False, None, False),  # depthwise deform_kernel2d: gathers only
+    (True, None, True),    # depthwise deform_kernel_conv2d: grad_input atomics
+    (False, 2, True),      # grouped path: grad_input atomics
+    (True, 1, True),       # full path
+])
+def test_atomic_gradients_raise_the_non_determinism_alert(with_offset, groups, expected):
+    case = make_case(C=4, H=6, W=6, groups=groups, C_out=6 if groups else None)
+    tensors, geo = cuda(arguments(case, with_offset)), case[-1]
+    alerts = _alerts(lambda: run(with_offset, tensors, geo))
+    assert bool(alerts) == expected, alerts
+    if expected:
+        assert "does not have a deterministic implementation" in alerts[0]
+
+
+@requires_cuda
+def test_nd_linear_sample_backward_raises_the_non_determinism_alert():
+    scopes = torch.randn(4, 3, 3, device="cuda", requires_grad=True)
+    coord = torch.rand(5, 2, device="cuda") * 2
+    alerts = _alerts(lambda: nd_linear_sample(scopes, coord).sum().backward())
+    assert alerts and "nd_linear_sample" in alerts[0]
+    with pytest.raises(RuntimeError, match="deterministic"):
+        torch.use_deterministic_algorithms(True)
+        try:
+            nd_linear_sample(scopes, coord).sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(False)
 
 
 @requires_cuda

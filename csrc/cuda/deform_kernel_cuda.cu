@@ -7,6 +7,7 @@
 // gradients contiguous. Depthwise weights [C, 1, Sh, Sw] run the kernels of
 // deform_kernel_depthwise.cuh; grouped and full weights branch to scope_space_cuda.cu.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -139,17 +140,17 @@ at::Tensor forward(const char* op, const at::Tensor& input, const at::Tensor* of
   const Prepared p = prepare(op, input, offset, rotation, weight, kernel_size, stride, padding,
                              dilation, rotation_groups);
   const DKGeometry& geo = p.geometry;
-  if (!geo.depthwise()) {  // grouped / full weights: scope-space columns + cuBLAS
-    return scope_space_forward_cuda(geo, p.input, p.offset, p.rotation, p.weight)
-        .contiguous(p.format);
-  }
   at::Tensor output =
       at::empty({geo.batch, geo.out_channels, geo.out_height, geo.out_width},
                 p.input.options().memory_format(p.format));
   if (output.numel() == 0) return output;  // batch 0: nothing to launch
-  // An empty image (H or W = 0, output made of padding only) reads zero everywhere; the kernels
-  // could not even read through the zero-weight corners.
+  // An empty image (H or W = 0, output made of padding only) reads zero everywhere; no kernel
+  // may address its zero-byte storage, not even through zero-weight corners. Both paths.
   if (p.input.numel() == 0) return output.zero_();
+  if (!geo.depthwise()) {  // grouped / full weights: scope-space columns + cuBLAS
+    return scope_space_forward_cuda(geo, p.input, p.offset, p.rotation, p.weight)
+        .contiguous(p.format);
+  }
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const DKShape& k = p.shape;
@@ -221,6 +222,15 @@ Gradients backward(const char* op, const at::Tensor& grad_output_in, const at::T
                              dilation, rotation_groups);
   check_like_input(op, "grad_output", grad_output_in, input);
   check_output_shaped(op, grad_output_in, p.geometry);
+  const auto image_options = p.input.options().memory_format(p.format);
+  if (grad_output_in.numel() == 0 || p.input.numel() == 0) {  // batch 0, or an empty image
+    Gradients grads;
+    grads.input = at::empty(p.input.sizes(), image_options).zero_();  // at::zeros drops the format
+    grads.rotation = at::zeros_like(p.rotation);
+    grads.weight = at::zeros_like(p.weight);
+    if constexpr (kDeformable) grads.offset = at::zeros_like(p.offset);
+    return grads;
+  }
   if (!p.geometry.depthwise()) {  // grouped / full weights: scope-space columns + cuBLAS
     const std::vector<at::Tensor> g = scope_space_backward_cuda(
         p.geometry, grad_output_in, p.input, p.offset, p.rotation, p.weight);
@@ -237,16 +247,7 @@ Gradients backward(const char* op, const at::Tensor& grad_output_in, const at::T
     return grads;
   }
   const at::Tensor grad_output = grad_output_in.contiguous(p.format);
-  const auto image_options = p.input.options().memory_format(p.format);
-
   Gradients grads;
-  if (grad_output.numel() == 0 || p.input.numel() == 0) {  // batch 0, or an empty image
-    grads.input = at::empty(p.input.sizes(), image_options).zero_();  // at::zeros drops the format
-    grads.rotation = at::zeros_like(p.rotation);
-    grads.weight = at::zeros_like(p.weight);
-    if constexpr (kDeformable) grads.offset = at::zeros_like(p.offset);
-    return grads;
-  }
   grads.rotation = at::empty_like(p.rotation);
   grads.weight = at::empty_like(p.weight);
   if constexpr (kDeformable) grads.offset = at::empty_like(p.offset);
@@ -258,7 +259,10 @@ Gradients backward(const char* op, const at::Tensor& grad_output_in, const at::T
         using acc_t = at::opmath_type<scalar_t>;
         // grad_input
         if constexpr (kDeformable) {
-          // Bilinear image reads: scatter with atomics into an acc_t buffer.
+          // Bilinear image reads: scatter with atomics into an acc_t buffer (the order of the
+          // float additions varies from run to run).
+          at::globalContext().alertNotDeterministic(
+              "dk_detectron2 deform_kernel_conv2d backward (CUDA, grad_input)");
           // at::empty(...).zero_(), not at::zeros: the buffer must have the input's format.
           at::Tensor accumulator =
               at::empty(p.input.sizes(),

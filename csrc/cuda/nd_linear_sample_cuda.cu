@@ -3,6 +3,7 @@
 // out[p, m] = bilinear(input[m], coord[p, 0], coord[p, 1]) under the rule of csrc/bilinear.h.
 // All tensors are made contiguous; values are accumulated in at::opmath_type<scalar_t>.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -153,6 +154,9 @@ std::tuple<at::Tensor, at::Tensor> nd_linear_sample_backward_cuda(const at::Tens
   if (grad_output.numel() == 0 || input.numel() == 0) {
     return {at::zeros_like(input), at::zeros_like(coord)};
   }
+  // grad_input is scattered with atomics: the order of its float additions varies.
+  at::globalContext().alertNotDeterministic(
+      "dk_detectron2 nd_linear_sample backward (CUDA, grad_input)");
   at::Tensor grad_coord = at::empty_like(coord);
   at::Tensor accumulator =
       at::zeros(input.sizes(), input.options().dtype(at::toOpMathType(input.scalar_type())));

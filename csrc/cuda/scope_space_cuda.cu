@@ -5,12 +5,15 @@
 //   out[p, o] = sum_{s, c} U_qg[p, s, c] * W[o, c, s],
 //   U_qg[p, s, c] = sum_k beta(k, s; rotation_g(p)) * read(x[q's channel c], tap k of p).
 // U is built tile by tile over rows p of [B*Ho*Wo] (float accumulation, one thread per (row,
-// channel), so every column entry has one writer); the GEMMs go through at::mm (cuBLAS, float32
-// accumulation for half types). The backward adjoint reduces each (row, tap)'s rotation/offset
-// gradient over channels in one thread, and scatters the input gradient with atomics.
+// channel), so every column entry has one writer); the GEMMs go through cuBLAS with float32
+// accumulation AND a float32 result for half types (mm_opmath), so no partial sum is rounded to
+// half before it reaches the float32 accumulators. The backward adjoint reduces each (row, tap)'s
+// rotation/offset gradient over channels in one thread, and scatters the input gradient with
+// atomics (nondeterministic: reported to torch.use_deterministic_algorithms).
 #include "scope_space_cuda.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -213,6 +216,14 @@ int64_t tile_rows(const DKGeometry& g) {
   return std::max<int64_t>(256, budget / std::max<int64_t>(depth, 1));
 }
 
+// a @ b in at::opmath_type: half and bfloat16 operands give a float32 product (cuBLAS accumulates
+// and writes in float32), float and double stay as they are.
+at::Tensor mm_opmath(const at::Tensor& a, const at::Tensor& b) {
+  const at::ScalarType acc = at::toOpMathType(a.scalar_type());
+  if (acc == a.scalar_type()) return at::mm(a, b);
+  return at::mm(a, b, acc);
+}
+
 at::Tensor weight_as_columns(const at::Tensor& weight) {
   return weight.permute({0, 2, 3, 1}).reshape({weight.size(0), -1}).contiguous();
 }
@@ -248,6 +259,9 @@ at::Tensor scope_space_forward_cuda(const DKGeometry& g, const at::Tensor& input
                              input.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t rows = g.batch * g.positions();
   if (rows == 0 || g.out_channels == 0) return out;
+  // An empty image (H or W = 0, an output of padding only) reads zero everywhere; the kernels
+  // must not even address its zero-byte storage.
+  if (input.numel() == 0) return out.zero_();
   at::Tensor out_rows = out.permute({0, 2, 3, 1}).view({rows, g.out_channels});
   const at::Tensor w = weight_as_columns(weight);
   const int64_t tile = std::min(rows, tile_rows(g));
@@ -263,7 +277,7 @@ at::Tensor scope_space_forward_cuda(const DKGeometry& g, const at::Tensor& input
         const int64_t n = seg.o1 - seg.o0;
         out_rows.narrow(0, r0, r1 - r0)
             .narrow(1, seg.o0, n)
-            .copy_(at::mm(tile_cols.to(input.scalar_type()), w.narrow(0, seg.o0, n).t()));
+            .copy_(mm_opmath(tile_cols.to(input.scalar_type()), w.narrow(0, seg.o0, n).t()));
       }
     }
   });
@@ -288,7 +302,9 @@ std::vector<at::Tensor> scope_space_backward_cuda(const DKGeometry& g,
   at::Tensor grad_offset = has_offset ? at::zeros(offset.sizes(), acc_options) : at::Tensor();
   const at::Tensor w = weight_as_columns(weight);
   at::Tensor grad_w = at::zeros(w.sizes(), acc_options);
-  if (rows > 0 && g.out_channels > 0) {
+  if (rows > 0 && g.out_channels > 0 && input.numel() > 0) {
+    at::globalContext().alertNotDeterministic(
+        "dk_detectron2 grouped/full Deformable Kernel backward (CUDA, grad_input)");
     const at::Tensor gout_rows = grad_output.to(input.scalar_type())
                                      .contiguous(at::MemoryFormat::ChannelsLast)
                                      .permute({0, 2, 3, 1})
@@ -308,10 +324,9 @@ std::vector<at::Tensor> scope_space_backward_cuda(const DKGeometry& g,
           const int64_t n = seg.o1 - seg.o0;
           launch_build<scalar_t>(g, input, offset, rotation, r0, r1, seg, tile_cols);
           const at::Tensor gout = gout_rows.narrow(0, r0, r1 - r0).narrow(1, seg.o0, n);
-          grad_w.narrow(0, seg.o0, n)
-              .add_(at::mm(gout.t(), tile_cols.to(input.scalar_type())).to(acc_type));
-          const at::Tensor grad_cols =
-              at::mm(gout, w.narrow(0, seg.o0, n)).to(acc_type).contiguous();
+          const at::Tensor cols_in = tile_cols.to(input.scalar_type());
+          grad_w.narrow(0, seg.o0, n).add_(mm_opmath(gout.t(), cols_in));
+          const at::Tensor grad_cols = mm_opmath(gout, w.narrow(0, seg.o0, n)).contiguous();
           const int64_t items = (r1 - r0) * g.taps();  // (row, tap) pairs
           const int64_t work = (r1 - r0) * (g.in_channels / g.groups);
           if (has_offset) {

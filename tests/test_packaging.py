@@ -1,0 +1,97 @@
+"""Packaging: the package builds as a wheel against the installed torch, installs elsewhere and
+works from outside the checkout, configs included; an isolated build (pip's default, no torch)
+stops with a message that says what to do."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCES = ["setup.py", "README.md", "csrc", "dk_detectron2", "configs"]
+
+
+def _copy_sources(target):
+    """The files a build reads, without build outputs (so the checkout's build/ is untouched)."""
+    ignore = shutil.ignore_patterns("*.so", "__pycache__", "*.egg-info")
+    for name in SOURCES:
+        src, dst = os.path.join(REPO, name), os.path.join(target, name)
+        if os.path.isdir(src):
+            shutil.copytree(src, dst, ignore=ignore, symlinks=True)
+        else:
+            shutil.copy2(src, dst)
+
+
+def test_setup_without_torch_explains_no_build_isolation():
+    """What pip's isolated build runs into: setup.py must name the fix."""
+    code = ("import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version']; "
+            "exec(compile(open('setup.py').read(), 'setup.py', 'exec'))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "pip install --no-build-isolation -e ." in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_imports_outside_the_checkout(tmp_path):
+    source, wheels, site, elsewhere = (tmp_path / d for d in ("src", "wheels", "site", "cwd"))
+    for d in (wheels, site, elsewhere):
+        d.mkdir()
+    _copy_sources(str(source))
+    env = dict(os.environ, DK_WITH_CUDA="0", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+    env.pop("PYTHONPATH", None)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
+         "-w", str(wheels), str(source)], env=env, capture_output=True, text=True, timeout=1800)
+    assert build.returncode == 0, (build.stdout + build.stderr)[-4000:]
+    built = [w for w in os.listdir(wheels) if w.startswith("dk_detectron2-") and w.endswith(".whl")]
+    assert len(built) == 1, os.listdir(wheels)
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
+         str(site), str(wheels / built[0])], env=env, capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, (install.stdout + install.stderr)[-4000:]
+
+    check = textwrap.dedent(f"""
+        import importlib.resources, os, torch
+        import dk_detectron2
+        from dk_detectron2.layers import _extension, deform_kernel2d
+        site = {str(site)!r}
+        assert dk_detectron2.__file__.startswith(site), dk_detectron2.__file__
+        assert _extension.extension_path().startswith(site), _extension.extension_path()
+        assert not _extension.compiled_with_cuda()
+        x, w = torch.randn(1, 4, 6, 6), torch.randn(4, 1, 3, 3)
+        out = deform_kernel2d(x, torch.zeros(1, 18, 6, 6), w, 3, padding=1)
+        ref = torch.nn.functional.conv2d(x, w, padding=1, groups=4)
+        torch.testing.assert_close(out, ref)
+
+        configs = importlib.resources.files("dk_detectron2") / "configs"
+        from detectron2.config import LazyConfig, get_cfg
+        from detectron2.modeling import build_model
+        names = sorted(str(p.relative_to(configs)) for p in
+                       __import__("pathlib").Path(str(configs)).rglob("*") if p.is_file())
+        print("\\n".join(names))
+        cfg = get_cfg(); dk_detectron2.add_dk_config(cfg)
+        cfg.merge_from_file(str(configs / "COCO-InstanceSegmentation" /
+                                "mask_rcnn_dk_R_50_FPN_scratch_3x.yaml"))
+        assert cfg.MODEL.BACKBONE.NAME == "build_resnet_dk_fpn_backbone", cfg.MODEL.BACKBONE.NAME
+        cfg = get_cfg(); dk_detectron2.add_dk_config(cfg)
+        cfg.merge_from_file(str(configs / "shapes" / "mask_rcnn_dk_R18_FPN_shapes.yaml"))
+        cfg.MODEL.DEVICE = "cpu"
+        model = build_model(cfg)
+        assert any("DeformKernel" in type(m).__name__ for m in model.modules())
+        lazy = LazyConfig.load(str(configs / "mask_rcnn_dk_R_50_FPN_scratch_3x.py"))
+        assert "model" in lazy
+        print("OK")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(site)
+    run = subprocess.run([sys.executable, "-c", check], cwd=str(elsewhere), env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), \
+        (run.stdout + run.stderr)[-4000:]
+    shipped = set(run.stdout.split()[:-1])
+    in_repo = {os.path.relpath(os.path.join(d, f), os.path.join(REPO, "configs"))
+               for d, _, files in os.walk(os.path.join(REPO, "configs")) for f in files
+               if f.endswith((".yaml", ".py"))}
+    assert shipped == in_repo
