@@ -414,6 +414,30 @@ def test_batch_zero_returns_empty_output_and_gradients():
     assert nd_linear_sample(weight[:, 0], torch.zeros(0, 2, dtype=weight.dtype)).shape == (0, 4)
 
 
+@pytest.mark.parametrize("with_offset", [False, True])
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_empty_image_reads_zero_everywhere(with_offset, full, channels_last):
+    """H = 0 with padding 2: an output made of padding only. It is zero, as are all gradients,
+    on the depthwise and the grouped/full path, in both layouts (no read of the empty image)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 0, 5, dtype=torch.float64)
+    weight = torch.randn(6 if full else 4, 4 if full else 1, 4, 4, generator=gen, dtype=torch.float64)
+    rotation = torch.randn(2, 18, 2, 7, generator=gen, dtype=torch.float64)
+    offset = torch.randn(2, 18, 2, 7, generator=gen, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    inputs = [t.requires_grad_() for t in ([x, offset, rotation, weight] if with_offset
+                                           else [x, rotation, weight])]
+    geo = dict(kernel_size=3, padding=2)
+    out = (deform_kernel_conv2d if with_offset else deform_kernel2d)(*inputs, **geo)
+    assert out.shape == (2, weight.shape[0], 2, 7) and out.abs().max() == 0
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+    for grad, tensor in zip(grads, inputs):
+        assert grad.shape == tensor.shape and (grad.numel() == 0 or grad.abs().max() == 0)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e30])
 def test_non_finite_rotation_and_offset_read_zero(bad):
     x, offset, rotation, weight, geo = make_case(C=4, G=1)

@@ -1027,6 +1027,14 @@ at::Tensor forward_cpu(const at::Tensor& input, const c10::optional<at::Tensor>&
   const Prepared p = prepare(input, offset, rotation, weight, kernel_size, stride, padding,
                              dilation, rotation_groups, /*stage_nchw_input=*/true);
   const DKGeometry& g = p.g;
+  if (g.height * g.width == 0) {
+    // An empty image (H or W = 0, an output of padding only) reads zero everywhere; no kernel
+    // may address its zero-byte storage, not even through zero-weight corners. Both paths.
+    const auto format = is_channels_last(input) ? at::MemoryFormat::ChannelsLast
+                                                : at::MemoryFormat::Contiguous;
+    return at::zeros({g.batch, g.out_channels, g.out_height, g.out_width},
+                     input.options().memory_format(format));
+  }
   if (!g.depthwise()) {
     const at::Tensor out = cpu::scope_space_forward(g, p.input, p.offset, p.rotation, p.weight);
     return is_channels_last(input) ? out : out.contiguous();
@@ -1130,6 +1138,15 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_output, const at::Te
                               .contiguous(p.nchw ? at::MemoryFormat::Contiguous
                                                  : at::MemoryFormat::ChannelsLast);
   const bool has_offset = offset.has_value();
+  if (g.height * g.width == 0) {  // an empty image: every read was zero, so is every gradient
+    const auto format = is_channels_last(input) ? at::MemoryFormat::ChannelsLast
+                                                : at::MemoryFormat::Contiguous;
+    at::Tensor grad_input = at::zeros(input.sizes(), input.options().memory_format(format));
+    at::Tensor grad_rotation = at::zeros_like(rotation);
+    at::Tensor grad_weight = at::zeros_like(weight);
+    if (has_offset) return {grad_input, at::zeros_like(*offset), grad_rotation, grad_weight};
+    return {grad_input, grad_rotation, grad_weight};
+  }
   if (!g.depthwise()) {
     std::vector<at::Tensor> grads =
         cpu::scope_space_backward(g, grad_output, p.input, p.offset, p.rotation, p.weight);

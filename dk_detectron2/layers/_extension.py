@@ -6,7 +6,7 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only on a broken install
     raise ImportError(
         "dk_detectron2._C, the compiled Deformable Kernel extension, is not built. Run "
-        "`make test` (or `python setup.py build_ext --inplace`, or `pip install -e .`) in the "
+        "`make test` (or `python setup.py build_ext --inplace`, or `pip install --no-build-isolation -e .`) in the "
         f"dk_detectron2 checkout first. ({error})"
     ) from error
 
