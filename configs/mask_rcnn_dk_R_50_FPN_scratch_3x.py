@@ -26,9 +26,9 @@ optimizer = get_config("common/optim.py").SGD
 lr_multiplier = get_config("common/coco_schedule.py").lr_multiplier_3x
 train = get_config("common/train.py").train
 
-# The rotation generators train at 0.1x the learning rate (MODEL.DK.GENERATOR_LR_FACTOR).
+# The rotation generators train at 0.01x the learning rate (MODEL.DK.GENERATOR_LR_FACTOR).
 optimizer.params = L(get_dk_optimizer_params)(
-    base_lr="${..lr}", generator_lr_factor=0.1, weight_decay_norm=0.0
+    base_lr="${..lr}", generator_lr_factor=0.01, weight_decay_norm=0.0
 )
 
 # DK stages: depthwise 3x3 convs, local DK (scope 5, taps clipped to it) in res3-res5.

@@ -33,9 +33,10 @@ def add_dk_config(cfg):
     _C.MODEL.DK.ROTATION_CLIP = "scope"
     # (low, high) bounds of every rotation when ROTATION_CLIP is "range".
     _C.MODEL.DK.ROTATION_CLIP_RANGE = [-1.0, 1.0]
-    # Learning-rate factor of the generators that predict rotations and offsets (as for DCN's
-    # offsets; at 1 their coordinates can swing outside the scope early in training, see solver.py).
-    _C.MODEL.DK.GENERATOR_LR_FACTOR = 0.1
+    # Learning-rate factor of the generators that predict rotations and offsets. At 1 rotations
+    # swing outside the scope early in training; at 0.1 many taps pile up on the scope's edge
+    # (docs/results_shapes.md); 0.01 keeps them within a fraction of a cell of the rigid grid.
+    _C.MODEL.DK.GENERATOR_LR_FACTOR = 0.01
     # E, experts of "cond_conv".
     _C.MODEL.DK.NUM_EXPERTS = 4
     return cfg

@@ -43,7 +43,7 @@ def generator_lr_factor_func(model: torch.nn.Module, factor: float) -> Callable[
 
 
 def get_dk_optimizer_params(
-    model: torch.nn.Module, generator_lr_factor: float = 0.1, **kwargs
+    model: torch.nn.Module, generator_lr_factor: float = 0.01, **kwargs
 ) -> List[Dict]:
     """``detectron2.solver.get_default_optimizer_params(model, **kwargs)`` with the generators'
     learning rate multiplied by ``generator_lr_factor`` (which needs ``base_lr`` in ``kwargs``

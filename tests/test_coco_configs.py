@@ -127,5 +127,5 @@ def test_lazy_config_builds_the_dk_mask_rcnn_and_trains_one_step():
     optimizer = instantiate(cfg.optimizer)
     lr = {p: g["lr"] for g in optimizer.param_groups for p in g["params"]}
     conv2 = model.backbone.bottom_up.res4[0].conv2
-    assert lr[conv2.rotation_conv.weight] == pytest.approx(0.1 * lr[conv2.weight])
+    assert lr[conv2.rotation_conv.weight] == pytest.approx(0.01 * lr[conv2.weight])
     _one_step(model, optimizer)

@@ -21,7 +21,7 @@ DEFAULTS = {
     "ROTATION_GROUPS": 1,
     "ROTATION_CLIP": "scope",
     "ROTATION_CLIP_RANGE": [-1.0, 1.0],
-    "GENERATOR_LR_FACTOR": 0.1,
+    "GENERATOR_LR_FACTOR": 0.01,
     "NUM_EXPERTS": 4,
 }
 

@@ -32,7 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
-__all__ = ["StudyConfig", "StudyRun", "load_spec", "plan_runs", "summarize", "format_markdown"]
+__all__ = ["Study", "StudyConfig", "StudyRun", "load_spec", "plan_runs", "summarize", "format_markdown"]
 
 logger = logging.getLogger("dk_detectron2.study")
 

@@ -53,7 +53,7 @@ def main():
     assert dk_layers or cfg.MODEL.DK.TYPE not in ("deform_kernel", "deform_kernel_conv"), \
         "the config asks for Deformable Kernels but the model has none"
     batch = [synthetic_input(), synthetic_input()]
-    optimizer = build_dk_optimizer(cfg, model)  # Detectron2's SGD, generators at 0.1x the lr
+    optimizer = build_dk_optimizer(cfg, model)  # Detectron2's SGD, generators at MODEL.DK.GENERATOR_LR_FACTOR x the lr
     model.train()
     with EventStorage(0):
         losses = model(batch)
