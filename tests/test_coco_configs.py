@@ -11,12 +11,12 @@ import pytest
 import torch
 from detectron2.config import LazyConfig, get_cfg, instantiate
 from detectron2.modeling import build_model
-from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import dk_detectron2  # noqa: F401
 from dk_detectron2 import add_dk_config
 from dk_detectron2.engine import DKTrainer
+from _training_inputs import two_training_images
 from dk_detectron2.layers import (
     CondConv2d,
     DeformConv2d,
@@ -49,26 +49,10 @@ def _load(path):
     return cfg
 
 
-def _two_tiny_images():
-    torch.manual_seed(0)
-    inputs = []
-    for box in ([8.0, 10.0, 40.0, 50.0], [20.0, 4.0, 60.0, 30.0]):
-        instances = Instances((SIZE, SIZE))
-        instances.gt_boxes = Boxes(torch.tensor([box]))
-        instances.gt_classes = torch.tensor([3])
-        mask = torch.zeros(1, SIZE, SIZE, dtype=torch.bool)
-        x0, y0, x1, y1 = (int(v) for v in box)
-        mask[0, y0:y1, x0:x1] = True
-        instances.gt_masks = BitMasks(mask)
-        image = torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8)
-        inputs.append({"image": image, "height": SIZE, "width": SIZE, "instances": instances})
-    return inputs
-
-
 def _one_step(model, optimizer):
     model.train()
     with EventStorage(0):
-        losses = model(_two_tiny_images())
+        losses = model(two_training_images(SIZE))
     assert {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc"} <= set(losses)
     total = sum(losses.values())
     assert torch.isfinite(total), losses

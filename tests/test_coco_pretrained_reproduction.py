@@ -27,7 +27,6 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
-from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import dk_detectron2  # noqa: F401  (registers the DK backbones)
@@ -38,6 +37,7 @@ from dk_detectron2.layers import DeformKernel2d, DeformKernelConv2d
 from dk_detectron2.solver import generator_parameter_names
 
 from _model_zoo_checkpoints import CHECKPOINTS, COCO_PRETRAINED_CONFIGS, write_model_zoo_pkl
+from _training_inputs import two_training_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-5  # relative to the largest magnitude of each compared output
@@ -167,22 +167,6 @@ def _compare(dk_out, rigid_out):
     return errors
 
 
-def _training_inputs(size=64):
-    generator = torch.Generator().manual_seed(0)
-    inputs = []
-    for box in ([8.0, 10.0, 40.0, 50.0], [20.0, 4.0, 60.0, 30.0]):
-        instances = Instances((size, size))
-        instances.gt_boxes = Boxes(torch.tensor([box]))
-        instances.gt_classes = torch.tensor([3])
-        mask = torch.zeros(1, size, size, dtype=torch.bool)
-        x0, y0, x1, y1 = (int(v) for v in box)
-        mask[0, y0:y1, x0:x1] = True
-        instances.gt_masks = BitMasks(mask)
-        image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator)
-        inputs.append({"image": image, "height": size, "width": size, "instances": instances})
-    return inputs
-
-
 def _train_steps(model, cfg, steps=2):
     """``steps`` SGD steps with DKTrainer's optimizer; returns the last losses."""
     model.proposal_generator.post_nms_topk[True] = 64
@@ -191,7 +175,7 @@ def _train_steps(model, cfg, steps=2):
     model.train()
     for step in range(steps):
         with EventStorage(step):
-            losses = model(_training_inputs())
+            losses = model(two_training_images())
         total = sum(losses.values())
         assert torch.isfinite(total), losses
         optimizer.zero_grad()
