@@ -419,7 +419,8 @@ def test_batch_zero_returns_empty_output_and_gradients():
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_empty_image_reads_zero_everywhere(with_offset, full, channels_last):
     """H = 0 with padding 2: an output made of padding only. It is zero, as are all gradients,
-    on the depthwise and the grouped/full path, in both layouts (no read of the empty image)."""
+    on the depthwise and the grouped/full path (no read of the empty image). An empty input has
+    no memory format of its own (every stride fits both), so the output's layout is not checked."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 0, 5, dtype=torch.float64)
     weight = torch.randn(6 if full else 4, 4 if full else 1, 4, 4, generator=gen, dtype=torch.float64)
@@ -432,7 +433,6 @@ def test_empty_image_reads_zero_everywhere(with_offset, full, channels_last):
     geo = dict(kernel_size=3, padding=2)
     out = (deform_kernel_conv2d if with_offset else deform_kernel2d)(*inputs, **geo)
     assert out.shape == (2, weight.shape[0], 2, 7) and out.abs().max() == 0
-    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
     grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
     for grad, tensor in zip(grads, inputs):
         assert grad.shape == tensor.shape and (grad.numel() == 0 or grad.abs().max() == 0)
