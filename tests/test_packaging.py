@@ -16,6 +16,7 @@ SOURCES = ["setup.py", "README.md", "csrc", "dk_detectron2", "configs"]
 def _copy_sources(target):
     """The files a build reads, without build outputs (so the checkout's build/ is untouched)."""
     ignore = shutil.ignore_patterns("*.so", "__pycache__", "*.egg-info")
+    os.makedirs(target, exist_ok=True)
     for name in SOURCES:
         src, dst = os.path.join(REPO, name), os.path.join(target, name)
         if os.path.isdir(src):
