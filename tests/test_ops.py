@@ -110,7 +110,7 @@ def test_float32_matches_float64():
 
 
 @pytest.mark.parametrize("channels, groups", [(1, 1), (16, 1), (48, 3), (64, 2), (117, 1), (208, 4)])
-def test_float32_channel_blocks_match_reference(channels, groups):
+def test_float32_strided_forward_channel_blocks_match_reference(channels, groups):
     """float32 runs channel blocks of 64/32/16 in registers plus a scalar tail: every mix of them,
     per rotation group, with taps outside the image and the scope, against the float64 reference."""
     x, _, rotation, weight, geo = make_case(B=2, C=channels, H=9, W=10, G=groups, stride=2, seed=3)
