@@ -364,8 +364,9 @@ class Study:
                 if proc.returncode == 0 and run.finished:
                     self._seconds[(run.config.name, run.seed)] = seconds
                     self.write_report()
-                    box = self.records()[self.runs.index(run)]["metrics"]["bbox/AP"]
-                    status = f"box AP {box:.1f}"
+                    with open(run.results_path) as f:
+                        box = _metric(json.load(f), "bbox", "AP")
+                    status = "box AP —" if box is None else f"box AP {box:.1f}"
                 else:
                     failures += 1
                     status = f"FAILED (rc {proc.returncode}, see {run.output_dir}/stdout.log)"
