@@ -1,8 +1,10 @@
 // One tap of one output position: where it reads in the scope and in the image. Shared by the
-// depthwise kernels (deform_kernel_cpu.cpp) and the scope-space path (scope_space_cpu.cpp).
+// depthwise kernels (deform_kernel_forward.h, deform_kernel_backward.h) and the scope-space path
+// (scope_space_cpu.cpp).
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -361,6 +363,74 @@ class NextRowPrefetch {
   std::vector<const char*> lines_;
   size_t next_ = 0, per_request_ = 0;
 };
+
+// Calls f(J) for the corners J = 0..3 as compile-time constants. Per-corner arrays indexed this
+// way stay in registers (GCC scalarises small arrays before it unrolls loops, so an array indexed
+// by a loop counter lives on the stack).
+template <typename F>
+DK_ALWAYS_INLINE void for_corners(F&& f) {
+  f(std::integral_constant<int, 0>{});
+  f(std::integral_constant<int, 1>{});
+  f(std::integral_constant<int, 2>{});
+  f(std::integral_constant<int, 3>{});
+}
+
+// The image row of `pixel`, or the zeros row for a pixel outside the image (-1).
+template <typename scalar_t>
+DK_ALWAYS_INLINE const scalar_t* pixel_row(const scalar_t* image, int32_t pixel, int64_t C,
+                                           const scalar_t* zeros) {
+  return pixel >= 0 ? image + int64_t(pixel) * C : zeros;
+}
+
+// What one tap entry of a RowTaps row reads: the padded-scope rows (padded_scope) and weights of
+// its 4 scope corners, and its image rows (1 for an integer tap, 4 bilinear corners with their
+// weights for kOffset), at channel 0.
+template <typename scalar_t, typename acc_t, bool kOffset>
+struct TapReads {
+  const scalar_t* w[4];
+  acc_t a[4];
+  const scalar_t* x[kOffset ? 4 : 1];
+  acc_t b[4];
+};
+
+template <typename scalar_t, typename acc_t, bool kOffset>
+DK_ALWAYS_INLINE TapReads<scalar_t, acc_t, kOffset> tap_reads(const RowTaps<acc_t>& row,
+                                                              int64_t e, const scalar_t* image,
+                                                              const scalar_t* scope, int64_t C,
+                                                              const scalar_t* zeros) {
+  TapReads<scalar_t, acc_t, kOffset> r;
+  r.w[0] = scope + row.cell[e];
+  r.w[1] = r.w[0] + row.right;
+  r.w[2] = r.w[0] + row.below;
+  r.w[3] = r.w[2] + row.right;
+  for_corners([&](auto j) { r.a[j] = row.weights[4 * e + j]; });
+  if constexpr (kOffset) {
+    for_corners([&](auto j) {
+      r.x[j] = pixel_row(image, row.image_pixel[j][e], C, zeros);
+      r.b[j] = row.image_weight[j][e];
+    });
+  } else {
+    r.x[0] = pixel_row(image, row.pixel[e], C, zeros);
+  }
+  return r;
+}
+
+// The rows of the four bilinear corners `s` in a [cells, C] table (the transposed weight or its
+// gradient, an image or its gradient), at channel c0.
+template <typename T, typename acc_t>
+DK_ALWAYS_INLINE std::array<T*, 4> corner_rows(T* table, const BilinearCorners<acc_t>& s,
+                                               int64_t C, int64_t c0) {
+  return {table + s.index[0] * C + c0, table + s.index[1] * C + c0, table + s.index[2] * C + c0,
+          table + s.index[3] * C + c0};
+}
+
+// sum_j coefficient[j] * v_j over the four corners, in corner order (the chain rule through the
+// corner weights: coefficient = dweight_dy or dweight_dx).
+template <typename acc_t>
+DK_ALWAYS_INLINE acc_t corner_dot(const acc_t (&coefficient)[4], acc_t v0, acc_t v1, acc_t v2,
+                                  acc_t v3) {
+  return coefficient[0] * v0 + coefficient[1] * v1 + coefficient[2] * v2 + coefficient[3] * v3;
+}
 
 }  // namespace cpu
 }  // namespace dk_detectron2

@@ -89,6 +89,70 @@ inline int x86_64_level() {
 }
 #endif
 
+// Whole vectors V, or the first n floats of one (the last channels of a group); the lanes past n
+// read zeros and are never stored.
+template <typename V>
+struct FullLanes {
+  DK_ALWAYS_INLINE static V load(const float* p) { return load_vector<V>(p); }
+  DK_ALWAYS_INLINE static void store(float* p, V v) { store_vector(p, v); }
+};
+template <typename V>
+struct PartialLanes {
+  int n;
+  DK_ALWAYS_INLINE V load(const float* p) const {
+    V v = {};
+    __builtin_memcpy(&v, p, n * sizeof(float));
+    return v;
+  }
+  DK_ALWAYS_INLINE void store(float* p, V v) const { __builtin_memcpy(p, &v, n * sizeof(float)); }
+};
+
+
+typedef FloatVector<4> f32x4;
+
+// The lane sums of a, b, c and d (a fixed pairwise order): halves added pairwise, two vectors'
+// halves per shuffle, until one lane per vector is left.
+DK_ALWAYS_INLINE f32x4 lane_sums(f32x4 a, f32x4 b, f32x4 c, f32x4 d) {
+  const f32x4 ab =
+      __builtin_shufflevector(a, b, 0, 1, 4, 5) + __builtin_shufflevector(a, b, 2, 3, 6, 7);
+  const f32x4 cd =
+      __builtin_shufflevector(c, d, 0, 1, 4, 5) + __builtin_shufflevector(c, d, 2, 3, 6, 7);
+  return __builtin_shufflevector(ab, cd, 0, 2, 4, 6) + __builtin_shufflevector(ab, cd, 1, 3, 5, 7);
+}
+
+DK_ALWAYS_INLINE f32x4 lane_sums(FloatVector<8> a, FloatVector<8> b,
+                                 FloatVector<8> c, FloatVector<8> d) {
+  typedef FloatVector<8> f32x8;
+  const f32x8 ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) +
+                   __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+  const f32x8 cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 8, 9, 10, 11) +
+                   __builtin_shufflevector(c, d, 4, 5, 6, 7, 12, 13, 14, 15);
+  const f32x8 q = __builtin_shufflevector(ab, cd, 0, 1, 4, 5, 8, 9, 12, 13) +
+                  __builtin_shufflevector(ab, cd, 2, 3, 6, 7, 10, 11, 14, 15);
+  return __builtin_shufflevector(q, q, 0, 2, 4, 6) + __builtin_shufflevector(q, q, 1, 3, 5, 7);
+}
+
+DK_ALWAYS_INLINE f32x4 lane_sums(FloatVector<16> a, FloatVector<16> b,
+                                 FloatVector<16> c, FloatVector<16> d) {
+  typedef FloatVector<16> f32x16;
+  typedef FloatVector<8> f32x8;
+  const f32x16 ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21,
+                                            22, 23) +
+                    __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28,
+                                            29, 30, 31);
+  const f32x16 cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21,
+                                            22, 23) +
+                    __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28,
+                                            29, 30, 31);
+  const f32x16 q = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24,
+                                           25, 26, 27) +
+                   __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28,
+                                           29, 30, 31);
+  const f32x8 h = __builtin_shufflevector(q, q, 0, 1, 4, 5, 8, 9, 12, 13) +
+                  __builtin_shufflevector(q, q, 2, 3, 6, 7, 10, 11, 14, 15);
+  return __builtin_shufflevector(h, h, 0, 2, 4, 6) + __builtin_shufflevector(h, h, 1, 3, 5, 7);
+}
+
 }  // namespace cpu
 }  // namespace dk_detectron2
 

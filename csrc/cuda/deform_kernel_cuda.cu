@@ -130,7 +130,7 @@ scalar_t* mutable_data_or_null(at::Tensor& tensor) {
 // ------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------
-template <bool kDeformable>
+template <bool kOffset>
 at::Tensor forward(const char* op, const at::Tensor& input, const at::Tensor* offset,
                    const at::Tensor& rotation, const at::Tensor& weight,
                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -159,7 +159,7 @@ at::Tensor forward(const char* op, const at::Tensor& input, const at::Tensor* of
   const int64_t threads = k.batch * k.rotation_groups * chunks * k.positions();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, p.input.scalar_type(), "dk_forward_cuda", [&] {
-        dk_forward_kernel<scalar_t, kDeformable>
+        dk_forward_kernel<scalar_t, kOffset>
             <<<blocks_for(threads), kThreadsPerBlock, 0, stream>>>(
                 p.input.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(p.offset),
                 p.rotation.const_data_ptr<scalar_t>(), p.weight.const_data_ptr<scalar_t>(),
@@ -178,7 +178,7 @@ struct Gradients {
 
 // grad_weight = sum over (b, position, tap) of the scope gradient, reduced per block into
 // partial sums (one per chunk of (b, position) pairs) and then over the chunks.
-template <typename scalar_t, bool kDeformable>
+template <typename scalar_t, bool kOffset>
 void launch_grad_weight(const Prepared& p, const at::Tensor& grad_output, at::Tensor& grad_weight,
                         cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -198,7 +198,7 @@ void launch_grad_weight(const Prepared& p, const at::Tensor& grad_output, at::Te
   at::Tensor partial = at::empty({num_chunks, grad_weight.numel()},
                                  p.input.options().dtype(at::toOpMathType(p.input.scalar_type())));
   const dim3 grid(static_cast<unsigned int>(k.channels), static_cast<unsigned int>(num_chunks));
-  dk_grad_weight_partial_kernel<scalar_t, kDeformable>
+  dk_grad_weight_partial_kernel<scalar_t, kOffset>
       <<<grid, kGradWeightThreads, shared_bytes, stream>>>(
           grad_output.const_data_ptr<scalar_t>(), p.input.const_data_ptr<scalar_t>(),
           data_or_null<scalar_t>(p.offset), p.rotation.const_data_ptr<scalar_t>(),
@@ -211,7 +211,7 @@ void launch_grad_weight(const Prepared& p, const at::Tensor& grad_output, at::Te
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <bool kDeformable>
+template <bool kOffset>
 Gradients backward(const char* op, const at::Tensor& grad_output_in, const at::Tensor& input,
                    const at::Tensor* offset, const at::Tensor& rotation,
                    const at::Tensor& weight, at::IntArrayRef kernel_size, at::IntArrayRef stride,
@@ -228,7 +228,7 @@ Gradients backward(const char* op, const at::Tensor& grad_output_in, const at::T
     grads.input = at::empty(p.input.sizes(), image_options).zero_();  // at::zeros drops the format
     grads.rotation = at::zeros_like(p.rotation);
     grads.weight = at::zeros_like(p.weight);
-    if constexpr (kDeformable) grads.offset = at::zeros_like(p.offset);
+    if constexpr (kOffset) grads.offset = at::zeros_like(p.offset);
     return grads;
   }
   if (!p.geometry.depthwise()) {  // grouped / full weights: scope-space columns + cuBLAS
@@ -236,7 +236,7 @@ Gradients backward(const char* op, const at::Tensor& grad_output_in, const at::T
         p.geometry, grad_output_in, p.input, p.offset, p.rotation, p.weight);
     Gradients grads;
     grads.input = g[0].contiguous(p.format);
-    if constexpr (kDeformable) {
+    if constexpr (kOffset) {
       grads.offset = g[1];
       grads.rotation = g[2];
       grads.weight = g[3];
@@ -250,7 +250,7 @@ Gradients backward(const char* op, const at::Tensor& grad_output_in, const at::T
   Gradients grads;
   grads.rotation = at::empty_like(p.rotation);
   grads.weight = at::empty_like(p.weight);
-  if constexpr (kDeformable) grads.offset = at::empty_like(p.offset);
+  if constexpr (kOffset) grads.offset = at::empty_like(p.offset);
   const DKShape& k = p.shape;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -258,7 +258,7 @@ Gradients backward(const char* op, const at::Tensor& grad_output_in, const at::T
       at::kHalf, at::kBFloat16, p.input.scalar_type(), "dk_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         // grad_input
-        if constexpr (kDeformable) {
+        if constexpr (kOffset) {
           // Bilinear image reads: scatter with atomics into an acc_t buffer (the order of the
           // float additions varies from run to run).
           at::globalContext().alertNotDeterministic(
@@ -294,7 +294,7 @@ Gradients backward(const char* op, const at::Tensor& grad_output_in, const at::T
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
         // grad_rotation (and grad_offset)
-        dk_grad_rotation_offset_kernel<scalar_t, kDeformable>
+        dk_grad_rotation_offset_kernel<scalar_t, kOffset>
             <<<blocks_for(k.batch * k.taps() * k.positions()), kThreadsPerBlock, 0, stream>>>(
                 grad_output.const_data_ptr<scalar_t>(), p.input.const_data_ptr<scalar_t>(),
                 data_or_null<scalar_t>(p.offset), p.rotation.const_data_ptr<scalar_t>(),
@@ -302,7 +302,7 @@ Gradients backward(const char* op, const at::Tensor& grad_output_in, const at::T
                 grads.rotation.mutable_data_ptr<scalar_t>(), k);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         // grad_weight
-        launch_grad_weight<scalar_t, kDeformable>(p, grad_output, grads.weight, stream);
+        launch_grad_weight<scalar_t, kOffset>(p, grad_output, grads.weight, stream);
       });
   return grads;
 }

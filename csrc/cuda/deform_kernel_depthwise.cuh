@@ -1,6 +1,6 @@
 // CUDA kernels of the depthwise Deformable Kernel operators (weight [C, 1, Sh, Sw]).
 //
-// One template parameter, kDeformable, covers both operators:
+// One template parameter, kOffset, covers both operators:
 //   * false: deform_kernel2d, the input is read at the integer tap (y*s - p + kh*d, x*s - p + kw*d);
 //   * true:  deform_kernel_conv2d, the input is read bilinearly at that point plus the offset.
 // Both read the scope weight[c, 0] bilinearly at (kh + r_y + (Sh-Kh)/2, kw + r_x + (Sw-Kw)/2)
@@ -43,21 +43,21 @@ struct DKShape {
 };
 
 // Number of image corners a tap reads: one integer cell, or four bilinear corners.
-template <bool kDeformable>
+template <bool kOffset>
 struct ImageCorners {
-  static constexpr int kCount = kDeformable ? 4 : 1;
+  static constexpr int kCount = kOffset ? 4 : 1;
 };
 
 // Where tap (kh, kw) of output position (y, x) (s = y * Wo + x) reads the image of batch b. For
 // the integer tap only corner 0 is filled: weight 1 inside the image, 0 (index 0) outside.
-template <bool kDeformable, typename scalar_t, typename acc_t>
+template <bool kOffset, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void image_corners(const scalar_t* __restrict__ offset,
                                               const DKShape& k, int64_t b, int64_t kh,
                                               int64_t kw, int64_t y, int64_t x, int64_t s,
                                               BilinearCorners<acc_t>& corners) {
   const int64_t iy = y * k.stride_h - k.pad_h + kh * k.dilation_h;
   const int64_t ix = x * k.stride_w - k.pad_w + kw * k.dilation_w;
-  if constexpr (kDeformable) {
+  if constexpr (kOffset) {
     const int64_t positions = k.positions();
     const int64_t tap = kh * k.kernel_w + kw;
     const scalar_t* o = offset + (b * k.taps() * 2 + tap * 2) * positions + s;
@@ -97,7 +97,7 @@ __device__ __forceinline__ void scope_corners(const scalar_t* __restrict__ rotat
 // ------------------------------------------------------------------------------------------------
 constexpr int kChannelsPerThread = 8;
 
-template <typename scalar_t, bool kDeformable>
+template <typename scalar_t, bool kOffset>
 __global__ void dk_forward_kernel(const scalar_t* __restrict__ input,
                                   const scalar_t* __restrict__ offset,
                                   const scalar_t* __restrict__ rotation,
@@ -124,7 +124,7 @@ __global__ void dk_forward_kernel(const scalar_t* __restrict__ input,
     for (int64_t kh = 0; kh < k.kernel_h; ++kh) {
       for (int64_t kw = 0; kw < k.kernel_w; ++kw) {
         BilinearCorners<acc_t> img;
-        image_corners<kDeformable>(offset, k, b, kh, kw, y, x, s, img);
+        image_corners<kOffset>(offset, k, b, kh, kw, y, x, s, img);
         BilinearCorners<acc_t> sc;
         scope_corners(rotation, k, b, g, kh, kw, s, sc);
 #pragma unroll
@@ -133,7 +133,7 @@ __global__ void dk_forward_kernel(const scalar_t* __restrict__ input,
           const int64_t c = c_begin + j;
           acc_t value = 0;
 #pragma unroll
-          for (int i = 0; i < ImageCorners<kDeformable>::kCount; ++i) {
+          for (int i = 0; i < ImageCorners<kOffset>::kCount; ++i) {
             const int64_t at = image_offset(b, c, img.index[i], k.channels, k.plane(),
                                             k.channels_last);
             value += img.weight[i] * static_cast<acc_t>(input[at]);
@@ -270,11 +270,11 @@ __global__ void dk_grad_input_scatter_kernel(const scalar_t* __restrict__ grad_o
 }
 
 // ------------------------------------------------------------------------------------------------
-// grad_rotation (and grad_offset when kDeformable): one thread per (b, tap, position), looping
+// grad_rotation (and grad_offset when kOffset): one thread per (b, tap, position), looping
 // over the rotation groups and, inside a group, over its channels. The image corners of the tap
 // are computed once per thread and the scope corners once per group. No atomics.
 // ------------------------------------------------------------------------------------------------
-template <typename scalar_t, bool kDeformable>
+template <typename scalar_t, bool kOffset>
 __global__ void dk_grad_rotation_offset_kernel(const scalar_t* __restrict__ grad_output,
                                                const scalar_t* __restrict__ input,
                                                const scalar_t* __restrict__ offset,
@@ -296,7 +296,7 @@ __global__ void dk_grad_rotation_offset_kernel(const scalar_t* __restrict__ grad
     const int64_t y = s / k.out_width;
     const int64_t x = s - y * k.out_width;
     BilinearCorners<acc_t> img;
-    image_corners<kDeformable>(offset, k, b, kh, kw, y, x, s, img);
+    image_corners<kOffset>(offset, k, b, kh, kw, y, x, s, img);
     acc_t grad_offset_y = 0, grad_offset_x = 0;
     for (int64_t g = 0; g < k.rotation_groups; ++g) {
       BilinearCorners<acc_t> sc;
@@ -308,11 +308,11 @@ __global__ void dk_grad_rotation_offset_kernel(const scalar_t* __restrict__ grad
             grad_output[image_offset(b, c, s, k.channels, positions, k.channels_last)]);
         acc_t value = 0, dvalue_dy = 0, dvalue_dx = 0;
 #pragma unroll
-        for (int i = 0; i < ImageCorners<kDeformable>::kCount; ++i) {
+        for (int i = 0; i < ImageCorners<kOffset>::kCount; ++i) {
           const acc_t v = static_cast<acc_t>(
               input[image_offset(b, c, img.index[i], k.channels, k.plane(), k.channels_last)]);
           value += img.weight[i] * v;
-          if constexpr (kDeformable) {
+          if constexpr (kOffset) {
             dvalue_dy += img.dweight_dy[i] * v;
             dvalue_dx += img.dweight_dx[i] * v;
           }
@@ -329,7 +329,7 @@ __global__ void dk_grad_rotation_offset_kernel(const scalar_t* __restrict__ grad
         const acc_t go_value = go * value;
         grad_rotation_y += go_value * dkernel_dy;
         grad_rotation_x += go_value * dkernel_dx;
-        if constexpr (kDeformable) {
+        if constexpr (kOffset) {
           const acc_t go_kernel = go * kernel;
           grad_offset_y += go_kernel * dvalue_dy;
           grad_offset_x += go_kernel * dvalue_dx;
@@ -339,7 +339,7 @@ __global__ void dk_grad_rotation_offset_kernel(const scalar_t* __restrict__ grad
       grad_rotation[r] = static_cast<scalar_t>(grad_rotation_y);
       grad_rotation[r + positions] = static_cast<scalar_t>(grad_rotation_x);
     }
-    if constexpr (kDeformable) {
+    if constexpr (kOffset) {
       const int64_t o = (b * taps * 2 + tap * 2) * positions + s;
       grad_offset[o] = static_cast<scalar_t>(grad_offset_y);
       grad_offset[o + positions] = static_cast<scalar_t>(grad_offset_x);
@@ -354,7 +354,7 @@ __global__ void dk_grad_rotation_offset_kernel(const scalar_t* __restrict__ grad
 // then the block sums the columns with a tree. Scopes with more cells than fit in shared memory
 // take several passes over the chunk, each owning a range of cells. blockDim.x: a power of two.
 // ------------------------------------------------------------------------------------------------
-template <typename scalar_t, bool kDeformable>
+template <typename scalar_t, bool kOffset>
 __global__ void dk_grad_weight_partial_kernel(const scalar_t* __restrict__ grad_output,
                                               const scalar_t* __restrict__ input,
                                               const scalar_t* __restrict__ offset,
@@ -390,10 +390,10 @@ __global__ void dk_grad_weight_partial_kernel(const scalar_t* __restrict__ grad_
       for (int64_t kh = 0; kh < k.kernel_h; ++kh) {
         for (int64_t kw = 0; kw < k.kernel_w; ++kw) {
           BilinearCorners<acc_t> img;
-          image_corners<kDeformable>(offset, k, b, kh, kw, y, x, s, img);
+          image_corners<kOffset>(offset, k, b, kh, kw, y, x, s, img);
           acc_t value = 0;
 #pragma unroll
-          for (int i = 0; i < ImageCorners<kDeformable>::kCount; ++i) {
+          for (int i = 0; i < ImageCorners<kOffset>::kCount; ++i) {
             const int64_t at = image_offset(b, c, img.index[i], k.channels, k.plane(),
                                             k.channels_last);
             value += img.weight[i] * static_cast<acc_t>(input[at]);
