@@ -10,34 +10,12 @@ import torchvision
 import dk_detectron2
 from dk_detectron2.layers import deform_kernel2d, deform_kernel_conv2d, nd_linear_sample
 from dk_detectron2.layers import _extension
+from conftest import GEOMETRIES, make_case
 from dk_detectron2.layers.reference import (
     deform_kernel2d_reference,
     deform_kernel_conv2d_reference,
     nd_linear_sample_reference,
 )
-
-
-def out_size(size, k, s, p, d):
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-def make_case(
-    B=2, C=4, H=7, W=6, K=(3, 3), S=(4, 4), stride=1, padding=1, dilation=1, G=1,
-    rotation_scale=1.5, offset_scale=2.0, dtype=torch.float64, seed=0,
-):
-    """Random tensors for one call; rotations/offsets large enough to leave scope and image."""
-    gen = torch.Generator().manual_seed(seed)
-    pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
-    (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
-    ho = out_size(H, K[0], sh, ph, dh)
-    wo = out_size(W, K[1], sw, pw, dw)
-    x = torch.randn(B, C, H, W, generator=gen, dtype=dtype)
-    weight = torch.randn(C, 1, *S, generator=gen, dtype=dtype)
-    rotation = torch.randn(B, G * K[0] * K[1] * 2, ho, wo, generator=gen, dtype=dtype)
-    offset = torch.randn(B, K[0] * K[1] * 2, ho, wo, generator=gen, dtype=dtype)
-    geometry = dict(kernel_size=K, stride=stride, padding=padding, dilation=dilation,
-                    rotation_groups=G)
-    return x, offset * offset_scale, rotation * rotation_scale, weight, geometry
 
 
 def test_compiled_extension_is_in_use():
@@ -53,20 +31,6 @@ def test_compiled_extension_is_in_use():
 # ------------------------------------------------------------------------------------------------
 # Agreement with the reference on a matrix of geometries
 # ------------------------------------------------------------------------------------------------
-GEOMETRIES = [
-    # (K, S, stride, padding, dilation, G)
-    ((1, 1), (1, 1), 1, 0, 1, 1),
-    ((1, 1), (3, 2), 2, 0, 1, 2),
-    ((3, 3), (3, 3), 1, 1, 1, 1),
-    ((3, 3), (4, 4), 1, 1, 1, 4),
-    ((3, 3), (5, 5), 2, 1, 1, 2),
-    ((3, 3), (6, 6), 1, 2, 2, 1),
-    ((3, 3), (4, 5), 2, 0, 2, 4),
-    ((5, 5), (5, 5), 1, 2, 1, 2),
-    ((5, 5), (7, 8), 2, 2, 1, 1),
-    ((3, 5), (4, 6), 1, (1, 2), 1, 2),
-    ((2, 3), (3, 3), (1, 2), 1, (2, 1), 1),
-]
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)

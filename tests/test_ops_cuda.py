@@ -6,11 +6,14 @@ are themselves tested against the pure-PyTorch reference in tests/test_ops.py, s
 them in float64 checks the CUDA kernels' semantics: the depthwise kernels and the grouped / full
 path (scope-space columns + cuBLAS). The half-precision tests check accumulation in float32.
 """
+import functools
 import warnings
 
 import pytest
 import torch
 
+from conftest import GEOMETRIES as SHARED_GEOMETRIES
+from conftest import make_case as shared_make_case
 from dk_detectron2.layers import _extension, deform_kernel2d, deform_kernel_conv2d, nd_linear_sample
 
 CUDA = torch.cuda.is_available()
@@ -20,32 +23,8 @@ OPS = ("deform_kernel2d", "_deform_kernel2d_backward", "deform_kernel_conv2d",
        "_deform_kernel_conv2d_backward", "nd_linear_sample", "_nd_linear_sample_backward")
 
 
-def out_size(size, k, s, p, d):
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-def pair(v):
-    return v if isinstance(v, tuple) else (v, v)
-
-
-def make_case(B=2, C=8, H=9, W=8, K=(3, 3), S=(4, 4), stride=1, padding=1, dilation=1, G=1,
-              rotation_scale=1.5, offset_scale=2.0, dtype=torch.float64, seed=0, groups=None,
-              C_out=None):
-    """CPU tensors for one call; rotations/offsets large enough to leave the scope and image.
-    groups=None: depthwise weights [C, 1, S]; else [C_out, C / groups, S] (grouped or full)."""
-    gen = torch.Generator().manual_seed(seed)
-    (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
-    ho, wo = out_size(H, K[0], sh, ph, dh), out_size(W, K[1], sw, pw, dw)
-    x = torch.randn(B, C, H, W, generator=gen, dtype=dtype)
-    if groups is None:
-        weight = torch.randn(C, 1, *S, generator=gen, dtype=dtype)
-    else:
-        weight = torch.randn(C_out or C, C // groups, *S, generator=gen, dtype=dtype)
-    rotation = torch.randn(B, G * K[0] * K[1] * 2, ho, wo, generator=gen, dtype=dtype)
-    offset = torch.randn(B, K[0] * K[1] * 2, ho, wo, generator=gen, dtype=dtype)
-    geometry = dict(kernel_size=K, stride=stride, padding=padding, dilation=dilation,
-                    rotation_groups=G)
-    return x, offset * offset_scale, rotation * rotation_scale, weight, geometry
+# The cases of tests/test_ops.py, a little larger by default.
+make_case = functools.partial(shared_make_case, C=8, H=9, W=8)
 
 
 def run(with_offset, tensors, geometry, grad=None):
@@ -82,20 +61,8 @@ def test_cuda_kernels_are_registered_when_compiled_with_cuda():
 # ------------------------------------------------------------------------------------------------
 # CUDA vs CPU on a matrix of geometries (float64: the kernels must agree to rounding)
 # ------------------------------------------------------------------------------------------------
-GEOMETRIES = [
-    # (K, S, stride, padding, dilation, G)
-    ((1, 1), (1, 1), 1, 0, 1, 1),
-    ((1, 1), (3, 2), 2, 0, 1, 2),
-    ((3, 3), (3, 3), 1, 1, 1, 1),
-    ((3, 3), (4, 4), 1, 1, 1, 4),
-    ((3, 3), (5, 5), 2, 1, 1, 2),
-    ((3, 3), (6, 6), 1, 2, 2, 1),
-    ((3, 3), (4, 5), 2, 0, 2, 4),
+GEOMETRIES = SHARED_GEOMETRIES + [
     ((3, 3), (8, 7), 1, 1, 1, 2),  # 56 scope cells: two grad_weight passes in float64
-    ((5, 5), (5, 5), 1, 2, 1, 2),
-    ((5, 5), (7, 8), 2, 2, 1, 1),
-    ((3, 5), (4, 6), 1, (1, 2), 1, 2),
-    ((2, 3), (3, 3), (1, 2), 1, (2, 1), 1),
 ]
 
 
