@@ -7,6 +7,9 @@
 # CUDA kernels: built when a toolkit is found and a GPU is visible, or when DK_WITH_CUDA=1 (what CI
 # sets in .ci/run); DK_WITH_CUDA=0 never. TORCH_CUDA_ARCH_LIST is respected; setup.py prints the
 # architectures it builds.
+#
+# Output: a few "[setup]" progress lines, and errors. Everything the tools print (pip, the compiler,
+# ninja) goes to build/setup.log; on a failure the last lines of it are shown.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -14,6 +17,20 @@ VENV="$ROOT/.venv"
 PY="${PYTHON:-python3}"
 STAMP="$VENV/.deps-stamp"
 REQ="$ROOT/requirements.txt"
+LOG="$ROOT/build/setup.log"
+mkdir -p "$ROOT/build"
+: > "$LOG"
+
+# Runs a command with its output in $LOG; on failure shows the log's error lines and last lines.
+quiet() {
+  if ! "$@" >>"$LOG" 2>&1; then
+    echo "[setup] failed: $*" >&2
+    grep -E -i '(^|[^a-z_])(error|fatal)[: ]' "$LOG" | grep -v -i 'warning' | head -n 20 >&2 || true
+    echo "[setup] last lines of $LOG:" >&2
+    tail -n 25 "$LOG" >&2
+    exit 1
+  fi
+}
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
@@ -24,13 +41,13 @@ VPY="$VENV/bin/python"
 want=$(cat "$REQ" scripts/setup_env.sh | sha1sum | cut -d' ' -f1)
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   echo "[setup] installing pinned dependencies (torch, torchvision, detectron2, ...)"
-  "$VPY" -m pip install -q --upgrade "pip<26" wheel
-  "$VPY" -m pip install -q -r "$REQ"
+  quiet "$VPY" -m pip install --upgrade "pip<26" wheel
+  quiet "$VPY" -m pip install -r "$REQ"
   # Detectron2 has no official PyPI release: the sal-detectron2 wheel carries upstream's Python
   # sources. It is built for Python 3.10, so install it as plain files and put them on the path.
   D2="$VENV/detectron2-src"
   rm -rf "$D2"
-  "$VPY" -m pip install -q --no-deps --only-binary=:all: --python-version 3.10 \
+  quiet "$VPY" -m pip install --no-deps --only-binary=:all: --python-version 3.10 \
       --target "$D2" sal-detectron2==0.7.2
   rm -rf "$D2/tools" "$D2/bin"   # its top-level `tools` package would shadow ours
   site=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
@@ -48,14 +65,15 @@ export MAX_JOBS="${MAX_JOBS:-2}"
 # Build in place (ninja makes a no-op rebuild take about a second; setup.py says which CUDA
 # architectures, if any, it builds), then install in develop mode once: the stamp records this
 # checkout and setup.py, so another checkout or a changed setup.py reinstalls.
-filter() { grep -v -e '^running' -e 'UserWarning' -e 'warnings.warn' || true; }
-"$VPY" setup.py -q build_ext --inplace 2>&1 | filter
+echo "[setup] building dk_detectron2._C (only what changed; full log: build/setup.log)"
+quiet "$VPY" setup.py build_ext --inplace
+grep -h '^\[dk_detectron2\] CUDA kernels' "$LOG" | sed 's/^\[dk_detectron2\]/[setup]/' || true
 DEV_STAMP="$VENV/.develop-stamp"
 dev_want=$(printf '%s\n' "$ROOT" "$(sha1sum setup.py | cut -d' ' -f1)" | sha1sum | cut -d' ' -f1)
 if [ ! -f "$DEV_STAMP" ] || [ "$(cat "$DEV_STAMP")" != "$dev_want" ] \
    || ! "$VPY" -m pip show -q dk_detectron2 >/dev/null 2>&1; then
   echo "[setup] installing dk_detectron2 into $VENV in develop mode"
-  "$VPY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | filter
+  quiet "$VPY" -m pip install --no-build-isolation --no-deps -e .
   echo "$dev_want" > "$DEV_STAMP"
 fi
 (cd / && "$VPY" -c "import dk_detectron2._C") \
