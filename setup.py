@@ -159,7 +159,7 @@ setup(
     version="0.1.0",
     description="Deformable Kernels (ICLR 2020) for Detectron2: operators, backbones, tools",
     packages=find_packages(include=["dk_detectron2", "dk_detectron2.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=["torch>=2.4", "torchvision", "numpy", "fvcore", "pycocotools", "matplotlib"],
     ext_modules=[make_extension()],
     cmdclass={

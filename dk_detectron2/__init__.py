@@ -7,5 +7,6 @@ from . import layers  # noqa: F401
 from . import modeling  # noqa: F401  (registers the DK backbones)
 from .config import add_dk_config  # noqa: F401
 from . import data  # noqa: F401
+from . import model_zoo  # noqa: F401  (get_config_file: the shipped configs)
 
 __version__ = "0.1.0"

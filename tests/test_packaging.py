@@ -83,6 +83,8 @@ def test_wheel_installs_and_imports_outside_the_checkout(tmp_path):
         cfg.MODEL.DEVICE = "cpu"
         model = build_model(cfg)
         assert any("DeformKernel" in type(m).__name__ for m in model.modules())
+        from dk_detectron2.model_zoo import get_config_file
+        assert get_config_file("shapes/Base-Shapes.yaml") == str(configs / "shapes" / "Base-Shapes.yaml")
         lazy = LazyConfig.load(str(configs / "mask_rcnn_dk_R_50_FPN_scratch_3x.py"))
         assert "model" in lazy
         print("OK")
@@ -98,3 +100,12 @@ def test_wheel_installs_and_imports_outside_the_checkout(tmp_path):
                for d, _, files in os.walk(os.path.join(REPO, "configs")) for f in files
                if f.endswith((".yaml", ".py"))}
     assert shipped == in_repo
+
+
+def test_get_config_file_finds_the_checkouts_configs():
+    from dk_detectron2.model_zoo import get_config_file
+
+    path = get_config_file("shapes/mask_rcnn_dk_R18_FPN_shapes.yaml")
+    assert path == os.path.join(REPO, "configs", "shapes", "mask_rcnn_dk_R18_FPN_shapes.yaml")
+    with pytest.raises(RuntimeError, match="config_path 'shapes/nothing.yaml'"):
+        get_config_file("shapes/nothing.yaml")
