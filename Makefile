@@ -18,7 +18,7 @@ setup:
 
 ## benchmark: the benchmark suite (op level, model level, scaling); results in benchmarks/
 benchmark: setup
-	$(PY) -m dk_detectron2.benchmark --output benchmarks
+	$(PY) -m benchmarks --output benchmarks
 
 clean:
 	rm -rf build dk_detectron2/_C*.so

@@ -8,7 +8,7 @@
 #  2. tests/test_ops_cuda.py and tests/test_ops_cuda_grouped.py (CUDA vs CPU, every path, dtype);
 #  3. compute-sanitizer memcheck over scripts/gpu_check_ops.py (every op forward + backward in
 #     every dtype), and racecheck + synccheck over it (the shared-memory weight-gradient kernel);
-#  4. the benchmark's CUDA section (python -m dk_detectron2.benchmark --cuda --quick);
+#  4. the benchmark's CUDA section (python -m benchmarks --cuda --quick);
 #  5. 50 training iterations of the DK Mask R-CNN and of its rigid baseline, float32 and AMP:
 #     losses finite, DK at most 1.3x the rigid model's iteration time.
 # Writes OUTPUT_DIR/report.md (one line per step, PASS/FAIL, time) beside each step's log, and
@@ -114,7 +114,7 @@ else
 fi
 
 # 4. The benchmark's CUDA section.
-step benchmark 300 "$PY" -m dk_detectron2.benchmark --cuda --quick --no-progress \
+step benchmark 300 "$PY" -m benchmarks --cuda --quick --no-progress \
   --output "$OUT/benchmark"
 
 # 5. Training on the GPU, float32 and AMP, DK vs the rigid baseline.

@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark suite (``python -m dk_detectron2.benchmark``).
+"""Smoke tests of the benchmark suite (``python -m benchmarks``).
 
 The suite runs once in ``--quick`` mode (tiny shapes, one thread) and the tests check that the
 JSON, Markdown and PNG it writes are complete and well formed. No test asserts on a timing: the
@@ -12,15 +12,11 @@ import math
 import pytest
 import torch
 
-from dk_detectron2.benchmark import main
-from dk_detectron2.benchmark.cli import parse_args
-from dk_detectron2.benchmark.memory import measure_memory
-from dk_detectron2.benchmark.sections import SECTION_REGISTRY
-from dk_detectron2.benchmark.sections.cuda import peak_bandwidth
-from dk_detectron2.benchmark.sections.scaling import linear_fit
-from dk_detectron2.benchmark.shapes import headline_shape, op_shapes
-from dk_detectron2.benchmark.targets import TARGETS, evaluate_targets
-from dk_detectron2.benchmark.timing import time_interleaved
+from benchmarks.cases import headline_shape, op_shapes
+from benchmarks.cli import SECTIONS, main, parse_args
+from benchmarks.cuda import peak_bandwidth
+from benchmarks.measure import compare, linear_fit, measure_memory, time_interleaved
+from benchmarks.targets import TARGETS, evaluate_targets
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -81,7 +77,8 @@ def test_op_comparisons_cover_every_shape_op_and_pass(quick_run):
     assert len(keys) == len(rows) == len(shapes) * 3 * 2
     for row in rows:
         assert _finite_positive(row["ratio_min"]) and _finite_positive(row["ratio_median"])
-        assert row["op_min_ms"] <= row["op_median_ms"]
+        assert row["ratio_min"] <= row["ratio_max"]
+        assert row["op_min_ms"] <= row["op_median_ms"] <= row["op_max_ms"]
         assert row["op_layout"] in ("nchw", "channels_last")
     for timing in results["ops"]["timings"]:
         assert timing["repeats"] >= 1 and timing["threads"] == 1
@@ -90,11 +87,9 @@ def test_op_comparisons_cover_every_shape_op_and_pass(quick_run):
 
 def test_full_dk_memory_scaling_and_model_sections(quick_run):
     _, results = quick_run
-    assert results["full_dk"]["status"] in ("measured", "unsupported")
-    if results["full_dk"]["status"] == "measured":
-        assert len(results["full_dk"]["comparisons"]) == 2
+    assert len(results["full_dk"]["comparisons"]) == 2
     memory = results["memory"]
-    assert isinstance(memory["column_buffer_free"], bool)
+    assert memory["worst_extra_per_column_buffer"] >= 0 and memory["worst_extra_per_output"] >= 0
     measured = [r for r in memory["rows"] if "extra_bytes" in r]
     assert measured and all(r["peak_bytes"] >= r["extra_bytes"] >= 0 for r in measured)
     assert {r["op"] for r in measured} >= {"deform_kernel2d", "deform_kernel_conv2d", "conv2d"}
@@ -125,8 +120,9 @@ def test_targets_pass_and_miss_on_known_ratios():
             "shape": {"label": label},
             "op": op,
             "pass": pass_name,
-            "ratio_min": ratio,
-            "ratio_median": ratio * 1.1,
+            "ratio_min": ratio * 0.9,
+            "ratio_median": ratio,
+            "ratio_max": ratio * 1.2,
         }
 
     results = {
@@ -136,17 +132,37 @@ def test_targets_pass_and_miss_on_known_ratios():
                 row("deform_kernel2d", "forward_backward", 3.2),
                 row("deform_kernel_conv2d", "forward_backward", 1 / 150.0),
             ]
-        }
+        },
+        "memory": {"worst_extra_per_column_buffer": 8.65 / 9, "worst_extra_per_output": 8.65},
     }
-    status = {t["name"]: t["status"] for t in evaluate_targets(results, "min", quick=False)}
-    assert status["CPU deform_kernel2d fwd / fastest dw conv2d"] == "PASS"
+    targets = {t["name"]: t for t in evaluate_targets(results, quick=False)}
+    status = {name: t["status"] for name, t in targets.items()}
+    assert status["CPU deform_kernel2d fwd / fastest dw conv2d"] == "PASS"  # judged on the median
     assert status["CPU deform_kernel2d fwd+bwd / fastest dw conv2d"] == "MISS"
     assert (
         status["CPU deform_kernel_conv2d speedup over torchvision deform_conv2d fwd+bwd"] == "PASS"
     )
     assert status["Mask R-CNN DK-R50-FPN inference / plain R50-FPN"] == "n/a"
-    median = {t["name"]: t["status"] for t in evaluate_targets(results, "median", quick=False)}
-    assert median["CPU deform_kernel2d fwd / fastest dw conv2d"] == "MISS"  # 1.9 * 1.1 > 2
+    assert targets["CPU deform_kernel2d fwd / fastest dw conv2d"]["measured_range"] == \
+        pytest.approx([1.9 * 0.9, 1.9 * 1.2])
+    # Total extra memory of nearly a full column buffer is not "no column buffer".
+    column = [t for name, t in targets.items() if name.startswith("No per-tap column buffer")]
+    assert column[0]["status"] == "MISS"
+
+
+def test_compare_uses_the_same_rounds_on_both_sides():
+    from benchmarks.measure import Measurement
+
+    # The op ran 7 rounds, the baseline 3: the ratio uses the op's first 3 rounds only, in which
+    # the op's fastest late outlier (round 6) does not count.
+    op = {"nchw": Measurement("op", [2.0, 2.2, 2.1, 2.0, 2.0, 2.0, 0.5])}
+    baseline = {"nchw": Measurement("base", [200.0, 210.0, 190.0])}
+    row = compare(op, baseline)
+    assert row["samples"] == 3
+    assert row["ratio_median"] == pytest.approx(2.1 / 200.0)
+    assert row["ratio_min"] == pytest.approx(2.0 / 200.0)
+    assert row["ratio_max"] == pytest.approx(2.1 / 190.0)
+    assert row["op_min_ms"] == pytest.approx(2000.0)
 
 
 def test_time_interleaved_counts_repeats_and_calls():
@@ -207,28 +223,29 @@ def test_linear_fit_and_cli_defaults():
     assert args.sections == expected + (["cuda"] if torch.cuda.is_available() else [])
     assert args.repeats == 2 and args.slow_repeats == 1
     assert parse_args(["--scaling", "--repeats", "5"]).sections == ["scaling"]
-    assert all(name in SECTION_REGISTRY for name in expected + ["cuda"])
+    sections = {name for flag in SECTIONS.values() for name in flag}
+    assert sections == set(expected + ["cuda"])
     with pytest.raises(SystemExit):
         parse_args(["--repeats", "0"])
 
 
 def test_cuda_section_on_a_stand_in_device(monkeypatch):
     """No GPU here: the CPU stands in for the CUDA device so that the section's code runs."""
-    from dk_detectron2.benchmark.cli import _progress_factory
-    from dk_detectron2.benchmark.sections import cuda as cuda_section
+    from benchmarks import cuda as cuda_section
+    from benchmarks.cli import progress_factory
 
     monkeypatch.setattr(cuda_section, "benchmark_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     args = parse_args(["--quick", "--cuda", "--repeats", "1", "--no-progress"])
-    result = SECTION_REGISTRY.get("cuda")(args, _progress_factory(False))
+    result = cuda_section.cuda(args, progress_factory(False))
     assert result["status"] == "measured" and result["peak_bandwidth_bytes_per_s"] == 3.35e12
     float32 = [r for r in result["comparisons"] if r["dtype"] == "float32"]
     assert {r["op"] for r in float32} == {"deform_kernel2d", "deform_kernel_conv2d"}
     moved = [r for r in result["timings"] if "bandwidth_fraction" in r]
     assert moved and all(r["bytes_moved"] > 0 and r["bandwidth_fraction"] > 0 for r in moved)
     assert {r["dtype"] for r in result["full_dk"]} == {"float32", "float16", "bfloat16"}
-    targets = {t["name"]: t for t in evaluate_targets({"cuda": result}, "min", quick=True)}
+    targets = {t["name"]: t for t in evaluate_targets({"cuda": result}, quick=True)}
     assert targets["CUDA float32 deform_kernel2d fwd / cuDNN dw conv2d"]["status"] in (
         "PASS",
         "MISS",

@@ -14,8 +14,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter, LogLocator  # noqa: E402
 
-__all__ = ["plot_results"]
-
 _PASS_COLORS = {"forward": "tab:blue", "forward_backward": "tab:orange"}
 
 
@@ -92,28 +90,28 @@ def _scaling(ax, results):
 
 
 def _headlines(ax, results):
-    bars = []
-    for target in results.get("targets", ()):
-        if target["measured"] is None or target["target"] == "yes" or "%" in target["target"]:
-            continue
-        if "R^2" in target["name"] or "CUDA" in target["name"]:
-            continue
-        threshold = float(target["target"].split()[1].rstrip("x"))
-        bars.append((target["name"], target["measured"], threshold, target["status"]))
+    bars = [
+        (t["name"], t["measured"], t["threshold"], t["status"], t.get("measured_range"))
+        for t in results.get("targets", ())
+        if t["measured"] is not None and t["target"].endswith("x") and "CUDA" not in t["name"]
+    ]
     if not bars:
         ax.set_title("headline targets (none measured)")
         ax.axis("off")
         return
     ys = range(len(bars))
-    colors = ["tab:green" if status == "PASS" else "tab:red" for *_, status in bars]
+    colors = ["tab:green" if b[3] == "PASS" else "tab:red" for b in bars]
     ax.barh(ys, [b[1] for b in bars], color=colors)
+    for y, b in zip(ys, bars):
+        if b[4] is not None:  # the per-round range
+            ax.plot(b[4], [y, y], color="black", linewidth=1)
     ax.scatter([b[2] for b in bars], ys, marker="|", s=300, color="black", label="target", zorder=3)
     ax.set_yticks(list(ys))
     ax.set_yticklabels([textwrap.fill(b[0], 34) for b in bars], fontsize=6)
     ax.set_xscale("log")
     _plain_log_ticks(ax.xaxis)
-    statistic = results.get("config", {}).get("judge", "min")
-    ax.set_title(f"headline ratios ({statistic}; green PASS, red MISS, | target)", fontsize=9)
+    ax.set_title("headline ratios (median, line = min-max; green PASS, red MISS, | target)",
+                 fontsize=9)
     ax.legend(fontsize=7)
 
 

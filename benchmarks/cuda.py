@@ -4,7 +4,7 @@ Runs only where ``torch.cuda.is_available()``. For each stage (batch, channels, 
 the DK operators (every S, G and layout) and the baselines (cuDNN depthwise ``conv2d`` in both
 layouts; torchvision's ``deform_conv2d`` for the DK+DCN operator) are timed round-robin with CUDA
 synchronisation around each repeat. Achieved bandwidth is the compulsory traffic of
-:meth:`~dk_detectron2.benchmark.workloads.Workload.bytes_moved` over the median time, and its
+:meth:`cases.Workload.bytes_moved` over the median time, and its
 fraction of the device's peak DRAM bandwidth (:func:`peak_bandwidth`). The full DK shape is
 compared with cuDNN's dense ``conv2d`` the same way.
 """
@@ -14,11 +14,17 @@ from collections import defaultdict
 
 import torch
 
-from ..comparison import PASSES, compare, measurement_rows, timing_key, workload_callables
-from ..shapes import full_dk_shape, op_shapes
-from ..timing import time_interleaved
-from ..workloads import LAYOUTS, build_workload
-from .registry import SECTION_REGISTRY
+from .cases import (
+    LAYOUTS,
+    PASSES,
+    build_workload,
+    full_dk_shape,
+    measurement_rows,
+    op_shapes,
+    timing_key,
+    workload_callables,
+)
+from .measure import compare, time_interleaved
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CUDA_COMPARISONS = (
@@ -101,7 +107,6 @@ def _stage_callables(stage_shapes, dtype, device):
     return callables, owner, workloads, errors
 
 
-@SECTION_REGISTRY.register()
 def cuda(args, progress):
     if not torch.cuda.is_available():
         return {"status": "skipped", "reason": "torch.cuda.is_available() is False"}

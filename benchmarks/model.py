@@ -21,26 +21,19 @@ import traceback
 
 import torch
 
-from ..timing import time_interleaved
-from .registry import SECTION_REGISTRY
+from .measure import ratio, time_interleaved
 
 _ZOO_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
 PLAIN_TYPE = "depthwise"
-
-
-def repository_root() -> str:
-    import dk_detectron2
-
-    return os.path.dirname(os.path.dirname(os.path.abspath(dk_detectron2.__file__)))
 
 
 def find_config(explicit=None):
     """The DK Mask R-CNN R50-FPN config to benchmark, or None (then built in code)."""
     if explicit:
         return explicit
-    pattern = os.path.join(
-        repository_root(), "configs", "COCO-InstanceSegmentation", "mask_rcnn_dk_R_50_FPN*.yaml"
-    )
+    from dk_detectron2.model_zoo import get_config_dir
+
+    pattern = os.path.join(get_config_dir(), "COCO-InstanceSegmentation", "mask_rcnn_dk_R_50_FPN*.yaml")
     candidates = sorted(glob.glob(pattern))
     return candidates[0] if candidates else None
 
@@ -155,7 +148,6 @@ def _training_fn(model, inputs):
     return run
 
 
-@SECTION_REGISTRY.register()
 def model(args, progress):
     size = args.model_size
     result = {"image_size": size, "status": "measured"}
@@ -200,15 +192,12 @@ def model(args, progress):
     result["comparisons"] = []
     for task in ("inference", "training_step"):
         dk, plain = measured[f"dk/{task}"], measured[f"plain/{task}"]
-        result["comparisons"].append(
-            {
-                "task": task,
-                "dk_median_ms": dk.median_ms,
-                "plain_median_ms": plain.median_ms,
-                "dk_min_ms": dk.min_ms,
-                "plain_min_ms": plain.min_ms,
-                "ratio_min": dk.min_ms / plain.min_ms,
-                "ratio_median": dk.median_ms / plain.median_ms,
-            }
-        )
+        result["comparisons"].append({
+            "task": task,
+            "dk_median_ms": dk.median_ms,
+            "plain_median_ms": plain.median_ms,
+            "dk_min_ms": dk.min_ms,
+            "plain_min_ms": plain.min_ms,
+            **ratio(dk, plain),
+        })
     return result

@@ -1,7 +1,8 @@
-"""What the op-level benchmarks run: one :class:`Workload` per (operator, shape, layout, dtype).
+"""What the benchmark measures: the shapes, and one :class:`Workload` per (operator, shape,
+layout, dtype).
 
-``WORKLOAD_REGISTRY`` maps a name to a builder ``builder(shape, layout, dtype, device)`` that
-allocates the inputs and returns a :class:`Workload`. Names:
+Shapes: a ResNet-50's bottleneck 3x3 convolutions (tiny ones for ``--quick``). Workloads, by name
+(:data:`WORKLOADS`, built by :func:`build_workload`):
 
 - ``"deform_kernel2d"``, ``"deform_kernel_conv2d"``: the Deformable Kernel operators of
   :mod:`dk_detectron2.layers` (the depthwise path, or grouped/full when ``shape.groups`` says so);
@@ -13,20 +14,93 @@ Layouts are ``"nchw"`` (contiguous) and ``"channels_last"``; the rotation and of
 input's layout (as when a convolution of the input predicts them).
 """
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.utils.registry import Registry
 
-from .shapes import OpShape
-
-__all__ = ["WORKLOAD_REGISTRY", "Workload", "build_workload", "LAYOUTS", "dk_ops_backend"]
-
-WORKLOAD_REGISTRY = Registry("DK_BENCHMARK_WORKLOAD")
 LAYOUTS = ("nchw", "channels_last")
+PASSES = ("forward", "forward_backward")
 _MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+# (channels, spatial size) of the bottleneck 3x3 convolution of res2..res5 at a 224x224 input.
+RESNET50_STAGES: Tuple[Tuple[int, int], ...] = ((64, 56), (128, 28), (256, 14), (512, 7))
+_QUICK_STAGES: Tuple[Tuple[int, int], ...] = ((8, 8), (16, 4))
+
+
+@dataclass(frozen=True)
+class OpShape:
+    """One operator problem: input [batch, channels, size, size], K x K taps from an S x S scope.
+
+    ``groups`` is the convolution's groups (``channels`` = depthwise); stride 1 and padding
+    ``kernel_size // 2`` keep the spatial size, as in a bottleneck's 3x3 convolution.
+    """
+
+    batch: int
+    channels: int
+    size: int
+    kernel_size: int = 3
+    scope_size: int = 4
+    rotation_groups: int = 1
+    groups: int = 0  # 0 means depthwise (groups = channels)
+
+    @property
+    def conv_groups(self) -> int:
+        return self.groups or self.channels
+
+    @property
+    def depthwise(self) -> bool:
+        return self.conv_groups == self.channels
+
+    @property
+    def padding(self) -> int:
+        return self.kernel_size // 2
+
+    @property
+    def stage_key(self) -> Tuple[int, int, int, int]:
+        """What a plain convolution's cost depends on (not the scope or rotation groups)."""
+        return (self.batch, self.channels, self.size, self.conv_groups)
+
+    def label(self) -> str:
+        text = f"B{self.batch} C{self.channels} {self.size}x{self.size} S{self.scope_size}"
+        text += f" G{self.rotation_groups}"
+        if not self.depthwise:
+            text += f" groups{self.conv_groups}"
+        return text
+
+    def to_dict(self):
+        return dict(asdict(self), groups=self.conv_groups, label=self.label())
+
+
+def op_shapes(quick: bool) -> List[OpShape]:
+    """Every (stage, batch, S, G) combination: 32 shapes, or 4 tiny ones with ``quick``."""
+    stages = _QUICK_STAGES if quick else RESNET50_STAGES
+    batches = (2,) if quick else (1, 8)
+    scopes = (4,) if quick else (4, 5)
+    rotation_groups = (1, 2) if quick else (1, 4)
+    return [
+        OpShape(batch, channels, size, 3, scope, g)
+        for batch in batches
+        for channels, size in stages
+        for scope in scopes
+        for g in rotation_groups
+    ]
+
+
+def headline_shape(quick: bool) -> OpShape:
+    """The shape of the issue's CPU targets: B 8, C 64, 56x56, K 3, S 4, G 1."""
+    return OpShape(2, 8, 8, 3, 4, 1) if quick else OpShape(8, 64, 56, 3, 4, 1)
+
+
+def full_dk_shape(quick: bool) -> OpShape:
+    """Full (groups 1) Deformable Kernel: B 8, C 256, 28x28, K 3, S 4."""
+    return OpShape(2, 16, 8, 3, 4, 1, groups=1) if quick else OpShape(8, 256, 28, 3, 4, 1, groups=1)
+
+
+def scaling_sizes(quick: bool) -> List[int]:
+    """Spatial sizes of the H*W scaling sweep (B and C as the headline shape)."""
+    return [4, 8, 16] if quick else [14, 28, 56, 112]
 
 
 def dk_ops_backend() -> str:
@@ -92,16 +166,6 @@ class Workload:
         return forward + (output + 2 * leaves if backward else 0)
 
 
-def build_workload(
-    name: str, shape: OpShape, layout: str, dtype=torch.float32, device="cpu"
-) -> Workload:
-    """Allocates the inputs of ``name`` on ``shape`` (seeded, so runs are comparable)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    torch.manual_seed(0)
-    return WORKLOAD_REGISTRY.get(name)(shape, layout, dtype, torch.device(device))
-
-
 def _tensor(shape, layout, dtype, device, scale=1.0) -> torch.Tensor:
     tensor = torch.randn(shape, dtype=torch.float32, device=device) * scale
     tensor = tensor.to(dtype).contiguous(memory_format=_MEMORY_FORMATS[layout])
@@ -124,7 +188,6 @@ def _column_buffer_bytes(shape: OpShape, dtype) -> int:
     return shape.batch * shape.channels * taps * shape.size**2 * torch.finfo(dtype).bits // 8
 
 
-@WORKLOAD_REGISTRY.register()
 def deform_kernel2d(shape: OpShape, layout, dtype, device) -> Workload:
     from dk_detectron2.layers import deform_kernel2d as op
 
@@ -140,7 +203,6 @@ def deform_kernel2d(shape: OpShape, layout, dtype, device) -> Workload:
     )
 
 
-@WORKLOAD_REGISTRY.register()
 def deform_kernel_conv2d(shape: OpShape, layout, dtype, device) -> Workload:
     from dk_detectron2.layers import deform_kernel_conv2d as op
 
@@ -157,7 +219,6 @@ def deform_kernel_conv2d(shape: OpShape, layout, dtype, device) -> Workload:
     )
 
 
-@WORKLOAD_REGISTRY.register()
 def global_deform_kernel2d(shape: OpShape, layout, dtype, device) -> Workload:
     from dk_detectron2.layers import GlobalDeformKernel2d
 
@@ -184,7 +245,6 @@ def global_deform_kernel2d(shape: OpShape, layout, dtype, device) -> Workload:
     )
 
 
-@WORKLOAD_REGISTRY.register()
 def conv2d(shape: OpShape, layout, dtype, device) -> Workload:
     c, k = shape.channels, shape.kernel_size
     image = _tensor((shape.batch, c, shape.size, shape.size), layout, dtype, device)
@@ -200,7 +260,6 @@ def conv2d(shape: OpShape, layout, dtype, device) -> Workload:
     )
 
 
-@WORKLOAD_REGISTRY.register()
 def torchvision_deform_conv2d(shape: OpShape, layout, dtype, device) -> Workload:
     from torchvision.ops import deform_conv2d as op
 
@@ -217,3 +276,45 @@ def torchvision_deform_conv2d(shape: OpShape, layout, dtype, device) -> Workload
         (image, offset, weight),
         grad_output,
     )
+
+
+WORKLOADS = {
+    "deform_kernel2d": deform_kernel2d,
+    "deform_kernel_conv2d": deform_kernel_conv2d,
+    "global_deform_kernel2d": global_deform_kernel2d,
+    "conv2d": conv2d,
+    "torchvision_deform_conv2d": torchvision_deform_conv2d,
+}
+
+
+def build_workload(
+    name: str, shape: OpShape, layout: str, dtype=torch.float32, device="cpu"
+) -> Workload:
+    """Allocates the inputs of workload ``name`` on ``shape`` (seeded, so runs are comparable)."""
+    if name not in WORKLOADS:
+        raise ValueError(f"name must be one of {sorted(WORKLOADS)}, got {name!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    torch.manual_seed(0)
+    return WORKLOADS[name](shape, layout, dtype, torch.device(device))
+
+
+def timing_key(op: str, layout: str, pass_name: str) -> str:
+    return f"{op}/{layout}/{pass_name}"
+
+
+def workload_callables(workload: Workload, passes=PASSES) -> Dict[str, Callable[[], object]]:
+    """``{op/layout/pass: callable}`` for the forward and forward+backward of ``workload``."""
+    makers = {"forward": workload.forward_fn, "forward_backward": workload.forward_backward_fn}
+    return {timing_key(workload.name, workload.layout, p): makers[p]() for p in passes}
+
+
+def measurement_rows(measurements: Mapping, **common) -> list:
+    """Flattens ``{op/layout/pass: Measurement}`` into JSON rows (with ``common`` fields)."""
+    rows = []
+    for key, measurement in measurements.items():
+        op, layout, pass_name = key.split("/")
+        rows.append(
+            dict(common, op=op, layout=layout, **{"pass": pass_name}, **measurement.to_dict())
+        )
+    return rows

@@ -1,8 +1,10 @@
-"""Tables of a run's results: on the terminal, as Markdown (``results.md``) and JSON.
+"""The report of a run: its tables on the terminal, as Markdown (``results.md``) and JSON (the
+targets and their verdicts are in ``targets.py``).
 
 :func:`build_tables` turns the results dict into ``(title, headers, rows)`` tables; the terminal
 and the Markdown file render the same tables (``tabulate`` "simple" and "github" formats).
-Ratios print as ``min / median`` of the op over its baseline (each at its fastest layout).
+Ratios print as ``median (min-max)``: the ratio of the two sides' medians over the rounds both
+ran, and the range of the per-round ratios.
 """
 
 import json
@@ -12,18 +14,15 @@ from typing import List, Tuple
 
 from tabulate import tabulate
 
-__all__ = ["build_tables", "render_terminal", "write_markdown", "write_json"]
-
 Table = Tuple[str, List[str], List[list]]
 _MB = 1024.0**2
-
 
 def _ratio(row) -> str:
     if row is None:
         return "-"
     if "skipped" in row:
         return "skipped"
-    return f"{row['ratio_min']:.2f} / {row['ratio_median']:.2f}"
+    return f"{row['ratio_median']:.2f} ({row['ratio_min']:.2f}-{row['ratio_max']:.2f})"
 
 
 def _speedup(row) -> str:
@@ -31,7 +30,7 @@ def _speedup(row) -> str:
         return "-"
     if "skipped" in row:
         return "skipped"
-    return f"{1 / row['ratio_min']:.0f} / {1 / row['ratio_median']:.0f}"
+    return f"{1 / row['ratio_median']:.0f} ({1 / row['ratio_max']:.0f}-{1 / row['ratio_min']:.0f})"
 
 
 def _ms(row, side) -> str:
@@ -87,7 +86,7 @@ def _ops_table(results) -> List[Table]:
     return [
         (
             "Op level, CPU float32 (medians in ms, layout nc=NCHW ch=channels-last; "
-            "ratios min / median; speedup = torchvision / DK+DCN)",
+            "ratios median (min-max over the shared rounds); speedup = torchvision / DK+DCN)",
             headers,
             rows,
         )
@@ -99,12 +98,10 @@ def _full_dk_table(results) -> List[Table]:
     if not section:
         return []
     title = f"Full DK (groups 1) vs F.conv2d, CPU float32, {section['shape']['label']}"
-    if section.get("status") != "measured":
-        return [(title, ["status", "detail"], [[section.get("status"), section.get("error", "")]])]
     rows = [
         [r["pass"], _ms(r, "op"), _ms(r, "baseline"), _ratio(r)] for r in section["comparisons"]
     ]
-    return [(title, ["pass", "full DK ms", "F.conv2d ms", "ratio min / median"], rows)]
+    return [(title, ["pass", "full DK ms", "F.conv2d ms", "ratio median (min-max)"], rows)]
 
 
 def _memory_tables(results) -> List[Table]:
@@ -117,49 +114,20 @@ def _memory_tables(results) -> List[Table]:
             summary[(row["op"], row["layout"], row["pass"])].append(row)
     rows = []
     for (op, layout, pass_name), group in summary.items():
-        worst = max(group, key=lambda r: r["extra_bytes"] / max(r["output_bytes"], 1))
-        checked = [r for r in group if "column_buffer_free" in r]
-        rows.append(
-            [
-                op,
-                layout,
-                pass_name,
-                len(group),
-                f"{worst['extra_bytes'] / worst['output_bytes']:.2f} ({worst['shape']['label']})",
-                f"{max(r['extra_bytes'] for r in group) / _MB:.1f}",
-                f"{max(r['largest_allocation_bytes'] for r in group) / _MB:.1f}",
-                (
-                    ("yes" if all(r["column_buffer_free"] for r in checked) else "NO")
-                    if checked
-                    else "-"
-                ),
-            ]
-        )
-    unsupported = [r for r in section["rows"] if r.get("status") == "unsupported"]
-    title = (
-        "Peak extra memory beyond output and gradients (CPU, 1 thread, torch.profiler), "
-        "worst shape per row"
-    )
-    headers = [
-        "op",
-        "layout",
-        "pass",
-        "shapes",
-        "max extra / output",
-        "max extra MB",
-        "largest alloc MB",
-        "no column buffer",
-    ]
-    tables = [(title, headers, rows)]
-    if unsupported:
-        tables.append(
-            (
-                "Memory rows not measured",
-                ["op", "shape", "error"],
-                [[r["op"], r["shape"]["label"], r["error"][:100]] for r in unsupported],
-            )
-        )
-    return tables
+        worst = max(group, key=lambda r: r["extra_per_output"])
+        checked = [r["extra_per_column_buffer"] for r in group if "extra_per_column_buffer" in r]
+        rows.append([
+            op, layout, pass_name, len(group),
+            f"{worst['extra_per_output']:.2f} ({worst['shape']['label']})",
+            f"{max(checked):.2f}" if checked else "-",
+            f"{max(r['extra_bytes'] for r in group) / _MB:.1f}",
+            f"{max(r['largest_allocation_bytes'] for r in group) / _MB:.1f}",
+        ])
+    title = ("Peak extra memory beyond output and gradients (CPU, 1 thread, torch.profiler), "
+             "worst shape per row")
+    headers = ["op", "layout", "pass", "shapes", "max extra / output",
+               "max extra / column buffer", "max extra MB", "largest alloc MB"]
+    return [(title, headers, rows)]
 
 
 def _scaling_tables(results) -> List[Table]:
@@ -188,7 +156,8 @@ def _scaling_tables(results) -> List[Table]:
     ]
     threads = section["threads"]
     rows = [
-        [r["op"], r["pass"], r["threads"], f"{r['speedup_min']:.2f} / {r['speedup_median']:.2f}"]
+        [r["op"], r["pass"], r["threads"],
+         f"{r['speedup_median']:.2f} ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})"]
         for r in threads["speedups"]
         if r["threads"] != 1
     ]
@@ -196,7 +165,7 @@ def _scaling_tables(results) -> List[Table]:
         (
             f"Thread scaling ({threads['shape']['label']}, channels-last): "
             "t(1 thread) / t(n threads)",
-            ["op", "pass", "threads", "speedup min / median"],
+            ["op", "pass", "threads", "speedup median (min-max)"],
             rows,
         )
     )
@@ -218,11 +187,11 @@ def _model_table(results) -> List[Table]:
             r["task"],
             f"{r['dk_median_ms']:.0f}",
             f"{r['plain_median_ms']:.0f}",
-            f"{r['ratio_min']:.3f} / {r['ratio_median']:.3f}",
+            f"{r['ratio_median']:.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f})",
         ]
         for r in section["comparisons"]
     ]
-    return [(title, ["task", "DK median ms", "plain median ms", "DK/plain min / median"], rows)]
+    return [(title, ["task", "DK median ms", "plain median ms", "DK/plain median (min-max)"], rows)]
 
 
 def _cuda_tables(results) -> List[Table]:
@@ -270,7 +239,7 @@ def _cuda_tables(results) -> List[Table]:
                 "pass",
                 "op ms",
                 "baseline ms",
-                "ratio min / median",
+                "ratio median (min-max)",
                 "DRAM BW / peak",
             ],
             rows,
@@ -291,7 +260,7 @@ def _cuda_tables(results) -> List[Table]:
         tables.append(
             (
                 "CUDA full DK (groups 1) vs cuDNN conv2d",
-                ["dtype", "pass", "full DK ms", "conv2d ms", "ratio min / median"],
+                ["dtype", "pass", "full DK ms", "conv2d ms", "ratio median (min-max)"],
                 rows,
             )
         )
@@ -308,14 +277,8 @@ def _targets_table(results) -> List[Table]:
         ]
         for t in results.get("targets", ())
     ]
-    statistic = results.get("config", {}).get("judge", "min")
-    return [
-        (
-            f"Targets (decided on the {statistic} ratio)",
-            ["target", "wanted", "measured", "status"],
-            rows,
-        )
-    ]
+    return [("Targets (judged on the median; range = per-round min-max)",
+             ["target", "wanted", "measured", "status"], rows)]
 
 
 def build_tables(results) -> List[Table]:
