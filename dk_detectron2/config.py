@@ -15,11 +15,12 @@ def add_dk_config(cfg):
     _C.MODEL.DK = CN()
     # res2..res5: whether that stage's 3x3 convs use MODEL.DK.TYPE (else MODEL.DK.BASE_TYPE).
     _C.MODEL.DK.ON_PER_STAGE = [False, True, True, True]
-    # Conv variant of the stages that are on: "depthwise" (rigid conv), "global_deform_kernel",
+    # Conv variant of the stages that are on: "rigid_conv" (the rigid conv; "depthwise" is its
+    # former name, still accepted), "global_deform_kernel",
     # "deform_kernel", "deform_kernel_conv", "deform_conv" or "cond_conv" (DK_CONV_REGISTRY).
     _C.MODEL.DK.TYPE = "deform_kernel"
     # Conv variant of the stages that are off (any DK_CONV_REGISTRY name).
-    _C.MODEL.DK.BASE_TYPE = "depthwise"
+    _C.MODEL.DK.BASE_TYPE = "rigid_conv"
     # True: 3x3 convs are depthwise (the paper's DW-ResNet); False: groups = MODEL.RESNETS.NUM_GROUPS.
     _C.MODEL.DK.DEPTHWISE = True
     # S, side of the scope each 3x3 kernel is sampled from (>= 3). With S - 3 even (5) the

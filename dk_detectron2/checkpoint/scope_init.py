@@ -18,29 +18,15 @@ is exact up to rounding; the computation runs in float64 and :func:`reproduction
 what is left after casting back.
 """
 import math
-from typing import Sequence, Tuple, Union
+from typing import Sequence, Union
 
 import torch
+
+from ..layers.geometry import pair, scope_base
 
 __all__ = ["scope_sampling_matrix", "kernel_to_scope", "sample_scope", "reproduction_error"]
 
 SizePair = Union[int, Sequence[int]]
-
-
-def _size_pair(name: str, value: SizePair) -> Tuple[int, int]:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        value = (value, value)
-    if (
-        not isinstance(value, (tuple, list, torch.Size))
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(value) < 1:
-        raise ValueError(f"{name} must be positive, got {tuple(value)}")
-    return int(value[0]), int(value[1])
 
 
 def scope_sampling_matrix(
@@ -63,7 +49,7 @@ def scope_sampling_matrix(
         )
     matrix = torch.zeros(kernel_size, scope_size, dtype=dtype)
     for tap in range(kernel_size):
-        position = tap + (scope_size - kernel_size) / 2.0
+        position = tap + scope_base(kernel_size, scope_size)
         low = math.floor(position)
         fraction = position - low
         matrix[tap, low] += 1.0 - fraction
@@ -96,7 +82,7 @@ def kernel_to_scope(weight: torch.Tensor, scope_size: SizePair) -> torch.Tensor:
         raise ValueError(f"weight must be [..., Kh, Kw], got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise TypeError(f"weight must be floating point, got {weight.dtype}")
-    scope_h, scope_w = _size_pair("scope_size", scope_size)
+    scope_h, scope_w = pair("scope_size", scope_size, 1)
     kernel_h, kernel_w = weight.shape[-2:]
     if scope_h < kernel_h or scope_w < kernel_w:
         raise ValueError(
@@ -115,7 +101,7 @@ def sample_scope(scope: torch.Tensor, kernel_size: SizePair) -> torch.Tensor:
 
     Computed in float64 with the separable sampling matrices; the result has ``scope``'s dtype.
     """
-    kernel_h, kernel_w = _size_pair("kernel_size", kernel_size)
+    kernel_h, kernel_w = pair("kernel_size", kernel_size, 1)
     scope_h, scope_w = scope.shape[-2:]
     sampling_h = scope_sampling_matrix(kernel_h, scope_h)
     sampling_w = scope_sampling_matrix(kernel_w, scope_w)

@@ -3,6 +3,7 @@ import logging
 
 from detectron2.engine import HookBase
 
+from ..layers.geometry import check_int
 from ..solver import GENERATOR_GROUP_KEY
 
 __all__ = ["GeneratorWarmup"]
@@ -23,9 +24,7 @@ class GeneratorWarmup(HookBase):
     """
 
     def __init__(self, warmup_iters: int):
-        if isinstance(warmup_iters, bool) or not isinstance(warmup_iters, int) or warmup_iters < 0:
-            raise ValueError(f"warmup_iters must be an int >= 0, got {warmup_iters!r}")
-        self.warmup_iters = warmup_iters
+        self.warmup_iters = check_int("warmup_iters", warmup_iters, minimum=0)
 
     def before_train(self):
         groups = [g for g in self.trainer.optimizer.param_groups if g.get(GENERATOR_GROUP_KEY)]

@@ -15,13 +15,14 @@ rotation group ``o // (C_out / G)``.
 """
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .generators import GENERATOR_KINDS, build_generator, zero_init_
+from .geometry import IntPair, base_grid, check_int, pair
 from .ops import deform_kernel2d, deform_kernel_conv2d, nd_linear_sample
 
 __all__ = [
@@ -34,22 +35,7 @@ __all__ = [
     "DeformKernelConv2d",
 ]
 
-IntPair = Union[int, Sequence[int]]
 ROTATION_CLIP_MODES = ("none", "scope", "range")
-
-
-def _pair(name: str, value: IntPair, minimum: int) -> Tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if (
-        not isinstance(value, (tuple, list))
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(value) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(value[0]), int(value[1])
 
 
 class RotationClip(nn.Module):
@@ -80,17 +66,14 @@ class RotationClip(nn.Module):
             )
         self.mode = mode
         self.clip_range = (low, high)
-        (kh_, kw_), (sh, sw) = kernel_size, scope_size
-        taps_y = torch.arange(kh_, dtype=torch.float32).repeat_interleave(kw_)
-        taps_x = torch.arange(kw_, dtype=torch.float32).repeat(kh_)
-        if mode == "scope":
-            lower = torch.stack([-(sh - kh_) / 2.0 - taps_y, -(sw - kw_) / 2.0 - taps_x], dim=1)
-            upper = torch.stack(
-                [(sh + kh_) / 2.0 - 1 - taps_y, (sw + kw_) / 2.0 - 1 - taps_x], dim=1
-            )
+        taps = kernel_size[0] * kernel_size[1]
+        if mode == "scope":  # sample point base + r within [0, S - 1]
+            base = base_grid(kernel_size, scope_size)
+            lower = -base
+            upper = torch.tensor([scope_size[0] - 1.0, scope_size[1] - 1.0]) - base
         else:
-            lower = torch.full((kh_ * kw_, 2), low)
-            upper = torch.full((kh_ * kw_, 2), high)
+            lower = torch.full((taps, 2), low)
+            upper = torch.full((taps, 2), high)
         # [K*K*2] in the rotation layout (tap-major, then y/x).
         self.register_buffer("lower", lower.reshape(-1), persistent=False)
         self.register_buffer("upper", upper.reshape(-1), persistent=False)
@@ -114,10 +97,12 @@ class RotationClip(nn.Module):
 class KernelConvBase(nn.Module):
     """Shared conv-like plumbing: geometry, validation, bias, ``norm`` and ``activation``.
 
-    Subclasses create ``self.weight`` and implement ``_convolve(x)``. Those that predict where
-    they sample (kernel rotations, image offsets) from the input name the predicting submodules in
-    ``generator_names``; :meth:`generator_parameters` yields their parameters, which training
-    usually gives a smaller learning rate (``MODEL.DK.GENERATOR_LR_FACTOR``).
+    The constructor takes ``nn.Conv2d``'s arguments plus ``norm`` and ``activation``; the
+    keyword-only options of a subclass go to its ``_build(**options)``, which creates
+    ``self.weight`` (and the generators); subclasses implement ``_convolve(x)``. Those that predict
+    where they sample (kernel rotations, image offsets) from the input name the predicting
+    submodules in ``generator_names``; :meth:`generator_parameters` yields their parameters, which
+    training usually gives a smaller learning rate (``MODEL.DK.GENERATOR_LR_FACTOR``).
     """
 
     generator_names: Tuple[str, ...] = ()
@@ -134,6 +119,7 @@ class KernelConvBase(nn.Module):
         bias: bool = False,
         norm: Optional[nn.Module] = None,
         activation=None,
+        **options,
     ):
         super().__init__()
         for name, value in (
@@ -141,8 +127,7 @@ class KernelConvBase(nn.Module):
             ("out_channels", out_channels),
             ("groups", groups),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, value)
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible "
@@ -150,10 +135,10 @@ class KernelConvBase(nn.Module):
             )
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _pair("kernel_size", kernel_size, 1)
-        self.stride = _pair("stride", stride, 1)
-        self.padding = _pair("padding", padding, 0)
-        self.dilation = _pair("dilation", dilation, 1)
+        self.kernel_size = pair("kernel_size", kernel_size, 1)
+        self.stride = pair("stride", stride, 1)
+        self.padding = pair("padding", padding, 0)
+        self.dilation = pair("dilation", dilation, 1)
         self.groups = groups
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_channels))
@@ -161,6 +146,11 @@ class KernelConvBase(nn.Module):
             self.register_parameter("bias", None)
         self.norm = norm
         self.activation = activation
+        self._build(**options)
+
+    def _build(self) -> None:
+        """Creates ``self.weight`` and any generator from the subclass's keyword-only options."""
+        raise NotImplementedError
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -223,53 +213,27 @@ class KernelConvBase(nn.Module):
 class _DeformKernelBase(KernelConvBase):
     """A scope weight [C_out, C_in/groups, S, S] plus rotation groups and rotation clipping."""
 
-    def __init__(
+    def _build(
         self,
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups=1,
-        bias=False,
         *,
         scope_size: Optional[IntPair] = None,
         rotation_groups: int = 1,
         rotation_clip: str = "none",
         rotation_clip_range: Sequence[float] = (-1.0, 1.0),
         generator: str = "full",
-        norm=None,
-        activation=None,
-    ):
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            norm,
-            activation,
-        )
-        self.scope_size = _pair(
+    ) -> None:
+        self.scope_size = pair(
             "scope_size", self.kernel_size if scope_size is None else scope_size, 1
         )
         if self.scope_size[0] < self.kernel_size[0] or self.scope_size[1] < self.kernel_size[1]:
             raise ValueError(
                 f"scope_size {self.scope_size} must be at least kernel_size {self.kernel_size}"
             )
-        if (
-            isinstance(rotation_groups, bool)
-            or not isinstance(rotation_groups, int)
-            or rotation_groups < 1
-        ):
-            raise ValueError(f"rotation_groups must be a positive int, got {rotation_groups!r}")
-        if out_channels % rotation_groups:
+        check_int("rotation_groups", rotation_groups)
+        if self.out_channels % rotation_groups:
             raise ValueError(
-                f"out_channels ({out_channels}) must be divisible by rotation_groups ({rotation_groups})"
+                f"out_channels ({self.out_channels}) must be divisible by rotation_groups "
+                f"({rotation_groups})"
             )
         self.rotation_groups = rotation_groups
         if generator not in GENERATOR_KINDS:
@@ -279,9 +243,14 @@ class _DeformKernelBase(KernelConvBase):
             self.kernel_size, self.scope_size, rotation_clip, rotation_clip_range
         )
         self.weight = nn.Parameter(
-            torch.empty(out_channels, in_channels // groups, *self.scope_size)
+            torch.empty(self.out_channels, self.in_channels // self.groups, *self.scope_size)
         )
         self._reset_weight()
+        self._build_generators()
+
+    def _build_generators(self) -> None:
+        """Creates the submodules named in ``generator_names`` (zero output at start)."""
+        raise NotImplementedError
 
     def rigid_gain(self) -> float:
         """Std of the zero-rotation kernel over the std of i.i.d. scope cells.
@@ -318,14 +287,7 @@ class _DeformKernelBase(KernelConvBase):
 
     def base_grid(self) -> torch.Tensor:
         """[K*K, 2] (y, x) scope coordinates of the taps at zero rotation."""
-        (kh_, kw_), (sh, sw) = self.kernel_size, self.scope_size
-        ys = (
-            torch.arange(kh_, dtype=self.weight.dtype, device=self.weight.device) + (sh - kh_) / 2.0
-        )
-        xs = (
-            torch.arange(kw_, dtype=self.weight.dtype, device=self.weight.device) + (sw - kw_) / 2.0
-        )
-        return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)
+        return base_grid(self.kernel_size, self.scope_size, self.weight.dtype, self.weight.device)
 
     def sample_kernel(
         self, coord: torch.Tensor, weight: Optional[torch.Tensor] = None
@@ -395,35 +357,13 @@ class GlobalDeformKernel2d(_DeformKernelBase):
 
     generator_names = ("rotation_fc",)
 
-    def __init__(
-        self,
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups=1,
-        bias=False,
-        **kwargs,
-    ):
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            **kwargs,
-        )
+    def _build_generators(self) -> None:
         if self.generator != "full":
             raise ValueError(
                 f"GlobalDeformKernel2d predicts its rotation with a linear layer: generator must "
                 f"be 'full', got {self.generator!r}"
             )
-        self.rotation_fc = zero_init_(nn.Linear(in_channels, self.num_rotations))
+        self.rotation_fc = zero_init_(nn.Linear(self.in_channels, self.num_rotations))
 
     def sample_kernels(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C_out, C_in/groups, K, K]: the kernel each sample of ``x`` is convolved with."""
@@ -470,32 +410,10 @@ class DeformKernel2d(_DeformKernelBase):
 
     generator_names = ("rotation_conv",)
 
-    def __init__(
-        self,
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups=1,
-        bias=False,
-        **kwargs,
-    ):
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            **kwargs,
-        )
+    def _build_generators(self) -> None:
         geometry = (self.kernel_size, self.stride, self.padding, self.dilation)
         self.rotation_conv = build_generator(
-            self.generator, in_channels, self.num_rotations, *geometry
+            self.generator, self.in_channels, self.num_rotations, *geometry
         )
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:
@@ -523,34 +441,12 @@ class DeformKernelConv2d(_DeformKernelBase):
 
     generator_names = ("offset_conv", "rotation_conv")
 
-    def __init__(
-        self,
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups=1,
-        bias=False,
-        **kwargs,
-    ):
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            **kwargs,
-        )
+    def _build_generators(self) -> None:
         taps = self.kernel_size[0] * self.kernel_size[1]
         geometry = (self.kernel_size, self.stride, self.padding, self.dilation)
-        self.offset_conv = build_generator(self.generator, in_channels, taps * 2, *geometry)
+        self.offset_conv = build_generator(self.generator, self.in_channels, taps * 2, *geometry)
         self.rotation_conv = build_generator(
-            self.generator, in_channels, self.num_rotations, *geometry
+            self.generator, self.in_channels, self.num_rotations, *geometry
         )
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:

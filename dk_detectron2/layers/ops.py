@@ -12,15 +12,14 @@ space: a point with ``y <= -1`` or ``y >= size`` (same for x, and any non-finite
 zero; otherwise corners outside the grid contribute zero. See ``dk_detectron2.layers.reference``
 for a readable pure-PyTorch definition of every operator.
 """
-from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import _extension  # noqa: F401  (loads dk_detectron2._C, which defines the operators)
+from .geometry import IntPair, is_int, output_size, pair
 
 __all__ = ["deform_kernel2d", "deform_kernel_conv2d", "nd_linear_sample"]
 
-IntPair = Union[int, Sequence[int]]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _OPS = torch.ops.dk_detectron2
 
@@ -28,23 +27,6 @@ _OPS = torch.ops.dk_detectron2
 # ------------------------------------------------------------------------------------------------
 # Validation
 # ------------------------------------------------------------------------------------------------
-def _pair(name: str, value: IntPair, minimum: int) -> Tuple[int, int]:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        pair = (value, value)
-    elif isinstance(value, (tuple, list, torch.Size)) and len(value) == 2:
-        pair = tuple(value)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    else:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(pair) < minimum:
-        bound = "positive" if minimum == 1 else "non-negative"
-        raise ValueError(f"{name} must be {bound}, got {value!r}")
-    return int(pair[0]), int(pair[1])
-
-
 def _check_tensor(name: str, tensor, dim: int, layout: str) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(tensor).__name__}")
@@ -80,10 +62,6 @@ def _autocast_inputs(*tensors):
     return tensors
 
 
-def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
 def _validate(
     input, offset, rotation, weight, kernel_size, stride, padding, dilation, rotation_groups
 ):
@@ -91,11 +69,11 @@ def _validate(
     _check_tensor("input", input, 4, "[B, C_in, H, W]")
     _check_tensor("weight", weight, 4, "[C_out, C_in/groups, Sh, Sw]")
     _check_like("weight", weight, input)
-    k = _pair("kernel_size", kernel_size, 1)
-    s = _pair("stride", stride, 1)
-    p = _pair("padding", padding, 0)
-    d = _pair("dilation", dilation, 1)
-    if isinstance(rotation_groups, bool) or not isinstance(rotation_groups, int):
+    k = pair("kernel_size", kernel_size, 1)
+    s = pair("stride", stride, 1)
+    p = pair("padding", padding, 0)
+    d = pair("dilation", dilation, 1)
+    if not is_int(rotation_groups):
         raise TypeError(f"rotation_groups must be an int, got {rotation_groups!r}")
     if rotation_groups < 1:
         raise ValueError(f"rotation_groups must be positive, got {rotation_groups}")
@@ -123,8 +101,8 @@ def _validate(
             f"output channels ({out_channels}) must be divisible by rotation_groups "
             f"({rotation_groups})"
         )
-    out_h = _output_size(height, k[0], s[0], p[0], d[0])
-    out_w = _output_size(width, k[1], s[1], p[1], d[1])
+    out_h = output_size(height, k[0], s[0], p[0], d[0])
+    out_w = output_size(width, k[1], s[1], p[1], d[1])
     if out_h < 1 or out_w < 1:
         raise ValueError(
             f"input of spatial size {height}x{width} is too small for kernel_size {k}, "
@@ -270,8 +248,8 @@ def _out_shape(input, weight, kernel_size, stride, padding, dilation):
     return (
         input.shape[0],
         weight.shape[0],
-        _output_size(input.shape[2], kernel_size[0], stride[0], padding[0], dilation[0]),
-        _output_size(input.shape[3], kernel_size[1], stride[1], padding[1], dilation[1]),
+        output_size(input.shape[2], kernel_size[0], stride[0], padding[0], dilation[0]),
+        output_size(input.shape[3], kernel_size[1], stride[1], padding[1], dilation[1]),
     )
 
 

@@ -14,18 +14,14 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
+from .geometry import output_size, pair, scope_base
+
 __all__ = [
     "bilinear_corners",
     "deform_kernel2d_reference",
     "deform_kernel_conv2d_reference",
     "nd_linear_sample_reference",
 ]
-
-
-def _pair(value) -> Tuple[int, int]:
-    if isinstance(value, (tuple, list)):
-        return int(value[0]), int(value[1])
-    return int(value), int(value)
 
 
 def bilinear_corners(
@@ -49,10 +45,6 @@ def bilinear_corners(
         valid = inside & (cy >= 0) & (cy < height) & (cx >= 0) & (cx < width)
         index = torch.where(valid, cy * width + cx, torch.zeros_like(cy)).long()
         yield index, weight * valid.to(weight.dtype)
-
-
-def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def deform_kernel_conv2d_reference(
@@ -82,15 +74,15 @@ def deform_kernel_conv2d_reference(
         * bilinear(weight[o, c], kh + r_y + (Sh-Kh)/2, kw + r_x + (Sw-Kw)/2)`` where output
         channel o uses rotation group ``o // (C_out/G)``.
     """
-    kh_, kw_ = _pair(kernel_size)
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
-    dh, dw = _pair(dilation)
+    kh_, kw_ = pair("kernel_size", kernel_size, 1)
+    sh, sw = pair("stride", stride, 1)
+    ph, pw = pair("padding", padding, 0)
+    dh, dw = pair("dilation", dilation, 1)
     batch, in_channels, height, width = input.shape
     out_channels, channels_per_group, scope_h, scope_w = weight.shape
     groups = in_channels // channels_per_group
-    out_h = _output_size(height, kh_, sh, ph, dh)
-    out_w = _output_size(width, kw_, sw, pw, dw)
+    out_h = output_size(height, kh_, sh, ph, dh)
+    out_w = output_size(width, kw_, sw, pw, dw)
     positions = out_h * out_w
     G = rotation_groups
 
@@ -117,8 +109,8 @@ def deform_kernel_conv2d_reference(
                 gathered = flat_input.gather(2, index.unsqueeze(1).expand(-1, in_channels, -1))
                 value = value + gathered * w.unsqueeze(1)
             # Kernel-space read of this tap for every output channel: [B, C_out, C_in/groups, P].
-            ry = rot[:, :, tap, 0] + kh + (scope_h - kh_) / 2.0  # [B, G, P]
-            rx = rot[:, :, tap, 1] + kw + (scope_w - kw_) / 2.0
+            ry = rot[:, :, tap, 0] + kh + scope_base(kh_, scope_h)  # [B, G, P]
+            rx = rot[:, :, tap, 1] + kw + scope_base(kw_, scope_w)
             ry = ry.repeat_interleave(out_channels // G, dim=1)  # [B, C_out, P]
             rx = rx.repeat_interleave(out_channels // G, dim=1)
             kernel = input.new_zeros(batch, out_channels, channels_per_group, positions)

@@ -4,8 +4,9 @@ A builder is called as ``builder(in_channels, out_channels, kernel_size, *, stri
 dilation, groups, bias, norm, activation, options)`` with ``options`` a :class:`DKOptions`, and
 returns an ``nn.Module`` mapping [B, C_in, H, W] to [B, C_out, Ho, Wo]. Names:
 
-- ``"depthwise"``: the rigid convolution (``detectron2.layers.Conv2d``, depthwise when
-  ``groups = channels``), the baseline of the same architecture.
+- ``"rigid_conv"``: the rigid convolution (``detectron2.layers.Conv2d``; depthwise when
+  ``groups = channels``, full or grouped otherwise), the baseline of the same architecture.
+  ``"depthwise"``, its former name, is accepted as an alias (:data:`DK_CONV_ALIASES`).
 - ``"global_deform_kernel"``: :class:`GlobalDeformKernel2d`.
 - ``"deform_kernel"``: :class:`DeformKernel2d` (local DK).
 - ``"deform_kernel_conv"``: :class:`DeformKernelConv2d` (DK + deformable convolution).
@@ -22,17 +23,38 @@ from detectron2.layers import Conv2d
 from detectron2.utils.registry import Registry
 from torch import nn
 
-from .deform_kernel import DeformKernel2d, DeformKernelConv2d, GlobalDeformKernel2d
+from .deform_kernel import (
+    ROTATION_CLIP_MODES,
+    DeformKernel2d,
+    DeformKernelConv2d,
+    GlobalDeformKernel2d,
+)
+from .generators import GENERATOR_KINDS
+from .geometry import check_int
 from .rivals import CondConv2d, DeformConv2d
 
-__all__ = ["DK_CONV_REGISTRY", "DKOptions", "build_dk_conv", "dk_conv_names"]
+__all__ = [
+    "DK_CONV_REGISTRY",
+    "DK_CONV_ALIASES",
+    "DKOptions",
+    "build_dk_conv",
+    "dk_conv_names",
+    "resolve_dk_conv_name",
+]
 
 DK_CONV_REGISTRY = Registry("DK_CONV")
+# Former names -> registered names (configs that use them keep working).
+DK_CONV_ALIASES = {"depthwise": "rigid_conv"}
 
 
 @dataclass(frozen=True)
 class DKOptions:
-    """The variant-specific options (``MODEL.DK.*``); each builder reads the ones it needs."""
+    """The variant-specific options (``MODEL.DK.*``); each builder reads the ones it needs.
+
+    Checked once, on construction: a bad value raises ValueError naming the config key and the
+    field (``MODEL.DK.SCOPE_SIZE (scope_size) must be ...``). The modules default to S = K when
+    built without options; a model's default scope is this class's (that of ``add_dk_config``).
+    """
 
     scope_size: int = 5  # S of the DK scope (DK variants)
     rotation_groups: int = 1  # G, output-channel blocks sharing a rotation (DK variants)
@@ -40,6 +62,28 @@ class DKOptions:
     rotation_clip_range: Tuple[float, float] = (-1.0, 1.0)  # bounds for rotation_clip="range"
     generator: str = "full"  # "full" | "separable" (local DK variants' generators)
     num_experts: int = 4  # E (cond_conv)
+
+    def __post_init__(self):
+        def name(field):
+            return f"MODEL.DK.{field.upper()} ({field})"
+
+        for field in ("scope_size", "rotation_groups", "num_experts"):
+            check_int(name(field), getattr(self, field))
+        if self.rotation_clip not in ROTATION_CLIP_MODES:
+            raise ValueError(
+                f"{name('rotation_clip')} must be one of {ROTATION_CLIP_MODES}, "
+                f"got {self.rotation_clip!r}"
+            )
+        clip_range = tuple(self.rotation_clip_range)
+        if len(clip_range) != 2 or not clip_range[0] <= clip_range[1]:
+            raise ValueError(
+                f"{name('rotation_clip_range')} must be [low, high] with low <= high, "
+                f"got {list(clip_range)}"
+            )
+        if self.generator not in GENERATOR_KINDS:
+            raise ValueError(
+                f"{name('generator')} must be one of {GENERATOR_KINDS}, got {self.generator!r}"
+            )
 
     @classmethod
     def from_config(cls, cfg) -> "DKOptions":
@@ -65,8 +109,20 @@ class DKOptions:
 
 
 def dk_conv_names() -> Sequence[str]:
-    """The registered variant names, sorted."""
+    """The registered variant names, sorted (aliases not included)."""
     return sorted(name for name, _ in DK_CONV_REGISTRY)
+
+
+def resolve_dk_conv_name(name: str) -> str:
+    """The registered name of ``name`` (itself, or what an alias stands for); KeyError listing
+    the valid names if there is none."""
+    name = DK_CONV_ALIASES.get(name, name)
+    if name not in DK_CONV_REGISTRY:
+        raise KeyError(
+            f"unknown Deformable Kernel conv type {name!r}; valid names: "
+            f"{', '.join(dk_conv_names())} (aliases: {', '.join(sorted(DK_CONV_ALIASES))})"
+        )
+    return name
 
 
 def build_dk_conv(
@@ -87,7 +143,7 @@ def build_dk_conv(
     """Builds the variant ``name`` with a convolution's geometry.
 
     Args:
-        name: a registered name (see :func:`dk_conv_names`).
+        name: a registered name (see :func:`dk_conv_names`) or an alias (:data:`DK_CONV_ALIASES`).
         in_channels ... activation: as ``detectron2.layers.Conv2d``.
         options: a :class:`DKOptions` (e.g. ``DKOptions.from_config(cfg)``); default DKOptions().
         option_overrides: fields of :class:`DKOptions` to override, e.g. ``scope_size=5``.
@@ -95,10 +151,7 @@ def build_dk_conv(
         KeyError: unknown ``name`` (the message lists the valid names).
         TypeError: an unknown option.
     """
-    if name not in DK_CONV_REGISTRY:
-        raise KeyError(
-            f"unknown Deformable Kernel conv type {name!r}; valid names: {', '.join(dk_conv_names())}"
-        )
+    name = resolve_dk_conv_name(name)
     options = options or DKOptions()
     if option_overrides:
         valid = {f.name for f in fields(DKOptions)}
@@ -122,7 +175,7 @@ def build_dk_conv(
 
 
 @DK_CONV_REGISTRY.register()
-def depthwise(in_channels, out_channels, kernel_size, *, options, **conv):
+def rigid_conv(in_channels, out_channels, kernel_size, *, options, **conv):
     """The rigid convolution (``detectron2.layers.Conv2d``); depthwise when groups = channels."""
     return Conv2d(in_channels, out_channels, kernel_size, **conv)
 

@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.ops import deform_conv2d
 
 from .deform_kernel import KernelConvBase, zero_init_
+from .geometry import check_int
 
 __all__ = ["DeformConv2d", "CondConv2d"]
 
@@ -36,52 +37,22 @@ class DeformConv2d(KernelConvBase):
 
     generator_names = ("offset_conv",)
 
-    def __init__(
-        self,
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups=1,
-        bias=False,
-        *,
-        offset_groups: int = 1,
-        norm=None,
-        activation=None,
-    ):
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            norm,
-            activation,
-        )
-        if (
-            isinstance(offset_groups, bool)
-            or not isinstance(offset_groups, int)
-            or offset_groups < 1
-        ):
-            raise ValueError(f"offset_groups must be a positive int, got {offset_groups!r}")
-        if in_channels % offset_groups:
+    def _build(self, *, offset_groups: int = 1) -> None:
+        check_int("offset_groups", offset_groups)
+        if self.in_channels % offset_groups:
             raise ValueError(
-                f"in_channels ({in_channels}) must be divisible by offset_groups ({offset_groups})"
+                f"in_channels ({self.in_channels}) must be divisible by offset_groups "
+                f"({offset_groups})"
             )
         self.offset_groups = offset_groups
         self.weight = nn.Parameter(
-            torch.empty(out_channels, in_channels // groups, *self.kernel_size)
+            torch.empty(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         )
         self._reset_weight()
         taps = self.kernel_size[0] * self.kernel_size[1]
         self.offset_conv = zero_init_(
             nn.Conv2d(
-                in_channels,
+                self.in_channels,
                 offset_groups * taps * 2,
                 self.kernel_size,
                 self.stride,
@@ -130,41 +101,16 @@ class CondConv2d(KernelConvBase):
     Weight [E, C_out, C_in/groups, K, K]. Input [B, C_in, H, W] -> output [B, C_out, Ho, Wo].
     """
 
-    def __init__(
-        self,
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups=1,
-        bias=False,
-        *,
-        num_experts: int = 4,
-        norm=None,
-        activation=None,
-    ):
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            norm,
-            activation,
-        )
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    def _build(self, *, num_experts: int = 4) -> None:
+        check_int("num_experts", num_experts)
         self.num_experts = num_experts
         self.weight = nn.Parameter(
-            torch.empty(num_experts, out_channels, in_channels // groups, *self.kernel_size)
+            torch.empty(
+                num_experts, self.out_channels, self.in_channels // self.groups, *self.kernel_size
+            )
         )
         self._reset_weight()
-        self.routing_fc = zero_init_(nn.Linear(in_channels, num_experts))
+        self.routing_fc = zero_init_(nn.Linear(self.in_channels, num_experts))
 
     def c2_msra_fill_(self) -> None:
         # Each expert gets He-normal; at start the mix (0.5 * sum of E experts) has the variance

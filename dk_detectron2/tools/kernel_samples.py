@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..layers.geometry import base_grid
+
 __all__ = [
     "SamplingCall",
     "KernelSamples",
@@ -65,28 +67,36 @@ class SamplingCall:
     rotation_groups: int = 1
 
 
-def _local_call(name: str, offset_args: int):
-    """Reader of a local DK op's arguments (``offset_args`` = 1 when an image offset precedes)."""
+def _local_call(name: str):
+    """Reader of a local DK op's arguments (by their schema names) into a SamplingCall."""
 
-    def read(args) -> SamplingCall:
-        rotation, weight = args[1 + offset_args], args[2 + offset_args]
+    def read(arguments) -> SamplingCall:
         return SamplingCall(
             name,
-            weight.detach(),
-            rotation=rotation.detach(),
-            kernel_size=tuple(args[3 + offset_args]),
-            rotation_groups=int(args[7 + offset_args]),
+            arguments["weight"].detach(),
+            rotation=arguments["rotation"].detach(),
+            kernel_size=tuple(arguments["kernel_size"]),
+            rotation_groups=int(arguments["rotation_groups"]),
         )
 
     return read
 
 
-# Operator name -> reader of its (positional) arguments into a SamplingCall.
+# Operator name -> reader of its arguments, by name, into a SamplingCall.
 _CALL_READERS = {
-    "dk_detectron2::deform_kernel2d": _local_call("dk_detectron2::deform_kernel2d", 0),
-    "dk_detectron2::deform_kernel_conv2d": _local_call("dk_detectron2::deform_kernel_conv2d", 1),
-    GLOBAL_OP: lambda args: SamplingCall(GLOBAL_OP, args[0].detach(), coord=args[1].detach()),
+    "dk_detectron2::deform_kernel2d": _local_call("dk_detectron2::deform_kernel2d"),
+    "dk_detectron2::deform_kernel_conv2d": _local_call("dk_detectron2::deform_kernel_conv2d"),
+    GLOBAL_OP: lambda arguments: SamplingCall(
+        GLOBAL_OP, arguments["input"].detach(), coord=arguments["coord"].detach()
+    ),
 }
+
+
+def _arguments_by_name(func, args, kwargs) -> dict:
+    """The call's arguments keyed by the operator schema's names (positional or keyword)."""
+    arguments = {a.name: value for a, value in zip(func._schema.arguments, args)}
+    arguments.update(kwargs or {})
+    return arguments
 
 
 class _CaptureMode(TorchDispatchMode):
@@ -97,7 +107,7 @@ class _CaptureMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         reader = _CALL_READERS.get(func._schema.name)
         if reader is not None:
-            self.calls.append(reader(args))
+            self.calls.append(reader(_arguments_by_name(func, args, kwargs)))
         return func(*args, **(kwargs or {}))
 
 
@@ -128,10 +138,7 @@ class KernelSamples:
 
 
 def _base_grid(kernel_size, scope_size) -> np.ndarray:
-    (kh, kw), (sh, sw) = kernel_size, scope_size
-    ys = np.arange(kh) + (sh - kh) / 2.0
-    xs = np.arange(kw) + (sw - kw) / 2.0
-    return np.stack(np.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(-1, 2)
+    return base_grid(tuple(kernel_size), tuple(scope_size), torch.float64).numpy()
 
 
 def kernel_samples(

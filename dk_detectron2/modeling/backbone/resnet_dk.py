@@ -26,8 +26,7 @@ from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 from torch import nn
 
-from ...layers.deform_kernel import ROTATION_CLIP_MODES
-from ...layers.registry import DK_CONV_REGISTRY, DKOptions, build_dk_conv, dk_conv_names
+from ...layers.registry import DKOptions, build_dk_conv, dk_conv_names, resolve_dk_conv_name
 
 __all__ = [
     "DKBottleneckBlock",
@@ -185,10 +184,12 @@ class DKBasicBlock(BasicBlock):
 
 
 def _check_type(key: str, name: str) -> None:
-    if name not in DK_CONV_REGISTRY:
+    try:
+        resolve_dk_conv_name(name)
+    except KeyError:
         raise ValueError(
             f"{key} = {name!r} is not a DK_CONV_REGISTRY name; valid: {', '.join(dk_conv_names())}"
-        )
+        ) from None
 
 
 def make_resnet_dk_stages(
@@ -196,7 +197,7 @@ def make_resnet_dk_stages(
     *,
     on_per_stage: Sequence[bool] = (False, True, True, True),
     dk_type: str = "deform_kernel",
-    base_type: str = "depthwise",
+    base_type: str = "rigid_conv",
     depthwise: bool = True,
     dk_options: Optional[DKOptions] = None,
     norm="BN",
@@ -233,26 +234,10 @@ def make_resnet_dk_stages(
         )
     _check_type("MODEL.DK.TYPE", dk_type)
     _check_type("MODEL.DK.BASE_TYPE", base_type)
-    if (
-        isinstance(options.scope_size, bool)
-        or not isinstance(options.scope_size, int)
-        or options.scope_size < KERNEL_SIZE
-    ):
+    # DKOptions checked its own fields; what depends on the architecture is checked here.
+    if options.scope_size < KERNEL_SIZE:
         raise ValueError(
-            f"MODEL.DK.SCOPE_SIZE must be an int >= the kernel size {KERNEL_SIZE}, got {options.scope_size!r}"
-        )
-    if options.rotation_clip not in ROTATION_CLIP_MODES:
-        raise ValueError(
-            f"MODEL.DK.ROTATION_CLIP must be one of {ROTATION_CLIP_MODES}, got {options.rotation_clip!r}"
-        )
-    clip_range = tuple(options.rotation_clip_range)
-    if len(clip_range) != 2 or not clip_range[0] <= clip_range[1]:
-        raise ValueError(
-            f"MODEL.DK.ROTATION_CLIP_RANGE must be [low, high] with low <= high, got {list(clip_range)}"
-        )
-    if not isinstance(options.num_experts, int) or options.num_experts < 1:
-        raise ValueError(
-            f"MODEL.DK.NUM_EXPERTS must be a positive int, got {options.num_experts!r}"
+            f"MODEL.DK.SCOPE_SIZE must be >= the kernel size {KERNEL_SIZE}, got {options.scope_size!r}"
         )
     if res5_dilation not in (1, 2):
         raise ValueError(f"MODEL.RESNETS.RES5_DILATION must be 1 or 2, got {res5_dilation}")

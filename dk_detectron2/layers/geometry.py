@@ -1,0 +1,67 @@
+"""Convolution geometry and argument checks shared by the operators, modules and tools.
+
+- :func:`is_int`, :func:`check_int`, :func:`pair`: the one check of an int argument (a bool is not
+  one) and of an int-or-pair argument, with messages naming the argument.
+- :func:`output_size`: a convolution's output size along one axis.
+- :func:`scope_base`, :func:`base_grid`: where the taps of a K-tap kernel read an S-cell scope at
+  zero rotation: tap ``k`` at ``k + (S - K) / 2`` along each axis (the rule of ``csrc/bilinear.h``
+  and of :mod:`dk_detectron2.layers.reference`).
+"""
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = ["IntPair", "is_int", "check_int", "pair", "output_size", "scope_base", "base_grid"]
+
+IntPair = Union[int, Sequence[int]]
+
+
+def is_int(value) -> bool:
+    """True for an int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """Returns ``value`` if it is an int (not a bool) >= ``minimum``; else ValueError naming it."""
+    if not is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def pair(name: str, value: IntPair, minimum: int = 0) -> Tuple[int, int]:
+    """``(v, v)`` for an int, ``(v0, v1)`` for a pair of ints (tuple, list or torch.Size).
+
+    Raises:
+        TypeError: anything else (a bool, a float, a triple), naming ``name``.
+        ValueError: a value below ``minimum`` ("positive" for 1, "non-negative" for 0).
+    """
+    if is_int(value):
+        value = (value, value)
+    if (not isinstance(value, (tuple, list, torch.Size)) or len(value) != 2
+            or not all(is_int(v) for v in value)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(value) < minimum:
+        bound = {1: "positive", 0: "non-negative"}.get(minimum, f">= {minimum}")
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """A convolution's output size along one axis."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def scope_base(kernel: int, scope: int) -> float:
+    """``(S - K) / 2``: tap k of a K-tap axis reads scope coordinate ``k + scope_base(K, S)`` at
+    zero rotation (the kernel centred in the scope; on cells when S - K is even)."""
+    return (scope - kernel) / 2.0
+
+
+def base_grid(kernel_size: Tuple[int, int], scope_size: Tuple[int, int],
+              dtype: torch.dtype = torch.float32,
+              device: Optional[torch.device] = None) -> torch.Tensor:
+    """[Kh*Kw, 2] (y, x) scope coordinates of the taps at zero rotation, tap-major (kh, kw)."""
+    (kh, kw), (sh, sw) = kernel_size, scope_size
+    ys = torch.arange(kh, dtype=dtype, device=device) + scope_base(kh, sh)
+    xs = torch.arange(kw, dtype=dtype, device=device) + scope_base(kw, sw)
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)
