@@ -3,7 +3,7 @@
 Both models come from one config -- ``--model-config`` if given, else the first
 ``configs/COCO-InstanceSegmentation/mask_rcnn_dk_R_50_FPN*.yaml``, else Detectron2's
 ``mask_rcnn_R_50_FPN_1x.yaml`` with ``add_dk_config`` and ``build_resnet_dk_fpn_backbone`` -- the
-plain one with ``MODEL.DK.TYPE = "depthwise"`` (the rigid convolution of the same architecture).
+plain one with ``MODEL.DK.TYPE = "rigid_conv"`` (the rigid convolution of the same architecture).
 Weights are random (seeded) and every DK rotation generator gets small random weights, as after
 training. One fixed-size image (``--model-size``); one class's logit is raised so that, as a
 trained detector, both models keep up to ``TEST.DETECTIONS_PER_IMAGE`` boxes and run their mask
@@ -24,7 +24,7 @@ import torch
 from .measure import ratio, time_interleaved
 
 _ZOO_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
-PLAIN_TYPE = "depthwise"
+PLAIN_TYPE = "rigid_conv"
 
 
 def find_config(explicit=None):

@@ -36,7 +36,7 @@ model.backbone.bottom_up.stages = L(make_resnet_dk_stages)(
     depth=50,
     on_per_stage=[False, True, True, True],
     dk_type="deform_kernel",
-    base_type="depthwise",
+    base_type="rigid_conv",
     depthwise=True,
     dk_options=L(DKOptions)(scope_size=5, rotation_groups=1, rotation_clip="scope"),
     norm="GN",

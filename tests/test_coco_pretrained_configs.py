@@ -88,7 +88,7 @@ def test_yaml_config_mirrors_detectron2_key_for_key(name):
         )
     assert not any(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE)  # DCN is MODEL.DK.TYPE here
     assert cfg.MODEL.BACKBONE.NAME == "build_resnet_dk_fpn_backbone"
-    assert cfg.MODEL.DK.DEPTHWISE is False and cfg.MODEL.DK.BASE_TYPE == "depthwise"
+    assert cfg.MODEL.DK.DEPTHWISE is False and cfg.MODEL.DK.BASE_TYPE == "rigid_conv"
     assert cfg.MODEL.DK.TYPE == ("deform_kernel_conv" if "_dkdcn_" in name else "deform_kernel")
     assert cfg.MODEL.WEIGHTS in CHECKPOINTS  # a model-zoo ImageNet checkpoint
     # The model zoo's freezing: FrozenBN everywhere, stem and res2 frozen.

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = {
     "ON_PER_STAGE": [False, True, True, True],
     "TYPE": "deform_kernel",
-    "BASE_TYPE": "depthwise",
+    "BASE_TYPE": "rigid_conv",
     "DEPTHWISE": True,
     "SCOPE_SIZE": 5,
     "ROTATION_GROUPS": 1,

@@ -27,7 +27,7 @@ from dk_detectron2.layers.reference import (
 from dk_detectron2.layers.registry import dk_conv_names
 
 NAMES = [
-    "depthwise",
+    "rigid_conv",
     "global_deform_kernel",
     "deform_kernel",
     "deform_kernel_conv",
@@ -96,7 +96,9 @@ def test_fresh_module_equals_its_rigid_convolution(cls, kwargs):
 def test_deform_kernel_with_scope_equal_to_kernel_is_the_depthwise_conv():
     torch.manual_seed(0)
     dk = DeformKernel2d(8, 8, 3, padding=1, groups=8, scope_size=3)
-    rigid = build_dk_conv("depthwise", 8, 8, 3, padding=1, groups=8)
+    rigid = build_dk_conv("rigid_conv", 8, 8, 3, padding=1, groups=8)
+    # "depthwise", the former name of "rigid_conv", builds the same convolution.
+    assert type(build_dk_conv("depthwise", 8, 8, 3, padding=1, groups=8)) is type(rigid)
     rigid.weight.data.copy_(dk.weight.data)
     torch.testing.assert_close(dk.rigid_weight(), dk.weight)
     x = torch.randn(2, 8, 7, 7)

@@ -34,7 +34,7 @@ model.backbone.bottom_up.stages = L(make_resnet_dk_stages)(
     depth=50,
     on_per_stage=[False, True, True, True],  # res3-res5, as DCN's c3-c5 configs
     dk_type="deform_kernel",
-    base_type="depthwise",  # the rigid conv (full or grouped, since depthwise=False)
+    base_type="rigid_conv",  # full or grouped, since depthwise=False
     depthwise=False,  # groups = num_groups: 1 for ResNet, 32 for ResNeXt
     dk_options=L(DKOptions)(
         scope_size=SCOPE_SIZE, rotation_groups=1, rotation_clip=ROTATION_CLIP
