@@ -26,7 +26,7 @@ from dk_detectron2.checkpoint import (
     sample_scope,
     scope_sampling_matrix,
 )
-from dk_detectron2.checkpoint.convert import main as convert_main
+from dk_detectron2.checkpoint.__main__ import main as convert_main
 from dk_detectron2.layers import deform_kernel2d
 from dk_detectron2.layers.reference import deform_kernel2d_reference
 
@@ -316,16 +316,16 @@ def test_cli_converts_the_chosen_stages_and_reports_errors(tmp_path, capsys):
 
 
 def test_cli_runs_as_a_module(tmp_path, monkeypatch, capsys):
-    """``python -m dk_detectron2.checkpoint.convert`` (run in this process with runpy)."""
+    """``python -m dk_detectron2.checkpoint`` (run in this process with runpy)."""
     source, target = tmp_path / "resnet.pth", tmp_path / "resnet_dk.pth"
     torch.save(_small_torchvision_state_dict(), source)
     monkeypatch.setattr(sys, "argv", [
         "convert", "--input", str(source), "--output", str(target), "--scope-size", "5",
         "--format", "torchvision", "--stages", "res2",
     ])
-    monkeypatch.delitem(sys.modules, "dk_detectron2.checkpoint.convert", raising=False)
+    monkeypatch.delitem(sys.modules, "dk_detectron2.checkpoint.__main__", raising=False)
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module("dk_detectron2.checkpoint.convert", run_name="__main__")
+        runpy.run_module("dk_detectron2.checkpoint", run_name="__main__")
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "res2.0.conv2.weight" in printed and "1 kernel(s) converted" in printed

@@ -3,7 +3,7 @@
 - :func:`kernel_to_scope`: a KxK kernel -> the SxS DK scope that reproduces it at zero rotation.
 - :func:`convert_state_dict`: a Detectron2 / Caffe2 / torchvision ResNet state dict -> a DK model's.
 - :class:`DKCheckpointer`: a ``DetectionCheckpointer`` applying it when ``MODEL.WEIGHTS`` is loaded.
-- ``python -m dk_detectron2.checkpoint.convert``: converts a checkpoint file offline.
+- ``python -m dk_detectron2.checkpoint``: converts a checkpoint file offline (:mod:`.files`).
 """
 from .conversion import (
     CheckpointShapeError,

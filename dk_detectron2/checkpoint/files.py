@@ -1,39 +1,25 @@
-r"""Command line: convert a standard ResNet checkpoint into one for a DK backbone.
-
-Example::
-
-    python -m dk_detectron2.checkpoint.convert --input R-50.pkl --output R-50-dk4.pth \
-        --scope-size 4
-    python -m dk_detectron2.checkpoint.convert --input resnet50.pth --output r50-dk4.pth \
-        --scope-size 4 --format torchvision --stages res3 res4 res5
+"""Converting a checkpoint file: loading it, the DK scope shapes its blocks need, and writing the
+converted checkpoint (what ``python -m dk_detectron2.checkpoint`` runs; the state-dict conversion
+itself is :mod:`.conversion`).
 
 The 3x3 block weights (``res<N>.<block>.conv2.weight`` of bottlenecks, ``conv1``/``conv2`` of basic
 blocks) of the chosen stages become SxS DK scopes that reproduce them at zero rotation; every
-other tensor is kept, under Detectron2's names.
-With ``--config-file`` the target shapes come from the model that config builds instead (so a
-checkpoint that does not fit it is reported before anything is written). The output is a
-Detectron2 checkpoint (``{"model": ..., "matching_heuristics": True}``) usable as
-``MODEL.WEIGHTS``; the table printed gives, per layer, the reproduction error (max |kernel -
-bilinear samples of its scope|).
+other tensor is kept, under Detectron2's names. The output is a Detectron2 checkpoint
+(``{"model": ..., "matching_heuristics": True}``) usable as ``MODEL.WEIGHTS``.
 """
-import argparse
 import re
-import sys
 from typing import Dict, Mapping, Sequence, Tuple
 from urllib.parse import urlparse
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .conversion import (
-    CheckpointShapeError,
-    ConversionResult,
-    convert_state_dict,
-    format_conversion_report,
-)
-from .source_formats import SOURCE_FORMAT_REGISTRY, detect_source_format, rename_to_detectron2
+from .conversion import ConversionResult, convert_state_dict
+from .source_formats import detect_source_format, rename_to_detectron2
 
-__all__ = ["load_checkpoint_file", "block_scope_shapes", "convert_checkpoint_file", "main"]
+__all__ = [
+    "load_checkpoint_file", "block_scope_shapes", "model_shapes", "convert_checkpoint_file"
+]
 
 # A block conv of a ResNet stage: res<N>.<block>.conv<j>.weight (3x3 when not 1x1).
 _BLOCK_CONV = re.compile(r"(?:^|\.)(res\d+)\.\d+\.conv\d\.weight$")
@@ -87,7 +73,7 @@ def block_scope_shapes(
     return shapes
 
 
-def _model_shapes(config_file: str, opts: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
+def model_shapes(config_file: str, opts: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
     """Parameter shapes of the model ``config_file`` builds (on the CPU)."""
     import dk_detectron2  # noqa: F401  (registers the DK backbones)
     from detectron2.config import get_cfg
@@ -132,69 +118,9 @@ def convert_checkpoint_file(
     torch.save(
         {
             "model": result.state_dict,
-            "__author__": "dk_detectron2.checkpoint.convert",
+            "__author__": "dk_detectron2.checkpoint",
             "matching_heuristics": True,
         },
         output_path,
     )
     return result
-
-
-def _scope_size(values: Sequence[int]) -> Tuple[int, int]:
-    if len(values) == 1:
-        return values[0], values[0]
-    if len(values) == 2:
-        return values[0], values[1]
-    raise argparse.ArgumentTypeError(f"--scope-size takes S or Sh Sw, got {list(values)}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m dk_detectron2.checkpoint.convert",
-        description="Convert a ResNet checkpoint (Detectron2/Caffe2 .pkl, Detectron2 .pth or a "
-        "torchvision state dict) into a checkpoint for a DK backbone.",
-    )
-    parser.add_argument("--input", required=True, help="checkpoint to convert (.pkl or .pth)")
-    parser.add_argument("--output", required=True, help="converted checkpoint to write (.pth)")
-    parser.add_argument(
-        "--scope-size", type=int, nargs="+", default=[4], metavar="S",
-        help="DK scope size: S, or Sh Sw (default 4)",
-    )
-    parser.add_argument(
-        "--format", default="auto",
-        choices=["auto"] + sorted(name for name, _ in SOURCE_FORMAT_REGISTRY),
-        help="naming convention of the input (default: detected)",
-    )
-    parser.add_argument(
-        "--stages", nargs="+", default=["res3", "res4", "res5"],
-        help="stages whose 3x3 block convs become DK scopes (default res3 res4 res5)",
-    )
-    parser.add_argument(
-        "--config-file", default="",
-        help="take the target shapes from the model this config builds instead of --stages",
-    )
-    parser.add_argument(
-        "opts", nargs=argparse.REMAINDER, default=[],
-        help="config overrides (KEY VALUE ...) for --config-file",
-    )
-    return parser
-
-
-def main(argv: Sequence[str] = None) -> int:
-    args = build_parser().parse_args(argv)
-    scope_size = _scope_size(args.scope_size)
-    target_shapes = _model_shapes(args.config_file, args.opts) if args.config_file else None
-    try:
-        result = convert_checkpoint_file(
-            args.input, args.output, scope_size, args.format, args.stages, target_shapes
-        )
-    except CheckpointShapeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(format_conversion_report(result))
-    print(f"wrote {args.output}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
