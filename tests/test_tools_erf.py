@@ -114,7 +114,7 @@ def _tiny_detectron2_model(backbone_name):
 
 
 def test_backbone_level_of_an_fpn_model_pads_and_returns_the_level():
-    from dk_detectron2.tools.build import preprocess_image
+    from dk_detectron2.tools.loaders import preprocess_image
 
     model = _tiny_detectron2_model("build_resnet_fpn_backbone")
     level = BackboneLevel(model, "p4")

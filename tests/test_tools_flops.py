@@ -149,7 +149,7 @@ def test_analyze_model_counts_every_dk_layer_of_a_dk_mask_rcnn(tmp_path):
     from _tools_configs import tiny_dk_config
 
     from dk_detectron2.tools.analyze_model import count_flops, main
-    from dk_detectron2.tools.build import load_model, setup_cfg
+    from dk_detectron2.tools.loaders import load_model, setup_cfg
 
     config = tiny_dk_config(tmp_path)
     model = load_model(setup_cfg(config, device="cpu"))

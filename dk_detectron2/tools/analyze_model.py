@@ -120,7 +120,7 @@ class _Setup:
             if "dataloader" in cfg and "test" in cfg.dataloader:
                 self._dataset = getattr(cfg.dataloader.test.dataset, "names", None)
         else:
-            from dk_detectron2.tools.build import load_model, setup_cfg
+            from dk_detectron2.tools.loaders import load_model, setup_cfg
 
             cfg = setup_cfg(args.config_file, args.opts, device="cpu")
             self.model = load_model(cfg)

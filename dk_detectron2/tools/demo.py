@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from dk_detectron2.tools.build import IMAGE_EXTENSIONS, expand_inputs
+from dk_detectron2.tools.loaders import IMAGE_EXTENSIONS, expand_inputs
 
 __all__ = ["get_parser", "setup_demo_cfg", "Demo", "expand_inputs", "montage", "main"]
 
@@ -72,7 +72,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def setup_demo_cfg(args):
     """The frozen config: ``args.config_file`` + ``args.opts`` + the confidence threshold."""
-    from dk_detectron2.tools.build import setup_cfg
+    from dk_detectron2.tools.loaders import setup_cfg
 
     threshold = args.confidence_threshold
     opts = list(args.opts) + [

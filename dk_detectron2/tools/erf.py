@@ -191,7 +191,7 @@ class BackboneLevel(nn.Module):
     """``normalised image -> model.backbone(image)[level]`` for a Detectron2 meta-architecture.
 
     The input is [1, 3, H, W], already normalised by the model's pixel mean and std (see
-    :func:`dk_detectron2.tools.build.preprocess_image`); it is zero-padded at the bottom and right
+    :func:`dk_detectron2.tools.loaders.preprocess_image`); it is zero-padded at the bottom and right
     to the backbone's size divisibility as ``ImageList`` does, so gradients land on the real
     pixels only.
 
@@ -337,7 +337,7 @@ def _image_records(args) -> List[Dict]:
         raise ValueError("give exactly one of --input and --dataset")
     count = max(args.num_images, args.average_images)
     if args.input is not None:
-        from dk_detectron2.tools.build import expand_inputs
+        from dk_detectron2.tools.loaders import expand_inputs
 
         return [{"file_name": name} for name in expand_inputs(args.input)][:count]
     from detectron2.data import DatasetCatalog
@@ -394,7 +394,7 @@ def _model_specs(args) -> List[Tuple[str, Optional[str], str]]:
 
 def compute(args) -> Dict:
     """Runs every model on every image; returns the maps (numpy) and the numbers."""
-    from dk_detectron2.tools.build import load_image, load_model, preprocess_image, setup_cfg
+    from dk_detectron2.tools.loaders import load_image, load_model, preprocess_image, setup_cfg
 
     records = _image_records(args)
     if not records:

@@ -3,7 +3,7 @@
 fvcore (and Detectron2's ``FlopCountAnalysis``, ``tools/analyze_model.py``) counts a traced model
 op by op; it skips operators it has no handle for, with a warning. This module provides the
 handles of ``torch.ops.dk_detectron2.*`` and of ``torchvision::deform_conv2d`` (used by the
-``DeformConv2d`` rival).
+``LearntOffsetDeformConv2d`` rival).
 
 Counting convention (fvcore's): one "flop" is one multiply-add (MAC). For every output element
 and every kernel tap:

@@ -422,7 +422,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List:
     setup_logger(name="dk_detectron2")
     import dk_detectron2  # noqa: F401
 
-    from dk_detectron2.tools.build import load_image, load_model, preprocess_image, setup_cfg
+    from dk_detectron2.tools.loaders import load_image, load_model, preprocess_image, setup_cfg
     from dk_detectron2.tools.erf import BackboneLevel
 
     cfg = setup_cfg(args.config_file, args.opts, weights=args.weights, device="cpu")

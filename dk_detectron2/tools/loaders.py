@@ -1,4 +1,4 @@
-"""Shared set-up of the analysis tools: config, model and input images, as Detectron2 sees them."""
+"""Loading for the analysis tools: a config, a model with its weights, and input images, as Detectron2 sees them."""
 
 import glob
 import logging
