@@ -345,7 +345,8 @@ class GlobalDeformKernel2d(_DeformKernelBase):
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias:
             as ``nn.Conv2d`` (``groups = in_channels = out_channels`` for depthwise).
-        scope_size: S (int or pair, >= kernel_size); default kernel_size.
+        scope_size: S (int or pair, >= kernel_size); default kernel_size (the rigid kernel). A
+            model built from its config uses MODEL.DK.SCOPE_SIZE (default 5, :class:`DKOptions`).
         rotation_groups: G, blocks of output channels sharing a rotation.
         rotation_clip, rotation_clip_range: see :class:`RotationClip`.
         generator: the kind of the local variants' generators, ``"full"`` or ``"separable"``

@@ -10,7 +10,7 @@ returns an ``nn.Module`` mapping [B, C_in, H, W] to [B, C_out, Ho, Wo]. Names:
 - ``"global_deform_kernel"``: :class:`GlobalDeformKernel2d`.
 - ``"deform_kernel"``: :class:`DeformKernel2d` (local DK).
 - ``"deform_kernel_conv"``: :class:`DeformKernelConv2d` (DK + deformable convolution).
-- ``"deform_conv"``: :class:`DeformConv2d` (deformable convolution, one offset group).
+- ``"deform_conv"``: :class:`LearntOffsetDeformConv2d` (deformable convolution, one offset group).
 - ``"cond_conv"``: :class:`CondConv2d` (soft conditional computation, SCC).
 
 Register a new variant with ``@DK_CONV_REGISTRY.register()`` on a builder named as the variant.
@@ -31,7 +31,7 @@ from .deform_kernel import (
 )
 from .generators import GENERATOR_KINDS
 from .geometry import check_int
-from .rivals import CondConv2d, DeformConv2d
+from .rivals import CondConv2d, LearntOffsetDeformConv2d
 
 __all__ = [
     "DK_CONV_REGISTRY",
@@ -203,7 +203,7 @@ def deform_kernel_conv(in_channels, out_channels, kernel_size, *, options, **con
 
 @DK_CONV_REGISTRY.register()
 def deform_conv(in_channels, out_channels, kernel_size, *, options, **conv):
-    return DeformConv2d(in_channels, out_channels, kernel_size, **conv)
+    return LearntOffsetDeformConv2d(in_channels, out_channels, kernel_size, **conv)
 
 
 @DK_CONV_REGISTRY.register()

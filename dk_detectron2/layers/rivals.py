@@ -1,7 +1,10 @@
 """The rivals of Deformable Kernels in the paper, under the same conv-like interface.
 
-- :class:`DeformConv2d`: deformable convolution (Dai et al. 2017) on ``torchvision.ops.deform_conv2d``
-  (CPU and CUDA), its offsets predicted by a zero-initialised rigid convolution.
+- :class:`LearntOffsetDeformConv2d`: deformable convolution (Dai et al. 2017) on
+  ``torchvision.ops.deform_conv2d`` (CPU and CUDA), its offsets predicted by a zero-initialised
+  rigid convolution it owns. Unlike ``torchvision.ops.DeformConv2d``, whose ``forward`` takes the
+  offset, it is called on the input alone, like the DK modules. ``DeformConv2d`` is its former
+  name, kept as an alias.
 - :class:`CondConv2d`: soft conditional computation (Yang et al. 2019, "SCC" in the DK paper):
   E expert kernels mixed per sample with routing ``sigmoid(linear(GAP(x)))``.
 
@@ -18,10 +21,10 @@ from torchvision.ops import deform_conv2d
 from .deform_kernel import KernelConvBase, zero_init_
 from .geometry import check_int
 
-__all__ = ["DeformConv2d", "CondConv2d"]
+__all__ = ["LearntOffsetDeformConv2d", "DeformConv2d", "CondConv2d"]
 
 
-class DeformConv2d(KernelConvBase):
+class LearntOffsetDeformConv2d(KernelConvBase):
     """Deformable convolution with learnt offsets (depthwise when ``groups = C_in = C_out``).
 
     ``offset_conv`` (a rigid convolution with this module's geometry, zero-initialised) predicts
@@ -88,6 +91,10 @@ class DeformConv2d(KernelConvBase):
         return s
 
 
+# The former name (it reads like torchvision.ops.DeformConv2d, which takes the offset as input).
+DeformConv2d = LearntOffsetDeformConv2d
+
+
 class CondConv2d(KernelConvBase):
     """Soft conditional convolution: a per-sample mixture of E expert kernels.
 
@@ -97,7 +104,7 @@ class CondConv2d(KernelConvBase):
 
     Args:
         num_experts: E.
-        Others as :class:`DeformConv2d`.
+        Others as :class:`LearntOffsetDeformConv2d`.
     Weight [E, C_out, C_in/groups, K, K]. Input [B, C_in, H, W] -> output [B, C_out, Ho, Wo].
     """
 
