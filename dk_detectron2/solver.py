@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Set
 import torch
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
-from .layers.deform_kernel import KernelConvBase
+from .layers.conv_base import KernelConvBase
 
 __all__ = [
     "GENERATOR_GROUP_KEY",

@@ -18,9 +18,9 @@ import math
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .conv_base import KernelConvBase
 from .generators import GENERATOR_KINDS, build_generator, zero_init_
 from .geometry import IntPair, base_grid, check_int, pair
 from .ops import deform_kernel2d, deform_kernel_conv2d, nd_linear_sample
@@ -92,122 +92,6 @@ class RotationClip(nn.Module):
         return f"mode={self.mode!r}" + (
             f", range={self.clip_range}" if self.mode == "range" else ""
         )
-
-
-class KernelConvBase(nn.Module):
-    """Shared conv-like plumbing: geometry, validation, bias, ``norm`` and ``activation``.
-
-    The constructor takes ``nn.Conv2d``'s arguments plus ``norm`` and ``activation``; the
-    keyword-only options of a subclass go to its ``_build(**options)``, which creates
-    ``self.weight`` (and the generators); subclasses implement ``_convolve(x)``. Those that predict
-    where they sample (kernel rotations, image offsets) from the input name the predicting
-    submodules in ``generator_names``; :meth:`generator_parameters` yields their parameters, which
-    training usually gives a smaller learning rate (``MODEL.DK.GENERATOR_LR_FACTOR``).
-    """
-
-    generator_names: Tuple[str, ...] = ()
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: IntPair,
-        stride: IntPair = 1,
-        padding: IntPair = 0,
-        dilation: IntPair = 1,
-        groups: int = 1,
-        bias: bool = False,
-        norm: Optional[nn.Module] = None,
-        activation=None,
-        **options,
-    ):
-        super().__init__()
-        for name, value in (
-            ("in_channels", in_channels),
-            ("out_channels", out_channels),
-            ("groups", groups),
-        ):
-            check_int(name, value)
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible "
-                f"by groups ({groups})"
-            )
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = pair("kernel_size", kernel_size, 1)
-        self.stride = pair("stride", stride, 1)
-        self.padding = pair("padding", padding, 0)
-        self.dilation = pair("dilation", dilation, 1)
-        self.groups = groups
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_channels))
-        else:
-            self.register_parameter("bias", None)
-        self.norm = norm
-        self.activation = activation
-        self._build(**options)
-
-    def _build(self) -> None:
-        """Creates ``self.weight`` and any generator from the subclass's keyword-only options."""
-        raise NotImplementedError
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(
-                f"{type(self).__name__} expects input [B, {self.in_channels}, H, W], got {got}"
-            )
-
-    def _finish(self, out: torch.Tensor) -> torch.Tensor:
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
-        if self.norm is not None:
-            out = self.norm(out)
-        if self.activation is not None:
-            out = self.activation(out)
-        return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        return self._finish(self._convolve(x))
-
-    def _convolve(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def generator_parameters(self):
-        """The parameters of the submodules named in ``generator_names``."""
-        for name in self.generator_names:
-            yield from getattr(self, name).parameters()
-
-    def c2_msra_fill_(self) -> None:
-        """Detectron2's ``c2_msra_fill`` (He normal, fan-out of the K x K kernel, zero bias).
-
-        Generators are left at zero.
-        """
-        fan_out = self.out_channels * self.kernel_size[0] * self.kernel_size[1]
-        nn.init.normal_(self.weight, std=math.sqrt(2.0 / fan_out))
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def _reset_weight(self) -> None:
-        # nn.Conv2d's default initialisation, with the fan-in of the sampled K x K kernel.
-        fan_in = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
-        bound = 1.0 / math.sqrt(fan_in)
-        nn.init.uniform_(self.weight, -bound, bound)
-
-    def _conv_repr(self) -> str:
-        s = (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}"
-        )
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        return s
 
 
 class _DeformKernelBase(KernelConvBase):
@@ -311,6 +195,10 @@ class _DeformKernelBase(KernelConvBase):
         """[C_out, C_in/groups, K, K]: the kernel at zero rotation (what a fresh module convolves with)."""
         return self.sample_kernel(self.base_grid().unsqueeze(0))[0]
 
+    def _op_geometry(self) -> tuple:
+        """(kernel_size, stride, padding, dilation, rotation_groups): the ops' last arguments."""
+        return self.kernel_size, self.stride, self.padding, self.dilation, self.rotation_groups
+
     def _clip(self, rotation: torch.Tensor) -> torch.Tensor:
         """Clips a local rotation [B, G*K*K*2, H, W] group by group."""
         if self.rotation_clip.mode == "none":
@@ -385,18 +273,7 @@ class GlobalDeformKernel2d(_DeformKernelBase):
         return torch.cat(kernels, dim=1)
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:
-        batch, _, height, width = x.shape
-        kernels = self.sample_kernels(x).to(x.dtype)
-        out = F.conv2d(
-            x.reshape(1, batch * self.in_channels, height, width),
-            kernels.reshape(batch * self.out_channels, *kernels.shape[2:]),
-            None,
-            self.stride,
-            self.padding,
-            self.dilation,
-            batch * self.groups,
-        )
-        return out.reshape(batch, self.out_channels, *out.shape[2:])
+        return self._convolve_per_sample(x, self.sample_kernels(x).to(x.dtype))
 
 
 class DeformKernel2d(_DeformKernelBase):
@@ -419,16 +296,7 @@ class DeformKernel2d(_DeformKernelBase):
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:
         rotation = self._clip(self.rotation_conv(x))
-        return deform_kernel2d(
-            x,
-            rotation,
-            self.weight.to(x.dtype),
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.rotation_groups,
-        )
+        return deform_kernel2d(x, rotation, self.weight.to(x.dtype), *self._op_geometry())
 
 
 class DeformKernelConv2d(_DeformKernelBase):
@@ -454,13 +322,5 @@ class DeformKernelConv2d(_DeformKernelBase):
         offset = self.offset_conv(x)
         rotation = self._clip(self.rotation_conv(x))
         return deform_kernel_conv2d(
-            x,
-            offset,
-            rotation,
-            self.weight.to(x.dtype),
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.rotation_groups,
+            x, offset, rotation, self.weight.to(x.dtype), *self._op_geometry()
         )

@@ -14,11 +14,11 @@ Both start as a rigid convolution with :meth:`rigid_weight` (zero generator).
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import deform_conv2d
 
-from .deform_kernel import KernelConvBase, zero_init_
+from .conv_base import KernelConvBase
+from .generators import zero_init_
 from .geometry import check_int
 
 __all__ = ["LearntOffsetDeformConv2d", "DeformConv2d", "CondConv2d"]
@@ -135,18 +135,8 @@ class CondConv2d(KernelConvBase):
         return 0.5 * self.weight.sum(dim=0)
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:
-        batch, _, height, width = x.shape
         kernels = torch.einsum("be,eoikl->boikl", self.routing(x), self.weight.to(x.dtype))
-        out = F.conv2d(
-            x.reshape(1, batch * self.in_channels, height, width),
-            kernels.reshape(batch * self.out_channels, *kernels.shape[2:]),
-            None,
-            self.stride,
-            self.padding,
-            self.dilation,
-            batch * self.groups,
-        )
-        return out.reshape(batch, self.out_channels, *out.shape[2:])
+        return self._convolve_per_sample(x, kernels)
 
     def extra_repr(self) -> str:
         return f"{self._conv_repr()}, num_experts={self.num_experts}"
