@@ -237,7 +237,7 @@ def test_rotation_statistics_find_layers_whose_taps_left_the_scope():
         DeformKernelConv2d,
         GlobalDeformKernel2d,
     )
-    from dk_detectron2.tools.kernel_samples import rotation_statistics
+    from dk_detectron2.tools.rotation_stats import rotation_statistics
 
     dead = DeformKernel2d(4, 4, 3, padding=1, groups=4, scope_size=4)
     nn.init.constant_(dead.rotation_conv.bias, 10.0)  # every tap at base + 10 >= S: reads zero

@@ -6,7 +6,7 @@ Kernels exist to adapt it to the object, so this module computes it for any mode
 
 * :func:`effective_receptive_field`: the ERF of one unit of any callable ``image -> feature map``
   (a plain ``nn.Sequential`` of convolutions as well as a Detectron2 backbone level);
-* :class:`BackboneLevel`: that callable for a level (``res2``..``res5``, ``p2``..``p6``) of a
+* :class:`BackboneLevel` (from :mod:`.loaders`): that callable for a level (``res2``..``res5``, ``p2``..``p6``) of a
   Detectron2 model, on the image its meta-architecture would feed the backbone;
 * :func:`erf_statistics`: the numbers (area above a fraction of the maximum, spread around the
   centre of mass);
@@ -32,7 +32,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import nn
 
 __all__ = [
     "BackboneLevel",
@@ -42,6 +41,8 @@ __all__ = [
     "center_crop",
     "main",
 ]
+
+from .loaders import BackboneLevel  # noqa: E402  (the probe of a model level; re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -182,67 +183,6 @@ def erf_statistics(
         stats["unit_center"] = [float(unit_center[0]), float(unit_center[1])]
         stats["center_shift"] = math.hypot(cy - unit_center[0], cx - unit_center[1])
     return stats
-
-
-# ------------------------------------------------------------------------------------------------
-# Detectron2 models
-# ------------------------------------------------------------------------------------------------
-class BackboneLevel(nn.Module):
-    """``normalised image -> model.backbone(image)[level]`` for a Detectron2 meta-architecture.
-
-    The input is [1, 3, H, W], already normalised by the model's pixel mean and std (see
-    :func:`dk_detectron2.tools.loaders.preprocess_image`); it is zero-padded at the bottom and right
-    to the backbone's size divisibility as ``ImageList`` does, so gradients land on the real
-    pixels only.
-
-    Args:
-        model: a Detectron2 model with a ``backbone`` (GeneralizedRCNN, RetinaNet, ...).
-        level: a key of ``model.backbone.output_shape()``, e.g. "res4" or "p3"; for an FPN, also
-            a level of its bottom-up network (``res2``..``res5``).
-    """
-
-    def __init__(self, model: nn.Module, level: str):
-        super().__init__()
-        backbone = getattr(model, "backbone", None)
-        if backbone is None:
-            raise ValueError(f"model must have a .backbone, got {type(model).__name__}")
-        # The levels of an FPN's bottom-up network (res2..res5) are reachable too.
-        self.size_divisibility = int(getattr(backbone, "size_divisibility", 0) or 0)
-        shapes = dict(backbone.output_shape())
-        bottom_up = getattr(backbone, "bottom_up", None)
-        if level not in shapes and bottom_up is not None:
-            if level in bottom_up.output_shape():
-                backbone, shapes = bottom_up, dict(bottom_up.output_shape())
-            else:
-                shapes.update(bottom_up.output_shape())
-        if level not in shapes:
-            raise ValueError(
-                f"level must be one of {sorted(shapes)} for this backbone, got {level!r}"
-            )
-        self.backbone = backbone
-        self.level = level
-        self.stride = int(shapes[level].stride)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        divisibility = self.size_divisibility
-        height, width = image.shape[-2:]
-        if divisibility > 1:
-            pad_h = (divisibility - height % divisibility) % divisibility
-            pad_w = (divisibility - width % divisibility) % divisibility
-            image = nn.functional.pad(image, (0, pad_w, 0, pad_h))
-        return self.backbone(image)[self.level]
-
-    def cell_of(self, pixel_y: float, pixel_x: float) -> Tuple[int, int]:
-        """The feature cell whose unit is centred nearest to image pixel (y, x) (see center_of)."""
-        return int(round(pixel_y / self.stride)), int(round(pixel_x / self.stride))
-
-    def center_of(self, cell: Tuple[int, int]) -> Tuple[float, float]:
-        """Pixel centre of a cell's rigid receptive field: ``cell * stride``.
-
-        Exact for ResNet/FPN, whose strided convolutions and pooling use "same" padding
-        (a k x k, stride-2 layer with padding (k-1)/2 centres output i on input 2i).
-        """
-        return float(cell[0] * self.stride), float(cell[1] * self.stride)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from detectron2.modeling import build_model
 from ..checkpoint import DKCheckpointer
 
 __all__ = [
+    "BackboneLevel",
     "IMAGE_EXTENSIONS",
     "expand_inputs",
     "setup_cfg",
@@ -124,3 +125,61 @@ def preprocess_image(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"image must be [C, H, W], got shape {tuple(image.shape)}")
     image = image.to(model.pixel_mean.device, torch.float32)
     return ((image - model.pixel_mean) / model.pixel_std).unsqueeze(0)
+
+
+class BackboneLevel(nn.Module):
+    """``normalised image -> model.backbone(image)[level]`` for a Detectron2 meta-architecture.
+
+    The input is [1, 3, H, W], already normalised by the model's pixel mean and std (see
+    :func:`dk_detectron2.tools.loaders.preprocess_image`); it is zero-padded at the bottom and right
+    to the backbone's size divisibility as ``ImageList`` does, so gradients land on the real
+    pixels only.
+
+    Args:
+        model: a Detectron2 model with a ``backbone`` (GeneralizedRCNN, RetinaNet, ...).
+        level: a key of ``model.backbone.output_shape()``, e.g. "res4" or "p3"; for an FPN, also
+            a level of its bottom-up network (``res2``..``res5``).
+    """
+
+    def __init__(self, model: nn.Module, level: str):
+        super().__init__()
+        backbone = getattr(model, "backbone", None)
+        if backbone is None:
+            raise ValueError(f"model must have a .backbone, got {type(model).__name__}")
+        # The levels of an FPN's bottom-up network (res2..res5) are reachable too.
+        self.size_divisibility = int(getattr(backbone, "size_divisibility", 0) or 0)
+        shapes = dict(backbone.output_shape())
+        bottom_up = getattr(backbone, "bottom_up", None)
+        if level not in shapes and bottom_up is not None:
+            if level in bottom_up.output_shape():
+                backbone, shapes = bottom_up, dict(bottom_up.output_shape())
+            else:
+                shapes.update(bottom_up.output_shape())
+        if level not in shapes:
+            raise ValueError(
+                f"level must be one of {sorted(shapes)} for this backbone, got {level!r}"
+            )
+        self.backbone = backbone
+        self.level = level
+        self.stride = int(shapes[level].stride)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        divisibility = self.size_divisibility
+        height, width = image.shape[-2:]
+        if divisibility > 1:
+            pad_h = (divisibility - height % divisibility) % divisibility
+            pad_w = (divisibility - width % divisibility) % divisibility
+            image = nn.functional.pad(image, (0, pad_w, 0, pad_h))
+        return self.backbone(image)[self.level]
+
+    def cell_of(self, pixel_y: float, pixel_x: float) -> Tuple[int, int]:
+        """The feature cell whose unit is centred nearest to image pixel (y, x) (see center_of)."""
+        return int(round(pixel_y / self.stride)), int(round(pixel_x / self.stride))
+
+    def center_of(self, cell: Tuple[int, int]) -> Tuple[float, float]:
+        """Pixel centre of a cell's rigid receptive field: ``cell * stride``.
+
+        Exact for ResNet/FPN, whose strided convolutions and pooling use "same" padding
+        (a k x k, stride-2 layer with padding (k-1)/2 centres output i on input 2i).
+        """
+        return float(cell[0] * self.stride), float(cell[1] * self.stride)
