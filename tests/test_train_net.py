@@ -151,7 +151,7 @@ def test_shapes_configs_load(name):
     )
     cfg = train_net.build_config(args)
     assert cfg.MODEL.BACKBONE.NAME == "build_resnet_dk_fpn_backbone"
-    assert cfg.MODEL.DK.TYPE == {"dw": "depthwise", "dk": "deform_kernel",
+    assert cfg.MODEL.DK.TYPE == {"dw": "rigid_conv", "dk": "deform_kernel",
                                  "dkc": "deform_kernel_conv"}[name]
     assert cfg.DATASETS.TRAIN == ("dk_shapes_train",) and cfg.DATASETS.TEST == ("dk_shapes_val",)
     assert cfg.OUTPUT_DIR.startswith("output/")
