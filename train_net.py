@@ -74,11 +74,13 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        # Converts a rigid checkpoint's 3x3 kernels into DK scopes; a shape that fits neither
-        # the parameter nor a scope of it is an error, not a silently skipped layer.
-        DKCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        # Converts a rigid checkpoint's 3x3 kernels into DK scopes; a checkpoint of another
+        # configuration (missing, extra or other-shaped tensors) is an error, not a half-loaded
+        # model, unless MODEL.ALLOW_PARTIAL_WEIGHTS.
+        partial = cfg.MODEL.ALLOW_PARTIAL_WEIGHTS
+        DKCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, strict=not partial, skip_mismatched=partial
+        ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return Trainer.test(cfg, model)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
