@@ -11,6 +11,8 @@ removes:
   torch (CPU and every CUDA device) are seeded from ``(seed, rank, iteration)``: RPN/ROI
   sampling, dropout or any other draw in iteration ``i`` is the same whatever ran before it, on
   every rank, without saving per-rank generator states (only rank 0 writes the checkpoint).
+- **The final evaluation.** A run resumed after its last iteration only evaluates, and logs the
+  results at the iteration the uninterrupted run logs them.
 - **Logged metrics.** Detectron2's writers log medians over the last 20 values of each scalar;
   the tail of each scalar's history (and its global average and count) is saved, so the first
   logged values after a resume are the ones the uninterrupted run logs.
@@ -55,6 +57,10 @@ class ExactResume(HookBase):
 
     def before_train(self):
         self.batches.start_batch = self.trainer.start_iter
+        if self.trainer.start_iter >= self.trainer.max_iter:
+            # Resumed after the last iteration (e.g. killed in the final evaluation): Detectron2's
+            # loop would end at max_iter + 1 and log the evaluation one iteration late.
+            self.trainer.iter = self.trainer.max_iter - 1
         storage = self.trainer.storage
         for name, saved in self._saved_history.get("scalars", {}).items():
             buffer = HistoryBuffer(max_length=saved["max_length"])

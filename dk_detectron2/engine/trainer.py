@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import DKCheckpointer, atomic_write
 from ..solver import build_dk_optimizer
-from .ddp import device_aware_ddp
+from .ddp import device_aware_ddp, share_rank0_buffers
 from .exact_resume import ExactResume, run_seed
 from .resumable_loader import ResumableBatches, build_resumable_train_loader
 from .visualize import save_prediction_images
@@ -105,6 +105,9 @@ class DKTrainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
+        """Detectron2's evaluation, with rank 0's BatchNorm statistics on every process (those of
+        the checkpoint), so the metrics are those of ``--eval-only`` on the saved model."""
+        share_rank0_buffers(model)
         results = super().test(cfg, model, evaluators)
         if comm.is_main_process() and len(cfg.DATASETS.TEST):
             cls.write_results(cfg, model, results)
