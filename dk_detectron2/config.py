@@ -6,7 +6,8 @@ __all__ = ["add_dk_config"]
 
 
 def add_dk_config(cfg):
-    """Adds ``MODEL.DK.*`` and ``MODEL.ALLOW_PARTIAL_WEIGHTS`` (defaults below) to a Detectron2 config, in place; returns it.
+    """Adds ``MODEL.DK.*`` and ``MODEL.ALLOW_PARTIAL_WEIGHTS`` (defaults below) to a Detectron2
+    config, in place; returns it.
 
     Call it before ``merge_from_file`` of any dk_detectron2 config. Used by the backbones
     ``build_resnet_dk_backbone`` / ``build_resnet_dk_fpn_backbone``.

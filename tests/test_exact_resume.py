@@ -1,5 +1,6 @@
 """The pieces of exact resume and atomic checkpoints, fast: the resumable train stream, per-step
 seeding, and saves that a kill cannot half-write. (End to end with kills: test_fault_tolerance.)"""
+
 import os
 import signal
 import subprocess
@@ -16,8 +17,10 @@ from dk_detectron2.engine.resumable_loader import ResumableBatches, build_resuma
 
 
 def _dicts(n=7, portrait=()):
-    return [{"image_id": i, "width": 30 if i in portrait else 40, "height": 40 if i in portrait
-             else 30} for i in range(n)]
+    return [
+        {"image_id": i, "width": 30 if i in portrait else 40, "height": 40 if i in portrait else 30}
+        for i in range(n)
+    ]
 
 
 def _mapper(d):
@@ -26,8 +29,13 @@ def _mapper(d):
 
 
 def _take(batches, n, num_workers=0):
-    loader = torchdata.DataLoader(batches, batch_size=None, num_workers=num_workers,
-                                  collate_fn=lambda b: b, generator=torch.Generator().manual_seed(0))
+    loader = torchdata.DataLoader(
+        batches,
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=lambda b: b,
+        generator=torch.Generator().manual_seed(0),
+    )
     out = []
     for batch in loader:
         out.append(batch)
@@ -37,7 +45,8 @@ def _take(batches, n, num_workers=0):
 
 def _same(a, b):
     return [d["image_id"] for d in a] == [d["image_id"] for d in b] and all(
-        torch.equal(x["noise"], y["noise"]) for x, y in zip(a, b))
+        torch.equal(x["noise"], y["noise"]) for x, y in zip(a, b)
+    )
 
 
 @pytest.mark.parametrize("portrait", [(), (1, 4, 5)])
@@ -69,10 +78,13 @@ def test_the_stream_depends_on_seed_and_rank_and_leaves_global_generators_alone(
 
 
 def test_the_loader_checks_the_batch_size_against_the_processes():
-    with pytest.raises(ValueError, match=r"SOLVER.IMS_PER_BATCH \(3\) must be divisible by the "
-                                         r"number of processes \(2\)"):
-        build_resumable_train_loader(_dicts(), _mapper, total_batch_size=3, seed=0, rank=0,
-                                     world_size=2)
+    with pytest.raises(
+        ValueError,
+        match=r"SOLVER.IMS_PER_BATCH \(3\) must be divisible by the " r"number of processes \(2\)",
+    ):
+        build_resumable_train_loader(
+            _dicts(), _mapper, total_batch_size=3, seed=0, rank=0, world_size=2
+        )
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
@@ -112,8 +124,9 @@ _STALLED_SAVE = textwrap.dedent("""
 
 
 def test_a_process_killed_inside_a_save_leaves_the_previous_checkpoint(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", _STALLED_SAVE, str(tmp_path)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STALLED_SAVE, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "stalled"
     finally:

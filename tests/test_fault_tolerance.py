@@ -1,4 +1,5 @@
-"""Training that survives faults, end to end with ``train_net.py`` on the CPU (1 thread per process):
+"""Training that survives faults, end to end with ``train_net.py`` on the CPU (1 thread per
+process):
 
 - a run SIGKILLed inside an iteration, inside a checkpoint save and inside the final evaluation,
   and resumed with ``--resume`` after each kill, ends with the uninterrupted run's weights (bit

@@ -371,7 +371,8 @@ def test_half_precision_sums_accumulate_in_float32(dtype, kernel, channels):
     x.requires_grad_()
     weight.requires_grad_()
     deform_kernel2d(x, rotation, weight, kernel).backward(torch.ones(1, 1, 1, 1, dtype=dtype))
-    assert torch.equal(x.grad, torch.ones_like(x)) and torch.equal(weight.grad, torch.ones_like(weight))
+    assert torch.equal(x.grad, torch.ones_like(x))
+    assert torch.equal(weight.grad, torch.ones_like(weight))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -571,7 +572,8 @@ def _call(**overrides):
         (dict(weight=torch.randn(5, 2, 4, 4)), ValueError,
          "weight.size(0) (C_out = 5) must be divisible by groups (C_in / weight.size(1) = 2)"),
         (dict(weight=torch.randn(4, 3, 4, 4)), ValueError,
-         "weight.size(1) (3) must divide input channels (4): weight is [C_out, C_in/groups, Sh, Sw]"),
+         "weight.size(1) (3) must divide input channels (4): weight is "
+         "[C_out, C_in/groups, Sh, Sw]"),
         (dict(weight=torch.randn(4, 1, 4, 4).double()), TypeError,
          "weight must have the dtype of input (torch.float32), got torch.float64"),
         (dict(weight=torch.randn(4, 1, 2, 4)), ValueError,
@@ -671,7 +673,8 @@ def test_torch_compile_of_a_module_using_the_op(backend):
     out.pow(2).sum().backward()
     for name, t, grad in zip(("input", "weight", "rotation conv"),
                              (x, model.weight, model.rotation.weight), expected_grads):
-        torch.testing.assert_close(t.grad, grad, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(t.grad, grad, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_jit_trace():
@@ -699,7 +702,8 @@ def test_autocast_computes_in_float32():
     expected.backward(grad_out)
     assert torch.equal(out, expected)
     assert torch.equal(x16.grad, leaves[0].grad.bfloat16())  # cast back to the input's dtype
-    assert torch.equal(rotation32.grad, leaves[1].grad) and torch.equal(weight32.grad, leaves[2].grad)
+    assert torch.equal(rotation32.grad, leaves[1].grad)
+    assert torch.equal(weight32.grad, leaves[2].grad)
     in_bfloat16 = deform_kernel2d(x16.detach(), rotation.bfloat16(), weight.bfloat16(), **geo)
     assert not torch.equal(in_bfloat16.float(), expected.detach())
 

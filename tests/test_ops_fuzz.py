@@ -11,6 +11,7 @@ fixed number of examples per property; ``HYPOTHESIS_PROFILE=dev`` draws new rand
 Also: the operators called from 4 Python threads at once give the serial results, and 1,000
 forward+backward calls do not grow the process's resident memory.
 """
+
 import gc
 import os
 import threading
@@ -21,14 +22,22 @@ from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
 from dk_detectron2.layers import deform_kernel2d, deform_kernel_conv2d, nd_linear_sample
-from dk_detectron2.layers.reference import deform_kernel_conv2d_reference, nd_linear_sample_reference
+from dk_detectron2.layers.reference import (
+    deform_kernel_conv2d_reference,
+    nd_linear_sample_reference,
+)
 
 _EXAMPLES = int(os.environ.get("DK_FUZZ_EXAMPLES", "100"))
-_COMMON = dict(max_examples=_EXAMPLES, deadline=None, database=None,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_COMMON = dict(
+    max_examples=_EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 # CI: the same examples on every run, no shrinking (a failure prints its example as drawn).
-settings.register_profile("ci", derandomize=True, phases=[Phase.explicit, Phase.generate],
-                          **_COMMON)
+settings.register_profile(
+    "ci", derandomize=True, phases=[Phase.explicit, Phase.generate], **_COMMON
+)
 settings.register_profile("dev", **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
@@ -59,10 +68,20 @@ def geometries(draw):
     out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     assume(out_h > 0 and out_w > 0)
-    return dict(batch=draw(st.sampled_from([0, 1, 2])), in_channels=in_channels,
-                out_channels=out_channels, groups=groups, size=(height, width),
-                out_size=(out_h, out_w), kernel_size=(kh, kw), scope=(sh, sw), stride=stride,
-                padding=padding, dilation=dilation, rotation_groups=rotation_groups)
+    return dict(
+        batch=draw(st.sampled_from([0, 1, 2])),
+        in_channels=in_channels,
+        out_channels=out_channels,
+        groups=groups,
+        size=(height, width),
+        out_size=(out_h, out_w),
+        kernel_size=(kh, kw),
+        scope=(sh, sw),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        rotation_groups=rotation_groups,
+    )
 
 
 def _values(draw, shape, dtype, extremes):
@@ -70,8 +89,10 @@ def _values(draw, shape, dtype, extremes):
     if ``extremes``, by +-1e30 / NaN / +-inf."""
     seed = draw(st.integers(0, 2**31 - 1))
     scale = draw(st.sampled_from([0.3, 1.0, 3.0]))
-    values = torch.randn(shape, generator=torch.Generator().manual_seed(seed),
-                         dtype=torch.float64) * scale
+    values = (
+        torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        * scale
+    )
     if values.numel():
         flat = values.view(-1)
         specials = [_tiny(dtype), -_tiny(dtype)] + (EXTREMES if extremes else [])
@@ -98,28 +119,35 @@ def _magnitudes(tensors, coordinates):
     """The tensors with values replaced by their magnitudes (non-finite -> 0), except the sample
     coordinates (indices in ``coordinates``), kept as they are: the reference on them gives, per
     element, the sum of the magnitudes of the terms (bilinear weights are >= 0)."""
-    return [t if i in coordinates else torch.nan_to_num(t.abs(), nan=0.0, posinf=0.0)
-            for i, t in enumerate(tensors)]
+    return [
+        t if i in coordinates else torch.nan_to_num(t.abs(), nan=0.0, posinf=0.0)
+        for i, t in enumerate(tensors)
+    ]
 
 
 def _assert_agrees(name, got, expected, bound, dtype):
     """``got`` (dtype) equals ``expected`` (float64) to RTOL[dtype] of the terms' magnitude, with
     NaN and inf at the same places."""
     got = got.double()
-    assert got.shape == expected.shape, f"{name}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
+    assert (
+        got.shape == expected.shape
+    ), f"{name}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
     finite = torch.isfinite(expected)
     assert torch.equal(torch.isnan(got), torch.isnan(expected)), f"{name}: NaN at other places"
-    assert torch.equal(got[~finite & ~torch.isnan(expected)],
-                       expected[~finite & ~torch.isnan(expected)]), f"{name}: inf differs"
+    assert torch.equal(
+        got[~finite & ~torch.isnan(expected)], expected[~finite & ~torch.isnan(expected)]
+    ), f"{name}: inf differs"
     # Rounding the sample points to the dtype moves every bilinear weight by ~eps, whatever the
     # weight: a tenth of the largest magnitude of the tensor joins each element's own.
     scale = float(bound.abs().max()) if bound.numel() else 0.0
     tolerance = RTOL[dtype] * (bound.abs() + 0.1 * scale) + torch.finfo(dtype).tiny
     error = (got - expected).abs()
     bad = finite & (error > tolerance)
-    assert not bad.any(), (f"{name} ({dtype}): {int(bad.sum())} of {bad.numel()} elements differ, "
-                           f"max error {error[bad].max().item():.3g} at tolerance "
-                           f"{tolerance[bad].min().item():.3g}")
+    assert not bad.any(), (
+        f"{name} ({dtype}): {int(bad.sum())} of {bad.numel()} elements differ, "
+        f"max error {error[bad].max().item():.3g} at tolerance "
+        f"{tolerance[bad].min().item():.3g}"
+    )
 
 
 def _check_op(geometry, dtype, layout, with_offset, draw):
@@ -127,12 +155,21 @@ def _check_op(geometry, dtype, layout, with_offset, draw):
     b, (h, w), (ho, wo) = g["batch"], g["size"], g["out_size"]
     taps = g["kernel_size"][0] * g["kernel_size"][1]
     x = _values(draw, (b, g["in_channels"], h, w), dtype, extremes=False)
-    weight = _values(draw, (g["out_channels"], g["in_channels"] // g["groups"], *g["scope"]),
-                     dtype, extremes=False)
+    weight = _values(
+        draw,
+        (g["out_channels"], g["in_channels"] // g["groups"], *g["scope"]),
+        dtype,
+        extremes=False,
+    )
     rotation = _values(draw, (b, g["rotation_groups"] * taps * 2, ho, wo), dtype, extremes=True)
     offset = _values(draw, (b, taps * 2, ho, wo), dtype, extremes=True) if with_offset else None
-    geo = dict(kernel_size=g["kernel_size"], stride=g["stride"], padding=g["padding"],
-               dilation=g["dilation"], rotation_groups=g["rotation_groups"])
+    geo = dict(
+        kernel_size=g["kernel_size"],
+        stride=g["stride"],
+        padding=g["padding"],
+        dilation=g["dilation"],
+        rotation_groups=g["rotation_groups"],
+    )
     inputs = [x, offset, rotation, weight] if with_offset else [x, rotation, weight]
 
     def reference(*tensors):
@@ -150,11 +187,16 @@ def _check_op(geometry, dtype, layout, with_offset, draw):
     ref_leaves = [t.detach().double().clone().requires_grad_() for t in inputs]
     expected = reference(*ref_leaves)
     expected.backward(grad_out.double())
-    names = ["input", "offset", "rotation", "weight"] if with_offset else ["input", "rotation",
-                                                                           "weight"]
+    names = (
+        ["input", "offset", "rotation", "weight"]
+        if with_offset
+        else ["input", "rotation", "weight"]
+    )
     coordinates = {i for i, n in enumerate(names) if n in ("offset", "rotation")}
-    abs_leaves = [t.detach().clone().requires_grad_()
-                  for t in _magnitudes([t.double() for t in inputs], coordinates)]
+    abs_leaves = [
+        t.detach().clone().requires_grad_()
+        for t in _magnitudes([t.double() for t in inputs], coordinates)
+    ]
     bound = reference(*abs_leaves)
     _assert_agrees("output", out, expected, bound.detach(), dtype)
     bound.backward(grad_out.double().abs())
@@ -164,27 +206,49 @@ def _check_op(geometry, dtype, layout, with_offset, draw):
                 t.grad = torch.zeros_like(t)
         assert leaf.grad is not None, f"grad {name}: missing"
         # Rotation/offset gradients are differences of terms: bound them by the tensor's scale.
-        bound = abs_leaf.grad if name in ("input", "weight") else torch.full_like(
-            ref_leaf.grad, float(abs_leaf.grad.abs().max() + ref_leaf.grad.nan_to_num(0).abs().max())
-            if ref_leaf.grad.numel() else 0.0)
+        bound = (
+            abs_leaf.grad
+            if name in ("input", "weight")
+            else torch.full_like(
+                ref_leaf.grad,
+                (
+                    float(abs_leaf.grad.abs().max() + ref_leaf.grad.nan_to_num(0).abs().max())
+                    if ref_leaf.grad.numel()
+                    else 0.0
+                ),
+            )
+        )
         _assert_agrees(f"grad {name}", leaf.grad, ref_leaf.grad, bound, dtype)
 
 
-@given(geometry=geometries(), dtype=st.sampled_from(DTYPES),
-       layout=st.sampled_from(["contiguous", "channels_last", "strided"]), data=st.data())
+@given(
+    geometry=geometries(),
+    dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
+    data=st.data(),
+)
 def test_deform_kernel2d_agrees_with_reference(geometry, dtype, layout, data):
     _check_op(geometry, dtype, layout, with_offset=False, draw=data.draw)
 
 
-@given(geometry=geometries(), dtype=st.sampled_from(DTYPES),
-       layout=st.sampled_from(["contiguous", "channels_last", "strided"]), data=st.data())
+@given(
+    geometry=geometries(),
+    dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
+    data=st.data(),
+)
 def test_deform_kernel_conv2d_agrees_with_reference(geometry, dtype, layout, data):
     _check_op(geometry, dtype, layout, with_offset=True, draw=data.draw)
 
 
-@given(channels=st.integers(0, 4), scope=st.tuples(st.integers(1, 5), st.integers(1, 5)),
-       points=st.integers(0, 12), dtype=st.sampled_from(DTYPES),
-       layout=st.sampled_from(["contiguous", "strided"]), data=st.data())
+@given(
+    channels=st.integers(0, 4),
+    scope=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    points=st.integers(0, 12),
+    dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from(["contiguous", "strided"]),
+    data=st.data(),
+)
 def test_nd_linear_sample_agrees_with_reference(channels, scope, points, dtype, layout, data):
     scopes = _values(data.draw, (channels, *scope), dtype, extremes=False)
     coord = _values(data.draw, (points, 2), dtype, extremes=True) + 1.0
@@ -200,11 +264,22 @@ def test_nd_linear_sample_agrees_with_reference(channels, scope, points, dtype, 
     # grad input: grad_out times bilinear weights (<= 1); grad coord: grad_out times differences of
     # scope values.
     scale = (1 + float(scopes.double().abs().nan_to_num(0).sum())) * float(
-        grad_out.double().abs().sum())
-    _assert_agrees("grad input", leaves[0].grad, ref_leaves[0].grad,
-                   torch.full_like(ref_leaves[0].grad, scale), dtype)
-    _assert_agrees("grad coord", leaves[1].grad, ref_leaves[1].grad,
-                   torch.full_like(ref_leaves[1].grad, scale), dtype)
+        grad_out.double().abs().sum()
+    )
+    _assert_agrees(
+        "grad input",
+        leaves[0].grad,
+        ref_leaves[0].grad,
+        torch.full_like(ref_leaves[0].grad, scale),
+        dtype,
+    )
+    _assert_agrees(
+        "grad coord",
+        leaves[1].grad,
+        ref_leaves[1].grad,
+        torch.full_like(ref_leaves[1].grad, scale),
+        dtype,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,17 +290,21 @@ def _call(seed, with_offset, batch=2, size=(9, 8)):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 4, *size, generator=gen, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(4, 2, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    rotation = (torch.randn(batch, 2 * 18, *size, generator=gen, dtype=torch.float64) * 1.5
-                ).requires_grad_()
-    offset = (torch.randn(batch, 18, *size, generator=gen, dtype=torch.float64) * 2
-              ).requires_grad_()
+    rotation = (
+        torch.randn(batch, 2 * 18, *size, generator=gen, dtype=torch.float64) * 1.5
+    ).requires_grad_()
+    offset = (
+        torch.randn(batch, 18, *size, generator=gen, dtype=torch.float64) * 2
+    ).requires_grad_()
     geo = dict(kernel_size=3, padding=1, rotation_groups=2)
     if with_offset:
         out = deform_kernel_conv2d(x, offset, rotation, weight, **geo)
     else:
         out = deform_kernel2d(x, rotation, weight, **geo)
     out.backward(torch.cos(out.detach()))
-    grads = [t.grad for t in ((x, offset, rotation, weight) if with_offset else (x, rotation, weight))]
+    grads = [
+        t.grad for t in ((x, offset, rotation, weight) if with_offset else (x, rotation, weight))
+    ]
     return [out.detach()] + grads
 
 

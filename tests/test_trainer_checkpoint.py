@@ -158,7 +158,8 @@ def test_eval_only_names_the_parameters_a_checkpoint_lacks(tmp_path, dataset, mo
 
 def test_partial_weights_are_an_explicit_choice(tmp_path, dataset, monkeypatch):
     weights = _saved_model(tmp_path, dataset, "dkc", "MODEL.DK.TYPE", "deform_kernel_conv")
-    model = _eval_only(tmp_path, dataset, monkeypatch, weights, "MODEL.ALLOW_PARTIAL_WEIGHTS", "True")
+    model = _eval_only(tmp_path, dataset, monkeypatch, weights,
+                       "MODEL.ALLOW_PARTIAL_WEIGHTS", "True")
     saved = torch.load(weights, weights_only=False)["model"]
     name = "backbone.bottom_up.res3.0.conv1.depthwise.weight"
     assert torch.equal(model.state_dict()[name], saved[name])  # what fits was loaded

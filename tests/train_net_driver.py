@@ -8,7 +8,9 @@ to stderr when it happens):
 - ``stall-evaluation``: rank 0 sleeps inside the evaluation, after inference;
 - ``raise:RANK:N`` / ``kill:RANK:N``: rank RANK raises / SIGKILLs itself at iteration N;
 - ``detectron2-resume``: not a fault but a broken variant: Detectron2's train loader, without
-  the exact-resume state (what ``--resume`` does in plain Detectron2).
+  the exact-resume state (what ``--resume`` does in plain Detectron2);
+- ``no-allreduce``: a broken variant: models are not wrapped in DDP, so gradients are not
+  averaged across processes.
 
 Datasets (under ``$DK_TEST_DATASETS``): ``dk_shapes_tiny_train`` (8 images, 64 px),
 ``dk_shapes_tiny_val`` (4 images), ``dk_shapes_one`` (1 image, so that every process of a
@@ -51,7 +53,14 @@ def _install_fault(fault):
     from detectron2.utils import comm
 
     kind, _, where = fault.partition(":")
-    if kind == "detectron2-resume":
+    if kind == "no-allreduce":
+        from detectron2.engine import defaults
+
+        from dk_detectron2.engine import ddp
+
+        ddp._d2_create_ddp_model = lambda model, **kwargs: model
+        defaults.create_ddp_model = lambda model, **kwargs: model
+    elif kind == "detectron2-resume":
         from detectron2.engine import DefaultTrainer
 
         train_net.Trainer.build_train_loader = DefaultTrainer.build_train_loader
@@ -74,7 +83,10 @@ def _install_fault(fault):
 
         COCOEvaluator.evaluate = stalling_evaluate
     elif kind in ("stall-iteration", "raise", "kill"):
-        rank, iteration = (0, int(where)) if kind == "stall-iteration" else map(int, where.split(":"))
+        if kind == "stall-iteration":
+            rank, iteration = 0, int(where)
+        else:
+            rank, iteration = map(int, where.split(":"))
         run_step = train_loop.SimpleTrainer.run_step
 
         def faulty_run_step(self):
