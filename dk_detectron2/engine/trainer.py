@@ -19,6 +19,7 @@ from ..checkpoint import DKCheckpointer, atomic_write
 from ..solver import build_dk_optimizer
 from .ddp import device_aware_ddp, share_rank0_buffers
 from .exact_resume import ExactResume, run_seed
+from .hooks import GeneratorWarmup
 from .resumable_loader import ResumableBatches, build_resumable_train_loader
 from .visualize import save_prediction_images
 
@@ -42,13 +43,21 @@ class DKTrainer(DefaultTrainer):
         """Detectron2's hooks, after swapping ``DefaultTrainer``'s ``DetectionCheckpointer`` for a
         :class:`~dk_detectron2.checkpoint.DKCheckpointer`: ``MODEL.WEIGHTS`` may then name a
         rigid checkpoint (model zoo ``.pkl``, Detectron2 ``.pth``, torchvision) whose 3x3 kernels
-        become DK scopes exactly, instead of being skipped as shape mismatches. Saving and
-        ``--resume`` are unchanged."""
+        become DK scopes exactly, instead of being skipped as shape mismatches (saves are atomic).
+        With ``MODEL.DK.GENERATOR_WARMUP_ITERS > 0`` a
+        :class:`~dk_detectron2.engine.hooks.GeneratorWarmup` hook comes early; with the resumable
+        train loader, :class:`~dk_detectron2.engine.exact_resume.ExactResume` comes first."""
         self.checkpointer = DKCheckpointer(
             self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
             skip_mismatched=self.cfg.MODEL.ALLOW_PARTIAL_WEIGHTS,
         )
         hooks = super().build_hooks()
+        warmup = int(self.cfg.MODEL.DK.GENERATOR_WARMUP_ITERS)
+        if warmup < 0:
+            raise ValueError(f"MODEL.DK.GENERATOR_WARMUP_ITERS must be >= 0, got {warmup}")
+        if warmup:
+            logger.info(f"DK generators held at lr 0 for the first {warmup} iterations")
+            hooks.insert(0, GeneratorWarmup(warmup))
         batches = getattr(self._trainer.data_loader, "dataset", None)
         if isinstance(batches, ResumableBatches):
             hooks.insert(0, ExactResume(batches))  # seeds each step before any other hook runs
