@@ -58,7 +58,8 @@ class DKTrainer(DefaultTrainer):
         if warmup:
             logger.info(f"DK generators held at lr 0 for the first {warmup} iterations")
             hooks.insert(0, GeneratorWarmup(warmup))
-        batches = getattr(self._trainer.data_loader, "dataset", None)
+        batches = getattr(getattr(getattr(self, "_trainer", None), "data_loader", None),
+                          "dataset", None)
         if isinstance(batches, ResumableBatches):
             hooks.insert(0, ExactResume(batches))  # seeds each step before any other hook runs
         return hooks
