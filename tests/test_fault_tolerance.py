@@ -169,7 +169,7 @@ def test_a_failing_worker_ends_the_whole_job_within_seconds(tmp_path, datasets, 
     output, returncode, seconds = _run_until_fault(datasets, command, fault, kill=False)
     assert returncode != 0
     assert error in output
-    # Measured: about 1 s after a raise or a kill, 10-11 s after a stall; the bound leaves room
-    # for a loaded machine.
+    # Measured on 2 busy shared cores: 10-17 s after a raise or a kill (process teardown), 27 s
+    # after a stall (10 s of it the timeout); the bound leaves room for a slower machine.
     print(f"{fault}: exit code {returncode}, {seconds:.1f} s after the fault")
     assert seconds < 60, seconds
