@@ -19,9 +19,11 @@ keys, the embedded ``dk_shapes`` datasets), COCO evaluation, and multi-process t
 """
 import logging
 import os
+from datetime import timedelta
 
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
+from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
 
 import dk_detectron2  # noqa: F401  (registers DK backbones and the dk_shapes datasets)
@@ -34,7 +36,8 @@ Trainer = DKTrainer
 
 
 def argument_parser():
-    """Detectron2's ``default_argument_parser`` plus ``--num-processes`` and ``--dist-backend``."""
+    """Detectron2's ``default_argument_parser`` plus ``--num-processes``, ``--dist-backend`` and
+    ``--dist-timeout``."""
     parser = default_argument_parser()
     parser.add_argument(
         "--num-processes", type=int, default=None,
@@ -43,6 +46,13 @@ def argument_parser():
     parser.add_argument(
         "--dist-backend", choices=("auto", "gloo", "nccl"), default="auto",
         help="process-group backend; auto: nccl when MODEL.DEVICE is cuda, else gloo",
+    )
+    parser.add_argument(
+        "--dist-timeout", type=float, default=DEFAULT_TIMEOUT.total_seconds(), metavar="SECONDS",
+        help="how long a collective (all-reduce, barrier) waits for a process that stopped "
+        "answering before the job fails (default %(default)g s, as Detectron2's); a worker that "
+        "exits or is killed ends the job at once whatever this is. Keep it above the longest "
+        "evaluation (the other processes wait for rank 0's COCOeval at a barrier)",
     )
     return parser
 
@@ -74,11 +84,13 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        # Converts a rigid checkpoint's 3x3 kernels into DK scopes; a shape that fits neither
-        # the parameter nor a scope of it is an error, not a silently skipped layer.
-        DKCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        # Converts a rigid checkpoint's 3x3 kernels into DK scopes; a checkpoint of another
+        # configuration (missing, extra or other-shaped tensors) is an error, not a half-loaded
+        # model, unless MODEL.ALLOW_PARTIAL_WEIGHTS.
+        partial = cfg.MODEL.ALLOW_PARTIAL_WEIGHTS
+        DKCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, strict=not partial, skip_mismatched=partial
+        ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return Trainer.test(cfg, model)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
@@ -100,6 +112,7 @@ def launch_from_args(args):
         dist_url=args.dist_url,
         args=(args,),
         backend=backend,
+        timeout=timedelta(seconds=args.dist_timeout),
     )
 
 

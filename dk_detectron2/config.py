@@ -6,12 +6,17 @@ __all__ = ["add_dk_config"]
 
 
 def add_dk_config(cfg):
-    """Adds ``MODEL.DK.*`` (defaults below) to a Detectron2 config, in place; returns it.
+    """Adds ``MODEL.DK.*`` and ``MODEL.ALLOW_PARTIAL_WEIGHTS`` (defaults below) to a Detectron2
+    config, in place; returns it.
 
     Call it before ``merge_from_file`` of any dk_detectron2 config. Used by the backbones
     ``build_resnet_dk_backbone`` / ``build_resnet_dk_fpn_backbone``.
     """
     _C = cfg
+    # Loading MODEL.WEIGHTS: False (default) fails on a checkpoint tensor that fits no parameter
+    # and, with --eval-only, on any parameter the checkpoint lacks or any tensor it has in excess;
+    # True loads what fits and warns about the rest (Detectron2's behaviour, for fine-tuning).
+    _C.MODEL.ALLOW_PARTIAL_WEIGHTS = False
     _C.MODEL.DK = CN()
     # res2..res5: whether that stage's 3x3 convs use MODEL.DK.TYPE (else MODEL.DK.BASE_TYPE).
     _C.MODEL.DK.ON_PER_STAGE = [False, True, True, True]

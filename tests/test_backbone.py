@@ -164,10 +164,23 @@ def test_dk_r18_basic_blocks(depthwise):
 
 
 def test_full_dk_r18_and_r50_run():
+    """Full (non-depthwise) DK+DCN R18 and R50: the feature shapes of their depth, and gradients
+    that reach every parameter, the rotation and offset generators of every DK layer included."""
     for depth in (18, 50):
         cfg = _cfg(depth=depth, TYPE="deform_kernel_conv", DEPTHWISE=False)
-        features = _build_bottom_up(cfg)(torch.randn(2, 3, 64, 64))
+        backbone = _build_bottom_up(cfg)
+        features = backbone(torch.randn(2, 3, 64, 64))
+        # res5 has 8x the channels of res2 (basic and bottleneck blocks alike)
+        assert features["res5"].shape[:2] == (2, 8 * cfg.MODEL.RESNETS.RES2_OUT_CHANNELS)
+        assert torch.isfinite(features["res5"]).all()
         features["res5"].sum().backward()
+        generators = [(n, p) for n, p in backbone.named_parameters()
+                      if ".rotation_conv." in n or ".offset_conv." in n]
+        assert len(generators) >= 2 * 3  # res3-res5 each hold DK layers with both generators
+        missing = [n for n, p in backbone.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, missing
+        silent = [n for n, p in generators if n.endswith("weight") and p.grad.abs().sum() == 0]
+        assert not silent, silent
 
 
 def test_cond_conv_options_reach_the_blocks():

@@ -70,12 +70,36 @@ def test_every_name_builds_runs_forward_and_backward(name, stride):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_grouped_and_full_convs(name):
+    """Groups 1 and 2: a fresh module convolves with its rigid kernel, and after its generators
+    are perturbed it still matches the float64 reference of its op."""
     torch.manual_seed(0)
     for groups in (1, 2):
         module = build_dk_conv(name, 4, 6, 3, padding=1, groups=groups, scope_size=4, num_experts=3)
-        out = module(torch.randn(2, 4, 5, 5))
+        x = torch.randn(2, 4, 5, 5)
+        out = module(x)
         assert out.shape == (2, 6, 5, 5)
+        if hasattr(module, "rigid_weight"):
+            torch.testing.assert_close(out, F.conv2d(x, module.rigid_weight(), None, 1, 1, 1,
+                                                     groups), rtol=1e-5, atol=1e-5)
         out.sum().backward()
+        assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_deform_conv2d_with_offsets_matches_torchvision(groups):
+    import torchvision
+
+    torch.manual_seed(0)
+    module = DeformConv2d(4, 6, 3, padding=1, groups=groups)
+    with torch.no_grad():
+        module.offset_conv.weight.normal_(std=0.3)
+    x = torch.randn(2, 4, 7, 6)
+    offset = module.offset_conv(x)
+    expected = torchvision.ops.deform_conv2d(x.double(), offset.double(), module.weight.double(),
+                                             padding=1)
+    torch.testing.assert_close(module(x).double(), expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(expected, F.conv2d(x.double(), module.weight.double(), padding=1,
+                                                 groups=groups))
 
 
 @pytest.mark.parametrize(
@@ -89,8 +113,32 @@ def test_fresh_module_equals_its_rigid_convolution(cls, kwargs):
     for generator in _generators(module):
         assert generator.weight.abs().sum() == 0 and generator.bias.abs().sum() == 0
     x = torch.randn(2, 6, 11, 10)
-    rigid = F.conv2d(x, module.rigid_weight(), None, 2, 2, 2, 6)
+    kernel = module.rigid_weight()
+    if cls in DK_CLASSES:  # the kernel at zero rotation, computed here, not by the module
+        kernel = _zero_rotation_kernel(module.weight, 3)
+        torch.testing.assert_close(module.rigid_weight(), kernel)
+    rigid = F.conv2d(x, kernel, None, 2, 2, 2, 6)
     torch.testing.assert_close(module(x), rigid, rtol=1e-5, atol=1e-5)
+
+
+def _zero_rotation_kernel(scope, kernel_size):
+    """[O, I, K, K] read from an [O, I, S, S] scope at zero rotation: tap k sits at k + (S-K)/2,
+    a cell (S - K even) or the centre of four cells (S - K odd, their mean)."""
+    margin2 = scope.shape[-1] - kernel_size
+    lo = margin2 // 2
+    kernel = scope[..., lo:lo + kernel_size, lo:lo + kernel_size]
+    if margin2 % 2:
+        kernel = 0.25 * (kernel + scope[..., lo + 1:lo + 1 + kernel_size, lo:lo + kernel_size]
+                         + scope[..., lo:lo + kernel_size, lo + 1:lo + 1 + kernel_size]
+                         + scope[..., lo + 1:lo + 1 + kernel_size, lo + 1:lo + 1 + kernel_size])
+    return kernel
+
+
+def test_the_rigid_comparison_sees_a_wrong_tap_position():
+    """_zero_rotation_kernel is not the module's own code: a kernel read one cell off differs."""
+    module = DeformKernel2d(6, 6, 3, padding=1, groups=6, scope_size=5)
+    shifted = module.weight[..., 2:5, 2:5]
+    assert not torch.allclose(_zero_rotation_kernel(module.weight, 3), shifted)
 
 
 def test_deform_kernel_with_scope_equal_to_kernel_is_the_depthwise_conv():

@@ -251,13 +251,92 @@ def test_taps_outside_the_image_ignore_non_finite_borders():
     torch.testing.assert_close(out.double()[finite], expected[finite], rtol=1e-4, atol=1e-4)
 
 
+def _half_precision_errors(dtype, grouped, with_offset, scale_error=1.0):
+    """Elements of the half-precision op's output and gradients (times ``scale_error``) outside
+    their tolerance against the float64 reference on the same (rounded) values; {name: count}.
+
+    Tolerances: the depthwise kernels accumulate in float32 and round once, so their output is
+    within half a unit in the last place (x 1.05) of the exact value; the grouped path also rounds
+    its scope-space columns to the dtype, so its errors are bounded by eps x the magnitude of the
+    summed terms. Gradients: eps x the magnitude of their terms.
+    """
+    eps = torch.finfo(dtype).eps
+    x, offset, rotation, weight, geo = make_case(C=8, H=8, W=8, dtype=torch.float64)
+    if grouped:
+        weight = torch.randn(8, 4, 4, 4, dtype=torch.float64,
+                             generator=torch.Generator().manual_seed(1))
+    names = ["input", "offset", "rotation", "weight"] if with_offset else ["input", "rotation",
+                                                                           "weight"]
+    values = {"input": x, "offset": offset, "rotation": rotation, "weight": weight}
+    inputs = [values[n].to(dtype) for n in names]
+
+    def reference(*tensors):
+        tensors = list(tensors)
+        if not with_offset:
+            tensors.insert(1, None)
+        return deform_kernel_conv2d_reference(*tensors, **geo)
+
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    out = (deform_kernel_conv2d if with_offset else deform_kernel2d)(*leaves, **geo)
+    assert out.dtype == dtype
+    grad_out = torch.randn(out.shape, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(2)).to(dtype)
+    out.backward(grad_out)
+    exact = [t.double().requires_grad_() for t in inputs]
+    expected = reference(*exact)
+    expected.backward(grad_out.double())
+    # Magnitudes of the terms: the reference on |values| (rotations/offsets kept).
+    magnitudes = [t.double().abs() if n in ("input", "weight") else t.double()
+                  for n, t in zip(names, inputs)]
+    magnitudes = [t.requires_grad_() for t in magnitudes]
+    bound = reference(*magnitudes)
+    bound.backward(grad_out.double().abs())
+    if grouped:
+        out_tolerance = eps * bound.detach()
+    else:
+        out_tolerance = 0.5 * eps * 1.05 * expected.detach().abs() + 1e-6 * bound.detach()
+    errors = {"output": int(((out.double() * scale_error - expected).abs() > out_tolerance).sum())}
+    for name, leaf, ref_leaf, magnitude in zip(names, leaves, exact, magnitudes):
+        tolerance = eps * (2 * ref_leaf.grad.abs() + 0.1 * magnitude.grad.abs().max())
+        errors[name] = int(((leaf.grad.double() * scale_error - ref_leaf.grad).abs()
+                            > tolerance).sum())
+    return errors
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_on_cpu(dtype):
-    x, offset, rotation, weight, geo = make_case(C=8, H=8, W=8, dtype=torch.float32)
-    expected = deform_kernel2d(x, rotation, weight, **geo)
-    got = deform_kernel2d(x.to(dtype), rotation.to(dtype), weight.to(dtype), **geo)
-    assert got.dtype == dtype
-    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.15)
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("with_offset", [False, True])
+def test_half_precision_forward_and_backward_on_cpu(dtype, grouped, with_offset):
+    errors = _half_precision_errors(dtype, grouped, with_offset)
+    assert not any(errors.values()), errors
+    # The tolerances are tight enough to see a 4 % scale error in the output and the gradients of
+    # input and weight (those of rotation and offset are differences of terms, bounded by their
+    # tensor's scale).
+    scaled = _half_precision_errors(dtype, grouped, with_offset, scale_error=1.04)
+    assert scaled["output"] and scaled["input"] and scaled["weight"], scaled
+
+
+@pytest.mark.parametrize("dtype, kernel, channels", [
+    # More terms than the dtype counts exactly (bfloat16: 256, float16: 2048), all 1.0: a sum
+    # accumulated in the dtype stalls there; accumulated in float32 it is exact before rounding.
+    (torch.bfloat16, 17, 1), (torch.float16, 47, 1),  # depthwise: K*K taps
+    (torch.bfloat16, 3, 64), (torch.float16, 3, 512),  # full convolution: C*K*K terms
+])
+def test_half_precision_sums_accumulate_in_float32(dtype, kernel, channels):
+    x = torch.ones(1, channels, kernel, kernel, dtype=dtype)
+    weight = torch.ones(1 if channels > 1 else channels, channels if channels > 1 else 1,
+                        kernel, kernel, dtype=dtype)
+    rotation = torch.zeros(1, kernel * kernel * 2, 1, 1, dtype=dtype)
+    out = deform_kernel2d(x, rotation, weight, kernel)
+    terms = channels * kernel * kernel
+    assert out.shape == (1, 1, 1, 1)
+    assert out.item() == torch.tensor(float(terms)).to(dtype).item(), (out.item(), terms)
+    # Input gradient: each input element receives one term; weight gradient: one per element.
+    x.requires_grad_()
+    weight.requires_grad_()
+    deform_kernel2d(x, rotation, weight, kernel).backward(torch.ones(1, 1, 1, 1, dtype=dtype))
+    assert torch.equal(x.grad, torch.ones_like(x))
+    assert torch.equal(weight.grad, torch.ones_like(weight))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -448,47 +527,72 @@ def _call(**overrides):
 
 
 @pytest.mark.parametrize(
-    "overrides,error,match",
-    [
-        (dict(input=torch.randn(4, 7, 6)), ValueError, "input must be 4-D"),
-        (dict(input=torch.randn(2, 4, 7, 6).int()), TypeError, "input must be floating"),
-        (dict(weight=torch.randn(5, 2, 4, 4)), ValueError, "divisible by groups"),
-        (dict(weight=torch.randn(4, 3, 4, 4)), ValueError, "weight.size\\(1\\)"),
-        (dict(weight=torch.randn(4, 1, 4, 4).double()), TypeError, "weight must have the dtype"),
-        (dict(weight=torch.randn(4, 1, 2, 4)), ValueError, "scope"),
-        (dict(rotation=torch.randn(2, 18, 7, 5)), ValueError, "rotation must be"),
-        (dict(rotation=torch.randn(2, 36, 7, 6)), ValueError, "rotation must be"),
-        (dict(offset=torch.randn(2, 9, 7, 6)), ValueError, "offset must be"),
-        (dict(offset="zeros"), TypeError, "offset must be a torch.Tensor"),
-        (dict(stride=0), ValueError, "stride must be positive"),
-        (dict(stride=(1, -1)), ValueError, "stride must be positive"),
-        (dict(padding=-1), ValueError, "padding must be non-negative"),
-        (dict(dilation=0), ValueError, "dilation must be positive"),
-        (dict(kernel_size=(3, 3, 3)), TypeError, "kernel_size must be an int or a pair"),
-        (dict(kernel_size=1.5), TypeError, "kernel_size"),
-        (dict(rotation_groups=3), ValueError, "divisible by rotation_groups"),
-        (dict(rotation_groups=0), ValueError, "rotation_groups must be positive"),
-        (dict(input=torch.randn(2, 4, 1, 1), padding=0), ValueError, "too small"),
+    "overrides,error,message",
+    [  # the whole message: the argument, what was expected and what was received
+        (dict(input=torch.randn(4, 7, 6)), ValueError,
+         "input must be 4-D [B, C_in, H, W], got shape (4, 7, 6)"),
+        (dict(input=torch.randn(2, 4, 7, 6).int()), TypeError,
+         "input must be floating point (float16, bfloat16, float32 or float64), got torch.int32"),
+        (dict(weight=torch.randn(5, 2, 4, 4)), ValueError,
+         "weight.size(0) (C_out = 5) must be divisible by groups (C_in / weight.size(1) = 2)"),
+        (dict(weight=torch.randn(4, 3, 4, 4)), ValueError,
+         "weight.size(1) (3) must divide input channels (4): weight is "
+         "[C_out, C_in/groups, Sh, Sw]"),
+        (dict(weight=torch.randn(4, 1, 4, 4).double()), TypeError,
+         "weight must have the dtype of input (torch.float32), got torch.float64"),
+        (dict(weight=torch.randn(4, 1, 2, 4)), ValueError,
+         "the scope (weight's last two dims, 2x4) must be at least kernel_size 3x3"),
+        (dict(rotation=torch.randn(2, 18, 7, 5)), ValueError,
+         "rotation must be [B, G*Kh*Kw*2, Ho, Wo] = [2, 18, 7, 6] for G = 1, K = (3, 3), "
+         "got [2, 18, 7, 5]"),
+        (dict(rotation=torch.randn(2, 36, 7, 6)), ValueError,
+         "rotation must be [B, G*Kh*Kw*2, Ho, Wo] = [2, 18, 7, 6] for G = 1, K = (3, 3), "
+         "got [2, 36, 7, 6]"),
+        (dict(offset=torch.randn(2, 9, 7, 6)), ValueError,
+         "offset must be [B, Kh*Kw*2, Ho, Wo] = [2, 18, 7, 6] for K = (3, 3), got [2, 9, 7, 6]"),
+        (dict(offset="zeros"), TypeError,
+         "offset must be a torch.Tensor [B, Kh*Kw*2, Ho, Wo], got str"),
+        (dict(stride=0), ValueError, "stride must be positive, got 0"),
+        (dict(stride=(1, -1)), ValueError, "stride must be positive, got (1, -1)"),
+        (dict(padding=-1), ValueError, "padding must be non-negative, got -1"),
+        (dict(dilation=0), ValueError, "dilation must be positive, got 0"),
+        (dict(kernel_size=(3, 3, 3)), TypeError,
+         "kernel_size must be an int or a pair of ints, got (3, 3, 3)"),
+        (dict(kernel_size=1.5), TypeError, "kernel_size must be an int or a pair of ints, got 1.5"),
+        (dict(rotation_groups=3), ValueError,
+         "output channels (4) must be divisible by rotation_groups (3)"),
+        (dict(rotation_groups=0), ValueError, "rotation_groups must be positive, got 0"),
+        (dict(input=torch.randn(2, 4, 1, 1), padding=0), ValueError,
+         "input of spatial size 1x1 is too small for kernel_size (3, 3), stride (1, 1), padding "
+         "(0, 0), dilation (1, 1) (output would be -1x-1)"),
     ],
 )
-def test_bad_input_raises_clear_error(overrides, error, match):
-    with pytest.raises(error, match=match):
+def test_bad_input_raises_clear_error(overrides, error, message):
+    with pytest.raises(error) as info:
         _call(**overrides)
+    assert str(info.value) == message
 
 
 def test_device_mismatch_is_reported():
     x, offset, rotation, weight, geo = make_case(C=4, dtype=torch.float32)
-    with pytest.raises(ValueError, match="rotation must be on the device of input"):
+    with pytest.raises(ValueError) as info:
         deform_kernel2d(x, rotation.to("meta"), weight, **geo)
+    assert str(info.value) == "rotation must be on the device of input (cpu), got meta"
 
 
-def test_nd_linear_sample_bad_input():
-    with pytest.raises(ValueError, match="coord must be \\[P, 2\\]"):
-        nd_linear_sample(torch.randn(2, 3, 3), torch.randn(4, 3))
-    with pytest.raises(ValueError, match="input must be 3-D"):
-        nd_linear_sample(torch.randn(3, 3), torch.randn(4, 2))
-    with pytest.raises(TypeError, match="coord must have the dtype"):
-        nd_linear_sample(torch.randn(2, 3, 3), torch.randn(4, 2).double())
+@pytest.mark.parametrize("scopes, coord, error, message", [
+    ((2, 3, 3), (4, 3), ValueError, "coord must be [P, 2] (y, x), got shape (4, 3)"),
+    ((3, 3), (4, 2), ValueError, "input must be 3-D [M, Sh, Sw], got shape (3, 3)"),
+    ((2, 3, 3), (4, 2, "double"), TypeError,
+     "coord must have the dtype of input (torch.float32), got torch.float64"),
+])
+def test_nd_linear_sample_bad_input(scopes, coord, error, message):
+    coord_tensor = torch.randn(*[n for n in coord if isinstance(n, int)])
+    if "double" in coord:
+        coord_tensor = coord_tensor.double()
+    with pytest.raises(error) as info:
+        nd_linear_sample(torch.randn(*scopes), coord_tensor)
+    assert str(info.value) == message
 
 
 # ------------------------------------------------------------------------------------------------
@@ -515,26 +619,57 @@ class _TinyDK(torch.nn.Module):
         return deform_kernel2d(x, self.rotation(x), self.weight, 3, padding=1).relu()
 
 
-def test_torch_compile_of_a_module_using_the_op():
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_of_a_module_using_the_op(backend):
+    """Values and gradients of the compiled module are those of the eager one."""
     torch._dynamo.reset()
+    torch.manual_seed(0)
     model = _TinyDK()
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
     expected = model(x)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    expected.pow(2).sum().backward()
+    expected_grads = [t.grad.clone() for t in (x, model.weight, model.rotation.weight)]
+    for t in (x, model.weight, model.rotation.weight):
+        t.grad = None
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
     out = compiled(x)
-    torch.testing.assert_close(out, expected)
-    out.sum().backward()
-    assert model.weight.grad is not None and x.grad is not None
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    out.pow(2).sum().backward()
+    for name, t, grad in zip(("input", "weight", "rotation conv"),
+                             (x, model.weight, model.rotation.weight), expected_grads):
+        torch.testing.assert_close(t.grad, grad, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_jit_trace_and_autocast():
+def test_jit_trace():
     model = _TinyDK().eval()
     x = torch.randn(1, 4, 8, 8)
     traced = torch.jit.trace(model, x)
     torch.testing.assert_close(traced(x), model(x))
+
+
+def test_autocast_computes_in_float32():
+    """Under autocast the op casts its inputs to float32: values and gradients are those of the
+    float32 op on the (bfloat16-rounded) inputs, exactly; a bfloat16 computation would differ."""
+    x, offset, rotation, weight, geo = make_case(C=4, dtype=torch.float32)
+    x16 = x.bfloat16().requires_grad_()
+    weight32 = weight.clone().requires_grad_()
+    rotation32 = rotation.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = deform_kernel2d(x.bfloat16(), torch.zeros(1, 18, 8, 8), model.weight, 3, padding=1)
-    assert out.dtype == torch.float32  # computed in float32 under autocast
+        out = deform_kernel2d(x16, rotation32, weight32, **geo)
+    assert out.dtype == torch.float32
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    leaves = [x16.detach().float().requires_grad_(), rotation.clone().requires_grad_(),
+              weight.clone().requires_grad_()]
+    expected = deform_kernel2d(*leaves, **geo)
+    expected.backward(grad_out)
+    assert torch.equal(out, expected)
+    assert torch.equal(x16.grad, leaves[0].grad.bfloat16())  # cast back to the input's dtype
+    assert torch.equal(rotation32.grad, leaves[1].grad)
+    assert torch.equal(weight32.grad, leaves[2].grad)
+    in_bfloat16 = deform_kernel2d(x16.detach(), rotation.bfloat16(), weight.bfloat16(), **geo)
+    assert not torch.equal(in_bfloat16.float(), expected.detach())
 
 
 def test_scope_geometry_matrix_is_covered():

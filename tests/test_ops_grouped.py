@@ -87,9 +87,13 @@ def test_full_dk_float32_channels_last_and_batch_zero():
     out = deform_kernel2d(x.contiguous(memory_format=torch.channels_last), rotation, weight, **geo)
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
-    empty = deform_kernel2d(x[:0].requires_grad_(), rotation[:0], weight, **geo)
+    empty_x = x[:0].clone().requires_grad_()
+    weight = weight.clone().requires_grad_()
+    empty = deform_kernel2d(empty_x, rotation[:0], weight, **geo)
     assert empty.shape == (0, 8, 7, 6)
     empty.sum().backward()
+    assert empty_x.grad.shape == empty_x.shape
+    assert torch.equal(weight.grad, torch.zeros_like(weight))  # no image, no gradient
 
 
 def test_full_dk_tiles_many_positions():

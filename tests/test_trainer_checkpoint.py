@@ -1,7 +1,8 @@
 """``train_net.py`` loads ``MODEL.WEIGHTS`` through ``DKCheckpointer`` on both of its paths
 (training through ``DKTrainer`` and ``--eval-only``): a rigid checkpoint's 3x3 kernels become DK
 scopes that reproduce them, instead of being skipped as shape mismatches, and a checkpoint that
-fits neither fails with the layer's name."""
+fits neither fails with the layer's name. ``--eval-only`` refuses a checkpoint of another
+configuration (unless ``MODEL.ALLOW_PARTIAL_WEIGHTS``) and names an unreadable file."""
 import os
 import sys
 
@@ -12,7 +13,11 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from dk_detectron2 import add_dk_config
-from dk_detectron2.checkpoint import CheckpointShapeError
+from dk_detectron2.checkpoint import (
+    CheckpointFileError,
+    CheckpointMismatchError,
+    CheckpointShapeError,
+)
 from dk_detectron2.data import ShapesSpec, register_shapes_dataset
 from dk_detectron2.engine import DKTrainer
 
@@ -100,3 +105,71 @@ def test_a_checkpoint_of_another_architecture_fails_naming_the_layer(tmp_path, d
     trainer = DKTrainer(cfg)
     with pytest.raises(CheckpointShapeError, match="res2"):
         trainer.resume_or_load(resume=False)
+
+
+def _saved_model(tmp_path, dataset, name, *opts):
+    """A randomly initialised model of the test config with ``opts``, saved as ``name``.pth."""
+    cfg = _cfg(tmp_path, dataset, "deform_kernel")
+    cfg.merge_from_list(list(opts))
+    DetectionCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save(name)
+    return str(tmp_path / f"{name}.pth")
+
+
+def _eval_only(tmp_path, dataset, monkeypatch, weights, *opts):
+    """Runs ``train_net.main --eval-only`` (the evaluation replaced by returning the model)."""
+    seen = {}
+    monkeypatch.setattr(train_net.Trainer, "test",
+                        classmethod(lambda cls, cfg, model: seen.setdefault("model", model)))
+    args = train_net.argument_parser().parse_args([
+        "--config-file", CONFIG, "--eval-only", *TINY_OPTS, "MODEL.WEIGHTS", weights,
+        "DATASETS.TRAIN", f"('{dataset}',)", "DATASETS.TEST", f"('{dataset}',)",
+        "OUTPUT_DIR", str(tmp_path / "eval"), *opts,
+    ])
+    train_net.main(args)
+    return seen["model"]
+
+
+@pytest.mark.parametrize("saved_opts, expected", [
+    # DK+DCN checkpoint into a DK model: tensors the model does not have.
+    (("MODEL.DK.TYPE", "deform_kernel_conv"), r"checkpoint tensors the model does not have: "
+                                             r"backbone\.bottom_up\.res3\.0\.conv1\.depthwise"
+                                             r"\.offset_conv"),
+    (("MODEL.RESNETS.DEPTH", "34"), r"checkpoint tensors the model does not have: "
+                                    r"backbone\.bottom_up\.res2\.2\."),
+    (("MODEL.DK.SCOPE_SIZE", "4"), r"DK scopes of another size: backbone\.bottom_up\.res3\.0\."
+                                   r"conv1\.depthwise\.weight \(scope \[4, 4\] in the checkpoint, "
+                                   r"\[5, 5\] in the model\)"),
+    (("MODEL.DK.SCOPE_SIZE", "7"), r"res3\.0\.conv1\.depthwise\.weight"),
+])
+def test_eval_only_refuses_a_checkpoint_of_another_config(tmp_path, dataset, monkeypatch,
+                                                          saved_opts, expected):
+    weights = _saved_model(tmp_path, dataset, "other", *saved_opts)
+    with pytest.raises(CheckpointShapeError, match=expected):
+        _eval_only(tmp_path, dataset, monkeypatch, weights)
+
+
+def test_eval_only_names_the_parameters_a_checkpoint_lacks(tmp_path, dataset, monkeypatch):
+    weights = _saved_model(tmp_path, dataset, "dk")
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"model tensors missing from it: backbone\.bottom_up\.res3\.0\.conv1"
+                             r"\.depthwise\.offset_conv\.weight"):
+        _eval_only(tmp_path, dataset, monkeypatch, weights, "MODEL.DK.TYPE", "deform_kernel_conv")
+
+
+def test_partial_weights_are_an_explicit_choice(tmp_path, dataset, monkeypatch):
+    weights = _saved_model(tmp_path, dataset, "dkc", "MODEL.DK.TYPE", "deform_kernel_conv")
+    model = _eval_only(tmp_path, dataset, monkeypatch, weights,
+                       "MODEL.ALLOW_PARTIAL_WEIGHTS", "True")
+    saved = torch.load(weights, weights_only=False)["model"]
+    name = "backbone.bottom_up.res3.0.conv1.depthwise.weight"
+    assert torch.equal(model.state_dict()[name], saved[name])  # what fits was loaded
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_an_unreadable_checkpoint_is_named(tmp_path, dataset, monkeypatch, damage):
+    weights = _saved_model(tmp_path, dataset, "damaged")
+    content = open(weights, "rb").read()
+    with open(weights, "wb") as f:
+        f.write(content[: len(content) // 2] if damage == "truncated" else b"not a checkpoint")
+    with pytest.raises(CheckpointFileError, match=f"cannot read the checkpoint {weights}"):
+        _eval_only(tmp_path, dataset, monkeypatch, weights)

@@ -1,12 +1,26 @@
 """``train_net.py`` with tiny dk_shapes datasets registered; the train_net/distributed tests run it.
 
+Faults (``$DK_TEST_FAULT``, for the kill and no-hang tests; each prints a ``DK_TEST_FAULT`` line
+to stderr when it happens):
+
+- ``stall-iteration:N``: rank 0 sleeps at the start of iteration N (inside the training step);
+- ``stall-save:NAME``: the save of ``NAME.pth`` sleeps after writing, before its rename;
+- ``stall-evaluation``: rank 0 sleeps inside the evaluation, after inference;
+- ``raise:RANK:N`` / ``kill:RANK:N``: rank RANK raises / SIGKILLs itself at iteration N;
+- ``detectron2-resume``: not a fault but a broken variant: Detectron2's train loader, without
+  the exact-resume state (what ``--resume`` does in plain Detectron2);
+- ``no-allreduce``: a broken variant: models are not wrapped in DDP, so gradients are not
+  averaged across processes.
+
 Datasets (under ``$DK_TEST_DATASETS``): ``dk_shapes_tiny_train`` (8 images, 64 px),
 ``dk_shapes_tiny_val`` (4 images), ``dk_shapes_one`` (1 image, so that every process of a
 multi-process run sees the same picture) and ``dk_shapes_two`` (2 images, one object each). Registration is at module level so that the workers
 spawned by ``launch`` (which re-import this file) have them too.
 """
 import os
+import signal
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -24,6 +38,75 @@ TINY_DATASETS = {
 if ROOT:
     for _name, (_split, _spec) in TINY_DATASETS.items():
         register_shapes_dataset(_name, ROOT, _split, _spec)
+
+
+def _announce_and_stall(where):
+    sys.stderr.write(f"DK_TEST_FAULT {where}\n")
+    sys.stderr.flush()
+    time.sleep(600)
+
+
+def _install_fault(fault):
+    """Patches train_net's code path so that ``fault`` (see the module docstring) happens."""
+    from detectron2.engine import train_loop
+    from detectron2.evaluation import COCOEvaluator
+    from detectron2.utils import comm
+
+    kind, _, where = fault.partition(":")
+    if kind == "no-allreduce":
+        from detectron2.engine import defaults
+
+        from dk_detectron2.engine import ddp
+
+        ddp._d2_create_ddp_model = lambda model, **kwargs: model
+        defaults.create_ddp_model = lambda model, **kwargs: model
+    elif kind == "detectron2-resume":
+        from detectron2.engine import DefaultTrainer
+
+        train_net.Trainer.build_train_loader = DefaultTrainer.build_train_loader
+    elif kind == "stall-save":
+        fsync = os.fsync
+
+        def stalling_fsync(fd):
+            if f"{where}.pth.tmp." in os.readlink(f"/proc/self/fd/{fd}"):
+                _announce_and_stall(f"stalled in the save of {where}.pth")
+            return fsync(fd)
+
+        os.fsync = stalling_fsync
+    elif kind == "stall-evaluation":
+        evaluate = COCOEvaluator.evaluate
+
+        def stalling_evaluate(self, *args, **kwargs):
+            if comm.is_main_process():
+                _announce_and_stall("stalled in the evaluation")
+            return evaluate(self, *args, **kwargs)
+
+        COCOEvaluator.evaluate = stalling_evaluate
+    elif kind in ("stall-iteration", "raise", "kill"):
+        if kind == "stall-iteration":
+            rank, iteration = 0, int(where)
+        else:
+            rank, iteration = map(int, where.split(":"))
+        run_step = train_loop.SimpleTrainer.run_step
+
+        def faulty_run_step(self):
+            if self.iter == iteration and comm.get_rank() == rank:
+                if kind == "stall-iteration":
+                    _announce_and_stall(f"stalled in iteration {iteration}")
+                sys.stderr.write(f"DK_TEST_FAULT rank {rank} fails in iteration {iteration}\n")
+                sys.stderr.flush()
+                if kind == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise RuntimeError(f"injected failure of rank {rank} in iteration {iteration}")
+            return run_step(self)
+
+        train_loop.SimpleTrainer.run_step = faulty_run_step
+    else:
+        raise ValueError(f"unknown DK_TEST_FAULT {fault!r}")
+
+
+if os.environ.get("DK_TEST_FAULT"):
+    _install_fault(os.environ["DK_TEST_FAULT"])
 
 # A DK Mask R-CNN small enough for a test: the embedded job's config with tiny widths.
 CONFIG = os.path.join(REPO, "configs", "shapes", "mask_rcnn_dk_R18_FPN_shapes.yaml")

@@ -1,11 +1,37 @@
-"""A Detectron2 checkpointer that loads standard ResNet checkpoints into DK models."""
+"""A Detectron2 checkpointer that loads standard ResNet checkpoints into DK models, refuses
+checkpoints that do not fit, and saves atomically."""
+import os
+from typing import List
+
+import torch
 from fvcore.common.checkpoint import _IncompatibleKeys
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .conversion import convert_state_dict, format_conversion_report, format_stage_report
+from .atomic import atomic_write
+from .conversion import (
+    CheckpointShapeError,
+    convert_state_dict,
+    format_conversion_report,
+    format_stage_report,
+)
 from .source_formats import detect_source_format
 
-__all__ = ["DKCheckpointer"]
+__all__ = ["CheckpointFileError", "CheckpointMismatchError", "DKCheckpointer"]
+
+_LISTED = 5  # names shown per kind of mismatch
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint file cannot be read (truncated, corrupt, or not a checkpoint)."""
+
+
+class CheckpointMismatchError(CheckpointShapeError):
+    """A checkpoint is not one of the model's configuration (strict loading)."""
+
+
+def _first(names: List[str]) -> str:
+    shown = ", ".join(names[:_LISTED])
+    return shown + (f" (and {len(names) - _LISTED} more)" if len(names) > _LISTED else "")
 
 
 class DKCheckpointer(DetectionCheckpointer):
@@ -20,16 +46,65 @@ class DKCheckpointer(DetectionCheckpointer):
     the conversion (:func:`~dk_detectron2.checkpoint.format_stage_report`: exact, or the
     minimum-norm error for odd S - K); the per-layer table is logged at DEBUG level.
 
-    Unlike ``DetectionCheckpointer``, a checkpoint tensor that fits neither its parameter nor a
-    scope of it raises :class:`~dk_detectron2.checkpoint.CheckpointShapeError` naming each such
-    layer and both shapes, before the model is touched; pass ``skip_mismatched=True`` to get
-    Detectron2's behaviour (skip them with a warning), e.g. to fine-tune with a new number of
-    classes.
+    Unlike ``DetectionCheckpointer``:
+
+    - a checkpoint tensor that fits neither its parameter nor a scope of it raises
+      :class:`~dk_detectron2.checkpoint.CheckpointShapeError` naming each such layer and both
+      shapes, before the model is touched; pass ``skip_mismatched=True`` to get Detectron2's
+      behaviour (skip them with a warning), e.g. to fine-tune with a new number of classes;
+    - with ``strict=True`` (``--eval-only``), a checkpoint of another configuration (another
+      ``MODEL.DK.TYPE``, depth or ``SCOPE_SIZE``) raises :class:`CheckpointMismatchError` naming
+      the first parameters the model has and the checkpoint lacks, the checkpoint's tensors that
+      fit nothing, and DK scopes that would be resampled from another scope size. A rigid
+      checkpoint whose 3x3 kernels become scopes still loads: the generators of those layers
+      keep their zero-rotation initialisation;
+    - a file that cannot be read raises :class:`CheckpointFileError` naming it;
+    - :meth:`save` and the ``last_checkpoint`` tag are atomic
+      (:func:`~dk_detectron2.checkpoint.atomic_write`): a process killed while saving leaves the
+      previous checkpoint and tag intact.
     """
 
-    def __init__(self, model, save_dir="", *, skip_mismatched=False, save_to_disk=None, **kwargs):
+    def __init__(self, model, save_dir="", *, skip_mismatched=False, strict=False,
+                 save_to_disk=None, **kwargs):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **kwargs)
         self.skip_mismatched = skip_mismatched
+        self.strict = strict
+
+    def _is_local(self, path: str) -> bool:
+        return "://" not in path or path.startswith("file://")
+
+    def save(self, name: str, **kwargs) -> None:
+        """``Checkpointer.save``, written through a temporary file, fsync'd and renamed."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        if not self._is_local(self.save_dir):
+            return super().save(name, **kwargs)
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        os.makedirs(self.save_dir, exist_ok=True)
+        atomic_write(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """Writes ``last_checkpoint`` atomically (the old tag stays until the new one is whole)."""
+        if not self._is_local(self.save_dir):
+            return super().tag_last_checkpoint(last_filename_basename)
+        atomic_write(os.path.join(self.save_dir, "last_checkpoint"),
+                     lambda f: f.write(last_filename_basename.encode()))
+
+    def _load_file(self, filename):
+        try:
+            return super()._load_file(filename)
+        except Exception as error:
+            raise CheckpointFileError(
+                f"cannot read the checkpoint {filename}: {type(error).__name__}: {error} "
+                "(the file is truncated or corrupt, or not a checkpoint)"
+            ) from error
 
     def _load_model(self, checkpoint):
         source_format = detect_source_format(checkpoint)
@@ -52,9 +127,45 @@ class DKCheckpointer(DetectionCheckpointer):
             )
         checkpoint["model"] = result.state_dict
         checkpoint["matching_heuristics"] = False  # already matched
+        if self.strict:
+            self._check_fits(result)
         incompatible = super()._load_model(checkpoint)
         return _IncompatibleKeys(
             missing_keys=incompatible.missing_keys,
             unexpected_keys=incompatible.unexpected_keys,
             incorrect_shapes=list(incompatible.incorrect_shapes) + result.skipped,
         )
+
+    def _check_fits(self, result) -> None:
+        """Raises :class:`CheckpointMismatchError` unless ``result`` loads every parameter and
+        buffer of the model from a tensor made for it (see the class docstring)."""
+        model_state = self.model.state_dict()
+        resampled, converted_modules = [], []
+        for layer in result.converted:
+            module_name = layer.name.rsplit(".", 1)[0]
+            kernel_size = getattr(self.model.get_submodule(module_name), "kernel_size", None)
+            if kernel_size is not None and tuple(layer.source_shape[-2:]) != tuple(kernel_size):
+                resampled.append(f"{layer.name} (scope {list(layer.source_shape[-2:])} in the "
+                                 f"checkpoint, {list(layer.target_shape[-2:])} in the model)")
+            converted_modules.append(module_name + ".")
+        missing = [n for n in model_state if n not in result.state_dict
+                   and not any(n.startswith(prefix) for prefix in converted_modules)]
+        unexpected = [n for n in result.state_dict if n not in model_state]
+        skipped = [f"{n} ({list(a)} in the checkpoint, {list(b)} in the model)"
+                   for n, a, b in result.skipped]
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} model tensors missing from it: {_first(missing)}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} checkpoint tensors the model does not have: "
+                            f"{_first(unexpected)}")
+        if skipped:
+            problems.append(f"{len(skipped)} tensors with other shapes: {_first(skipped)}")
+        if resampled:
+            problems.append(f"{len(resampled)} DK scopes of another size: {_first(resampled)}")
+        if problems:
+            raise CheckpointMismatchError(
+                "the checkpoint does not fit this configuration (another MODEL.DK.TYPE, depth or "
+                "SCOPE_SIZE?): " + "; ".join(problems) + ". Set MODEL.ALLOW_PARTIAL_WEIGHTS True "
+                "to load what fits and keep the rest as initialised."
+            )

@@ -1,10 +1,12 @@
 """DistributedDataParallel wrapping that works for CPU models as well as CUDA ones."""
 import contextlib
 
+import torch.distributed as dist
 from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
+from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["create_ddp_model", "device_aware_ddp"]
+__all__ = ["create_ddp_model", "device_aware_ddp", "share_rank0_buffers"]
 
 _d2_create_ddp_model = d2_defaults.create_ddp_model
 
@@ -31,3 +33,17 @@ def device_aware_ddp():
         yield
     finally:
         d2_defaults.create_ddp_model = _d2_create_ddp_model
+
+
+def share_rank0_buffers(model) -> None:
+    """Copies rank 0's buffers (BatchNorm running statistics) into every process's DDP model.
+
+    DDP broadcasts them at the start of each training forward, but the last training step leaves
+    each process with statistics updated by its own images; evaluating then would mix the
+    per-process statistics, and the metrics would differ from those of the saved checkpoint
+    (rank 0's) evaluated alone, or of a run resumed from it. A no-op outside DDP.
+    """
+    if not isinstance(model, DistributedDataParallel) or comm.get_world_size() == 1:
+        return
+    for buffer in model.module.buffers():
+        dist.broadcast(buffer.data, src=0)

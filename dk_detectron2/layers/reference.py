@@ -105,7 +105,9 @@ def deform_kernel_conv2d_reference(
                 ix = ix + offset[:, 2 * tap + 1].reshape(batch, positions)
             iy, ix = iy.expand(batch, positions), ix.expand(batch, positions)
             value = input.new_zeros(batch, in_channels, positions)
-            for index, w in bilinear_corners(iy, ix, height, width):
+            # An empty image (H or W = 0) has nothing to gather: every tap reads zero.
+            corners = bilinear_corners(iy, ix, height, width) if height * width else ()
+            for index, w in corners:
                 gathered = flat_input.gather(2, index.unsqueeze(1).expand(-1, in_channels, -1))
                 value = value + gathered * w.unsqueeze(1)
             # Kernel-space read of this tap for every output channel: [B, C_out, C_in/groups, P].

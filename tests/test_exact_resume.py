@@ -1,0 +1,141 @@
+"""The pieces of exact resume and atomic checkpoints, fast: the resumable train stream, per-step
+seeding, and saves that a kill cannot half-write. (End to end with kills: test_fault_tolerance.)"""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+import torch.utils.data as torchdata
+
+from dk_detectron2.checkpoint import DKCheckpointer, atomic_write
+from dk_detectron2.engine.resumable_loader import ResumableBatches, build_resumable_train_loader
+
+
+def _dicts(n=7, portrait=()):
+    return [
+        {"image_id": i, "width": 30 if i in portrait else 40, "height": 40 if i in portrait else 30}
+        for i in range(n)
+    ]
+
+
+def _mapper(d):
+    """A mapper with random augmentation from the global generators (as Detectron2's are)."""
+    return {"image_id": d["image_id"], "noise": torch.rand(2), "flip": bool(torch.rand(()) < 0.5)}
+
+
+def _take(batches, n, num_workers=0):
+    loader = torchdata.DataLoader(
+        batches,
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=lambda b: b,
+        generator=torch.Generator().manual_seed(0),
+    )
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            return out
+
+
+def _same(a, b):
+    return [d["image_id"] for d in a] == [d["image_id"] for d in b] and all(
+        torch.equal(x["noise"], y["noise"]) for x, y in zip(a, b)
+    )
+
+
+@pytest.mark.parametrize("portrait", [(), (1, 4, 5)])
+def test_batch_i_is_the_same_when_the_stream_starts_at_i(portrait):
+    batches = ResumableBatches(_dicts(portrait=portrait), _mapper, batch_size=2, seed=3)
+    full = _take(batches, 8)
+    batches.start_batch = 5
+    resumed = _take(batches, 3)
+    assert all(_same(a, b) for a, b in zip(full[5:], resumed))
+    if portrait:  # aspect-ratio grouping: each batch is all landscape or all portrait
+        for batch in full:
+            assert len({d["image_id"] in portrait for d in batch}) == 1
+
+
+def test_workers_deliver_the_batches_of_the_main_process_in_order():
+    batches = ResumableBatches(_dicts(), _mapper, batch_size=2, seed=3)
+    batches.start_batch = 1
+    assert all(_same(a, b) for a, b in zip(_take(batches, 6), _take(batches, 6, num_workers=2)))
+
+
+def test_the_stream_depends_on_seed_and_rank_and_leaves_global_generators_alone():
+    state = torch.random.get_rng_state()
+    a = _take(ResumableBatches(_dicts(), _mapper, 2, seed=3), 4)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = _take(ResumableBatches(_dicts(), _mapper, 2, seed=4), 4)
+    rank1 = _take(ResumableBatches(_dicts(), _mapper, 2, seed=3, rank=1, world_size=2), 4)
+    assert not all(_same(x, y) for x, y in zip(a, b))
+    assert not all(_same(x, y) for x, y in zip(a, rank1))
+
+
+def test_the_loader_checks_the_batch_size_against_the_processes():
+    with pytest.raises(
+        ValueError,
+        match=r"SOLVER.IMS_PER_BATCH \(3\) must be divisible by the " r"number of processes \(2\)",
+    ):
+        build_resumable_train_loader(
+            _dicts(), _mapper, total_batch_size=3, seed=0, rank=0, world_size=2
+        )
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    path = str(tmp_path / "f.bin")
+    atomic_write(path, lambda f: f.write(b"old"))
+
+    def failing(f):
+        f.write(b"half of the new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, failing)
+    assert open(path, "rb").read() == b"old"
+    assert os.listdir(tmp_path) == ["f.bin"]
+    (tmp_path / "f.bin.tmp.12345").write_bytes(b"left by a killed writer")
+    atomic_write(path, lambda f: f.write(b"new"))
+    assert open(path, "rb").read() == b"new" and os.listdir(tmp_path) == ["f.bin"]
+
+
+_STALLED_SAVE = textwrap.dedent("""
+    import os, sys, time, torch
+    from dk_detectron2.checkpoint import DKCheckpointer
+    model = torch.nn.Linear(3, 2)
+    checkpointer = DKCheckpointer(model, sys.argv[1])
+    checkpointer.save("first")
+    fsync = os.fsync
+    def stalling_fsync(fd):  # the second save stalls after writing, before its rename
+        if "second.pth.tmp." in os.readlink(f"/proc/self/fd/{fd}"):
+            print("stalled", flush=True)
+            time.sleep(600)
+        return fsync(fd)
+    os.fsync = stalling_fsync
+    with torch.no_grad():
+        model.weight.fill_(7)
+    checkpointer.save("second")
+""")
+
+
+def test_a_process_killed_inside_a_save_leaves_the_previous_checkpoint(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STALLED_SAVE, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "stalled"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (tmp_path / "last_checkpoint").read_text() == "first.pth"
+    assert not (tmp_path / "second.pth").exists()
+    model = torch.nn.Linear(3, 2)
+    checkpointer = DKCheckpointer(model, str(tmp_path))
+    assert checkpointer.get_checkpoint_file() == str(tmp_path / "first.pth")
+    checkpointer.resume_or_load("", resume=True)
+    assert not torch.equal(model.weight, torch.full_like(model.weight, 7))
