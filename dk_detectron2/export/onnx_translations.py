@@ -1,0 +1,250 @@
+"""ONNX translations of the Deformable Kernel operators, for ``torch.onnx.export(..., dynamo=True)``.
+
+ONNX has no deformable-kernel operator, so each ``dk_detectron2::*`` operator is written as a graph
+of standard ONNX ops (opset 18), following ``dk_detectron2.layers.reference``: the bilinear rule
+gives four corners per sample point (``Floor``, ``Where`` masks, weights), ``GatherElements`` reads
+them, and a DK output is, tap by tap, the image value times the kernel value read from the scope,
+summed over the input channels of the group. Kernel size, stride, padding, dilation and the number
+of rotation groups are attributes (static); batch and image size stay dynamic. The graph runs in
+any ONNX runtime (ONNX Runtime, TensorRT's ONNX parser).
+
+Each translation is an onnxscript function that the exporter traces (the Python loops over the
+taps unroll into the graph). :func:`dk_onnx_translation_table` maps the operators to them::
+
+    torch.onnx.export(model, args, dynamo=True,
+                      custom_translation_table=dk_onnx_translation_table())
+"""
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from onnxscript import INT64
+from onnxscript.onnx_opset import opset18 as op
+
+from ..layers import ops as _dk_ops  # noqa: F401  (defines torch.ops.dk_detectron2.*)
+
+__all__ = [
+    "onnx_deform_kernel2d",
+    "onnx_deform_kernel_conv2d",
+    "onnx_nd_linear_sample",
+    "dk_onnx_translation_table",
+]
+
+_INT64_MAX = 2**63 - 1
+
+
+def _ints(*values: int):
+    """A constant 1-D int64 tensor."""
+    return op.Constant(value_ints=[int(v) for v in values])
+
+
+def _scalar(value: float, like):
+    """A scalar constant in the dtype of ``like``."""
+    return op.CastLike(op.Constant(value_float=float(value)), like)
+
+
+def _dim(tensor, axis: int):
+    """``tensor.shape[axis]`` as a 1-D int64 tensor of one element."""
+    return op.Shape(tensor, start=axis, end=axis + 1)
+
+
+def _bilinear_corners(y, x, height, width) -> List[tuple]:
+    """The four corners of each point (y, x) under the bilinear rule, as ``(index, weight)``.
+
+    ``y``, ``x``: float tensors of one shape; ``height``, ``width``: the grid size, as tensors of
+    their dtype. ``index = cy * width + cx`` (int64; 0 for a corner outside the grid) and
+    ``weight`` (0 for such a corner, and for every corner of a point that reads zero) keep the
+    shape of ``y``. A point with ``y <= -1``, ``y >= height`` (same for x) or a non-finite
+    coordinate reads zero.
+    """
+    zero, one = _scalar(0.0, y), _scalar(1.0, y)
+    inside = op.And(
+        op.And(op.Greater(y, op.Neg(one)), op.Less(y, height)),
+        op.And(op.Greater(x, op.Neg(one)), op.Less(x, width)),
+    )
+    y, x = op.Where(inside, y, zero), op.Where(inside, x, zero)
+    y0, x0 = op.Floor(y), op.Floor(x)
+    ly, lx = op.Sub(y, y0), op.Sub(x, x0)
+    hy, hx = op.Sub(one, ly), op.Sub(one, lx)
+    y1, x1 = op.Add(y0, one), op.Add(x0, one)
+    corners = []
+    for cy, cx, wy, wx in ((y0, x0, hy, hx), (y0, x1, hy, lx), (y1, x0, ly, hx), (y1, x1, ly, lx)):
+        valid = op.And(
+            op.And(inside, op.And(op.GreaterOrEqual(cy, zero), op.Less(cy, height))),
+            op.And(op.GreaterOrEqual(cx, zero), op.Less(cx, width)),
+        )
+        index = op.Cast(op.Where(valid, op.Add(op.Mul(cy, width), cx), zero), to=INT64.dtype)
+        corners.append((index, op.Where(valid, op.Mul(wy, wx), zero)))
+    return corners
+
+
+def _pixel_taps(input, kernel_size, stride, padding, dilation) -> Iterator:
+    """Without image offsets: tap by tap, the pixels ``[B, C_in, Ho*Wo]`` the tap reads.
+
+    A strided ``Slice`` of the zero-padded input; it starts at the tap and stops before the rows
+    (columns) of the taps after it, so it has exactly Ho (Wo) rows (columns) for any image size.
+    """
+    (kh_, kw_), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    padded = op.Pad(input, _ints(0, 0, ph, pw, 0, 0, ph, pw))
+    for kh in range(kh_):
+        for kw in range(kw_):
+            end_h = -(kh_ - 1 - kh) * dh or _INT64_MAX
+            end_w = -(kw_ - 1 - kw) * dw or _INT64_MAX
+            window = op.Slice(
+                padded, _ints(kh * dh, kw * dw), _ints(end_h, end_w), _ints(2, 3), _ints(sh, sw)
+            )
+            yield op.Reshape(window, _ints(0, 0, -1))
+
+
+def _sampled_taps(input, offset, kernel_size, stride, padding, dilation) -> Iterator:
+    """With image offsets ``[B, Kh*Kw*2, Ho, Wo]`` (DCN's layout): tap by tap, the bilinear reads
+    ``[B, C_in, Ho*Wo]`` at ``(y*sh - ph + kh*dh + o_y, x*sw - pw + kw*dw + o_x)``."""
+    (kh_, kw_), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    height = op.CastLike(_dim(input, 2), input)
+    width = op.CastLike(_dim(input, 3), input)
+    flat_input = op.Reshape(input, _ints(0, 0, -1))  # [B, C_in, H*W]
+    channels = op.Concat(_ints(1), _dim(input, 1), _ints(1), axis=0)
+    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+    out_h = op.Squeeze(_dim(offset, 2), _ints(0))
+    out_w = op.Squeeze(_dim(offset, 3), _ints(0))
+    # Sample rows [Ho, 1] and columns [1, Wo] of tap (0, 0), in input pixels.
+    rows = op.Sub(op.Mul(op.CastLike(op.Range(zero, out_h, one), input), _scalar(sh, input)),
+                  _scalar(ph, input))
+    cols = op.Sub(op.Mul(op.CastLike(op.Range(zero, out_w, one), input), _scalar(sw, input)),
+                  _scalar(pw, input))
+    grid = op.Concat(_dim(offset, 2), _dim(offset, 3), axis=0)
+    base_y = op.Reshape(op.Expand(op.Unsqueeze(rows, _ints(1)), grid), _ints(1, 1, -1))
+    base_x = op.Reshape(op.Expand(op.Unsqueeze(cols, _ints(0)), grid), _ints(1, 1, -1))
+    offset = op.Reshape(offset, _ints(0, 0, -1))  # [B, Kh*Kw*2, P]
+    for kh in range(kh_):
+        for kw in range(kw_):
+            tap = kh * kw_ + kw
+            y = op.Add(op.Add(base_y, _scalar(kh * dh, input)),
+                       op.Slice(offset, _ints(2 * tap), _ints(2 * tap + 1), _ints(1)))
+            x = op.Add(op.Add(base_x, _scalar(kw * dw, input)),
+                       op.Slice(offset, _ints(2 * tap + 1), _ints(2 * tap + 2), _ints(1)))
+            value = None
+            for index, weight in _bilinear_corners(y, x, height, width):  # [B, 1, P] each
+                read = op.GatherElements(flat_input, op.Expand(index, channels), axis=2)
+                term = op.Mul(read, weight)
+                value = term if value is None else op.Add(value, term)
+            yield value
+
+
+def _kernel_taps(rotation, weight, kernel_size, rotation_groups: int) -> Iterator:
+    """Tap by tap, the kernel values ``[B, G, (C_out/G)*(C_in/groups), Ho*Wo]`` read bilinearly
+    from the scope ``weight`` [C_out, C_in/groups, Sh, Sw] at ``(kh + r_y + (Sh-Kh)/2,
+    kw + r_x + (Sw-Kw)/2)``, with the rotation of each output channel's rotation group."""
+    kh_, kw_ = kernel_size
+    groups = rotation_groups
+    scope_h = op.CastLike(_dim(weight, 2), rotation)
+    scope_w = op.CastLike(_dim(weight, 3), rotation)
+    centre_h = op.Div(op.Sub(scope_h, _scalar(kh_, rotation)), _scalar(2.0, rotation))
+    centre_w = op.Div(op.Sub(scope_w, _scalar(kw_, rotation)), _scalar(2.0, rotation))
+    rotation = op.Reshape(rotation, _ints(0, groups, kh_ * kw_ * 2, -1))  # [B, G, K*K*2, P]
+    # [B, G, M, Sh*Sw], M = (C_out/G) * (C_in/groups): every sample of the batch reads the scope.
+    cells = op.Mul(_dim(weight, 2), _dim(weight, 3))
+    flat_weight = op.Reshape(weight, op.Concat(_ints(1, groups, -1), cells, axis=0))
+    flat_weight = op.Expand(flat_weight, op.Concat(_dim(rotation, 0), _ints(1, 1, 1), axis=0))
+    pairs = op.Concat(_ints(1, 1), _dim(flat_weight, 2), _ints(1), axis=0)
+    for kh in range(kh_):
+        for kw in range(kw_):
+            tap = kh * kw_ + kw
+            ry = op.Slice(rotation, _ints(2 * tap), _ints(2 * tap + 1), _ints(2))  # [B, G, 1, P]
+            rx = op.Slice(rotation, _ints(2 * tap + 1), _ints(2 * tap + 2), _ints(2))
+            y = op.Add(ry, op.Add(centre_h, _scalar(kh, rotation)))
+            x = op.Add(rx, op.Add(centre_w, _scalar(kw, rotation)))
+            value = None
+            for index, corner in _bilinear_corners(y, x, scope_h, scope_w):
+                # Every (output, input) channel pair of a rotation group reads the same cell.
+                read = op.GatherElements(flat_weight, op.Expand(index, pairs), axis=3)
+                term = op.Mul(read, corner)
+                value = term if value is None else op.Add(value, term)
+            yield value
+
+
+def _deform_kernel(input, offset, rotation, weight, kernel_size, stride, padding, dilation,
+                   rotation_groups):
+    """The DK sum shared by both operators; returns [B, C_out, Ho, Wo]."""
+    geometry = [tuple(int(v) for v in pair) for pair in (kernel_size, stride, padding, dilation)]
+    out_channels = op.Shape(weight, start=0, end=1)
+    groups_cg = op.Concat(  # groups = C_in / (C_in/groups)
+        op.Div(_dim(input, 1), _dim(weight, 1)), _dim(weight, 1), axis=0)
+    if offset is None:
+        image_taps = _pixel_taps(input, *geometry)
+    else:
+        image_taps = _sampled_taps(input, offset, *geometry)
+    kernel_taps = _kernel_taps(rotation, weight, geometry[0], int(rotation_groups))
+    out = None
+    for image, kernel in zip(image_taps, kernel_taps):
+        # image [B, C_in, P] -> [B, groups, 1, C_in/groups, P]
+        image = op.Reshape(image, op.Concat(_ints(0), op.Slice(groups_cg, _ints(0), _ints(1)),
+                                            _ints(1), op.Slice(groups_cg, _ints(1), _ints(2)),
+                                            _ints(-1), axis=0))
+        # kernel [B, G, M, P] -> [B, groups, C_out/groups, C_in/groups, P]
+        kernel = op.Reshape(kernel, op.Concat(_ints(0), op.Slice(groups_cg, _ints(0), _ints(1)),
+                                              _ints(-1), op.Slice(groups_cg, _ints(1), _ints(2)),
+                                              _dim(image, 4), axis=0))
+        term = op.ReduceSum(op.Mul(image, kernel), _ints(3), keepdims=0)
+        out = term if out is None else op.Add(out, term)
+    out_shape = op.Concat(_ints(0), out_channels, op.Shape(rotation, start=2, end=4), axis=0)
+    return op.Reshape(out, out_shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# The translations (signatures mirror the operator schemas in csrc/ops.cpp)
+# ------------------------------------------------------------------------------------------------
+def onnx_deform_kernel2d(
+    input,
+    rotation,
+    weight,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    rotation_groups: int,
+):
+    """``dk_detectron2::deform_kernel2d`` in standard ONNX ops: [B, C_out, Ho, Wo]."""
+    return _deform_kernel(input, None, rotation, weight, kernel_size, stride, padding, dilation,
+                          rotation_groups)
+
+
+def onnx_deform_kernel_conv2d(
+    input,
+    offset,
+    rotation,
+    weight,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    rotation_groups: int,
+):
+    """``dk_detectron2::deform_kernel_conv2d`` in standard ONNX ops: [B, C_out, Ho, Wo]."""
+    return _deform_kernel(input, offset, rotation, weight, kernel_size, stride, padding, dilation,
+                          rotation_groups)
+
+
+def onnx_nd_linear_sample(input, coord):
+    """``dk_detectron2::nd_linear_sample`` in standard ONNX ops: input [M, Sh, Sw], coord [P, 2]
+    -> [P, M]."""
+    height = op.CastLike(_dim(input, 1), coord)
+    width = op.CastLike(_dim(input, 2), coord)
+    flat = op.Reshape(input, _ints(0, -1))  # [M, Sh*Sw]
+    y = op.Squeeze(op.Slice(coord, _ints(0), _ints(1), _ints(1)), _ints(1))  # [P]
+    x = op.Squeeze(op.Slice(coord, _ints(1), _ints(2), _ints(1)), _ints(1))
+    out = None
+    for index, weight in _bilinear_corners(y, x, height, width):
+        term = op.Mul(op.Gather(flat, index, axis=1), weight)  # [M, P]
+        out = term if out is None else op.Add(out, term)
+    return op.Transpose(out, perm=[1, 0])
+
+
+def dk_onnx_translation_table() -> Dict[torch._ops.OpOverload, Callable]:
+    """``{operator overload: ONNX translation}`` for ``torch.onnx.export``'s
+    ``custom_translation_table`` (a new dict each call; merge your own entries into it)."""
+    ops = torch.ops.dk_detectron2
+    return {
+        ops.deform_kernel2d.default: onnx_deform_kernel2d,
+        ops.deform_kernel_conv2d.default: onnx_deform_kernel_conv2d,
+        ops.nd_linear_sample.default: onnx_nd_linear_sample,
+    }
