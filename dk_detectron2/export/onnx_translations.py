@@ -14,7 +14,7 @@ taps unroll into the graph). :func:`dk_onnx_translation_table` maps the operator
     torch.onnx.export(model, args, dynamo=True,
                       custom_translation_table=dk_onnx_translation_table())
 """
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from onnxscript import INT64
@@ -77,14 +77,27 @@ def _bilinear_corners(y, x, height, width) -> List[tuple]:
     return corners
 
 
-def _pixel_taps(input, kernel_size, stride, padding, dilation) -> Iterator:
-    """Without image offsets: tap by tap, the pixels ``[B, C_in, Ho*Wo]`` the tap reads.
+def _tap_offsets(kernel_size, dilation, like, shift=(0.0, 0.0)):
+    """Constant tap positions ``(kh*dh + shift_y, kw*dw + shift_x)`` as two [Kh*Kw] tensors in
+    the dtype of ``like`` (taps in row-major order, as in the rotation and offset layouts)."""
+    (kh_, kw_), (dh, dw) = kernel_size, dilation
+    ys = [float(kh * dh) for kh in range(kh_) for _ in range(kw_)]
+    xs = [float(kw * dw) for _ in range(kh_) for kw in range(kw_)]
+    tap_y = op.Add(op.CastLike(op.Constant(value_floats=ys), like), shift[0])
+    tap_x = op.Add(op.CastLike(op.Constant(value_floats=xs), like), shift[1])
+    return tap_y, tap_x
 
-    A strided ``Slice`` of the zero-padded input; it starts at the tap and stops before the rows
-    (columns) of the taps after it, so it has exactly Ho (Wo) rows (columns) for any image size.
+
+def _pixel_columns(input, kernel_size, stride, padding, dilation):
+    """Without image offsets: the pixels ``[B, C_in, Kh*Kw, Ho*Wo]`` each tap reads (im2col).
+
+    Tap (kh, kw) is a strided ``Slice`` of the zero-padded input; it starts at the tap and stops
+    before the rows (columns) of the taps after it, so it has exactly Ho (Wo) rows (columns) for
+    any image size.
     """
     (kh_, kw_), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     padded = op.Pad(input, _ints(0, 0, ph, pw, 0, 0, ph, pw))
+    taps = []
     for kh in range(kh_):
         for kw in range(kw_):
             end_h = -(kh_ - 1 - kh) * dh or _INT64_MAX
@@ -92,101 +105,96 @@ def _pixel_taps(input, kernel_size, stride, padding, dilation) -> Iterator:
             window = op.Slice(
                 padded, _ints(kh * dh, kw * dw), _ints(end_h, end_w), _ints(2, 3), _ints(sh, sw)
             )
-            yield op.Reshape(window, _ints(0, 0, -1))
+            taps.append(op.Reshape(window, _ints(0, 0, 1, -1)))
+    return op.Concat(*taps, axis=2)
 
 
-def _sampled_taps(input, offset, kernel_size, stride, padding, dilation) -> Iterator:
-    """With image offsets ``[B, Kh*Kw*2, Ho, Wo]`` (DCN's layout): tap by tap, the bilinear reads
-    ``[B, C_in, Ho*Wo]`` at ``(y*sh - ph + kh*dh + o_y, x*sw - pw + kw*dw + o_x)``."""
-    (kh_, kw_), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+def _sampled_columns(input, offset, kernel_size, stride, padding, dilation):
+    """With image offsets ``[B, Kh*Kw*2, Ho, Wo]`` (DCN's layout): the bilinear reads
+    ``[B, C_in, Kh*Kw, Ho*Wo]`` at ``(y*sh - ph + kh*dh + o_y, x*sw - pw + kw*dw + o_x)``."""
+    (sh, sw), (ph, pw) = stride, padding
+    taps = kernel_size[0] * kernel_size[1]
     height = op.CastLike(_dim(input, 2), input)
     width = op.CastLike(_dim(input, 3), input)
-    flat_input = op.Reshape(input, _ints(0, 0, -1))  # [B, C_in, H*W]
-    channels = op.Concat(_ints(1), _dim(input, 1), _ints(1), axis=0)
     zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
-    out_h = op.Squeeze(_dim(offset, 2), _ints(0))
-    out_w = op.Squeeze(_dim(offset, 3), _ints(0))
-    # Sample rows [Ho, 1] and columns [1, Wo] of tap (0, 0), in input pixels.
-    rows = op.Sub(op.Mul(op.CastLike(op.Range(zero, out_h, one), input), _scalar(sh, input)),
-                  _scalar(ph, input))
-    cols = op.Sub(op.Mul(op.CastLike(op.Range(zero, out_w, one), input), _scalar(sw, input)),
-                  _scalar(pw, input))
     grid = op.Concat(_dim(offset, 2), _dim(offset, 3), axis=0)
+    rows = op.Range(zero, op.Squeeze(_dim(offset, 2), _ints(0)), one)
+    cols = op.Range(zero, op.Squeeze(_dim(offset, 3), _ints(0)), one)
+    rows = op.Sub(op.Mul(op.CastLike(rows, input), _scalar(sh, input)), _scalar(ph, input))
+    cols = op.Sub(op.Mul(op.CastLike(cols, input), _scalar(sw, input)), _scalar(pw, input))
+    # Sample point of tap (0, 0) at every output position: [1, 1, Ho*Wo].
     base_y = op.Reshape(op.Expand(op.Unsqueeze(rows, _ints(1)), grid), _ints(1, 1, -1))
     base_x = op.Reshape(op.Expand(op.Unsqueeze(cols, _ints(0)), grid), _ints(1, 1, -1))
-    offset = op.Reshape(offset, _ints(0, 0, -1))  # [B, Kh*Kw*2, P]
-    for kh in range(kh_):
-        for kw in range(kw_):
-            tap = kh * kw_ + kw
-            y = op.Add(op.Add(base_y, _scalar(kh * dh, input)),
-                       op.Slice(offset, _ints(2 * tap), _ints(2 * tap + 1), _ints(1)))
-            x = op.Add(op.Add(base_x, _scalar(kw * dw, input)),
-                       op.Slice(offset, _ints(2 * tap + 1), _ints(2 * tap + 2), _ints(1)))
-            value = None
-            for index, weight in _bilinear_corners(y, x, height, width):  # [B, 1, P] each
-                read = op.GatherElements(flat_input, op.Expand(index, channels), axis=2)
-                term = op.Mul(read, weight)
-                value = term if value is None else op.Add(value, term)
-            yield value
+    tap_y, tap_x = _tap_offsets(kernel_size, dilation, input)
+    offset = op.Reshape(offset, _ints(0, taps, 2, -1))  # [B, K*K, 2, P]
+    y = op.Add(op.Add(base_y, op.Unsqueeze(tap_y, _ints(0, 2))), _component(offset, 0, axis=2))
+    x = op.Add(op.Add(base_x, op.Unsqueeze(tap_x, _ints(0, 2))), _component(offset, 1, axis=2))
+    flat_input = op.Reshape(input, _ints(0, 0, -1))  # [B, C_in, H*W]
+    channels = op.Concat(_ints(1), _dim(input, 1), _ints(1), axis=0)
+    value = None
+    for index, weight in _bilinear_corners(y, x, height, width):  # [B, K*K, P] each
+        index = op.Expand(op.Reshape(index, _ints(0, 1, -1)), channels)  # [B, C_in, K*K*P]
+        term = op.Mul(op.GatherElements(flat_input, index, axis=2),
+                      op.Reshape(weight, _ints(0, 1, -1)))
+        value = term if value is None else op.Add(value, term)
+    return op.Reshape(value, _ints(0, 0, taps, -1))
 
 
-def _kernel_taps(rotation, weight, kernel_size, rotation_groups: int) -> Iterator:
-    """Tap by tap, the kernel values ``[B, G, (C_out/G)*(C_in/groups), Ho*Wo]`` read bilinearly
-    from the scope ``weight`` [C_out, C_in/groups, Sh, Sw] at ``(kh + r_y + (Sh-Kh)/2,
+def _component(tensor, which: int, axis: int):
+    """``tensor`` indexed at ``which`` along ``axis`` (that axis removed)."""
+    return op.Squeeze(op.Slice(tensor, _ints(which), _ints(which + 1), _ints(axis)), _ints(axis))
+
+
+def _kernel_values(rotation, weight, kernel_size, rotation_groups: int):
+    """The kernel values ``[B, G, (C_out/G)*(C_in/groups), Kh*Kw*Ho*Wo]`` read bilinearly from
+    the scope ``weight`` [C_out, C_in/groups, Sh, Sw] at ``(kh + r_y + (Sh-Kh)/2,
     kw + r_x + (Sw-Kw)/2)``, with the rotation of each output channel's rotation group."""
     kh_, kw_ = kernel_size
-    groups = rotation_groups
+    groups, taps = rotation_groups, kh_ * kw_
     scope_h = op.CastLike(_dim(weight, 2), rotation)
     scope_w = op.CastLike(_dim(weight, 3), rotation)
     centre_h = op.Div(op.Sub(scope_h, _scalar(kh_, rotation)), _scalar(2.0, rotation))
     centre_w = op.Div(op.Sub(scope_w, _scalar(kw_, rotation)), _scalar(2.0, rotation))
-    rotation = op.Reshape(rotation, _ints(0, groups, kh_ * kw_ * 2, -1))  # [B, G, K*K*2, P]
+    tap_y, tap_x = _tap_offsets(kernel_size, (1, 1), rotation, (centre_h, centre_w))
+    rotation = op.Reshape(rotation, _ints(0, groups, taps, 2, -1))  # [B, G, K*K, 2, P]
+    y = op.Add(_component(rotation, 0, axis=3), op.Unsqueeze(tap_y, _ints(0, 1, 3)))
+    x = op.Add(_component(rotation, 1, axis=3), op.Unsqueeze(tap_x, _ints(0, 1, 3)))
     # [B, G, M, Sh*Sw], M = (C_out/G) * (C_in/groups): every sample of the batch reads the scope.
     cells = op.Mul(_dim(weight, 2), _dim(weight, 3))
     flat_weight = op.Reshape(weight, op.Concat(_ints(1, groups, -1), cells, axis=0))
     flat_weight = op.Expand(flat_weight, op.Concat(_dim(rotation, 0), _ints(1, 1, 1), axis=0))
     pairs = op.Concat(_ints(1, 1), _dim(flat_weight, 2), _ints(1), axis=0)
-    for kh in range(kh_):
-        for kw in range(kw_):
-            tap = kh * kw_ + kw
-            ry = op.Slice(rotation, _ints(2 * tap), _ints(2 * tap + 1), _ints(2))  # [B, G, 1, P]
-            rx = op.Slice(rotation, _ints(2 * tap + 1), _ints(2 * tap + 2), _ints(2))
-            y = op.Add(ry, op.Add(centre_h, _scalar(kh, rotation)))
-            x = op.Add(rx, op.Add(centre_w, _scalar(kw, rotation)))
-            value = None
-            for index, corner in _bilinear_corners(y, x, scope_h, scope_w):
-                # Every (output, input) channel pair of a rotation group reads the same cell.
-                read = op.GatherElements(flat_weight, op.Expand(index, pairs), axis=3)
-                term = op.Mul(read, corner)
-                value = term if value is None else op.Add(value, term)
-            yield value
+    value = None
+    for index, corner in _bilinear_corners(y, x, scope_h, scope_w):  # [B, G, K*K, P] each
+        # Every (output, input) channel pair of a rotation group reads the same cell.
+        index = op.Expand(op.Reshape(index, _ints(0, 0, 1, -1)), pairs)
+        term = op.Mul(op.GatherElements(flat_weight, index, axis=3),
+                      op.Reshape(corner, _ints(0, 0, 1, -1)))
+        value = term if value is None else op.Add(value, term)
+    return value
 
 
 def _deform_kernel(input, offset, rotation, weight, kernel_size, stride, padding, dilation,
                    rotation_groups):
     """The DK sum shared by both operators; returns [B, C_out, Ho, Wo]."""
     geometry = [tuple(int(v) for v in pair) for pair in (kernel_size, stride, padding, dilation)]
-    out_channels = op.Shape(weight, start=0, end=1)
-    groups_cg = op.Concat(  # groups = C_in / (C_in/groups)
-        op.Div(_dim(input, 1), _dim(weight, 1)), _dim(weight, 1), axis=0)
+    taps = geometry[0][0] * geometry[0][1]
     if offset is None:
-        image_taps = _pixel_taps(input, *geometry)
+        image = _pixel_columns(input, *geometry)
     else:
-        image_taps = _sampled_taps(input, offset, *geometry)
-    kernel_taps = _kernel_taps(rotation, weight, geometry[0], int(rotation_groups))
-    out = None
-    for image, kernel in zip(image_taps, kernel_taps):
-        # image [B, C_in, P] -> [B, groups, 1, C_in/groups, P]
-        image = op.Reshape(image, op.Concat(_ints(0), op.Slice(groups_cg, _ints(0), _ints(1)),
-                                            _ints(1), op.Slice(groups_cg, _ints(1), _ints(2)),
-                                            _ints(-1), axis=0))
-        # kernel [B, G, M, P] -> [B, groups, C_out/groups, C_in/groups, P]
-        kernel = op.Reshape(kernel, op.Concat(_ints(0), op.Slice(groups_cg, _ints(0), _ints(1)),
-                                              _ints(-1), op.Slice(groups_cg, _ints(1), _ints(2)),
-                                              _dim(image, 4), axis=0))
-        term = op.ReduceSum(op.Mul(image, kernel), _ints(3), keepdims=0)
-        out = term if out is None else op.Add(out, term)
-    out_shape = op.Concat(_ints(0), out_channels, op.Shape(rotation, start=2, end=4), axis=0)
+        image = _sampled_columns(input, offset, *geometry)
+    kernel = _kernel_values(rotation, weight, geometry[0], int(rotation_groups))
+    per_group = _dim(weight, 1)  # C_in / groups
+    groups = op.Div(_dim(input, 1), per_group)
+    outputs_per_group = op.Div(_dim(weight, 0), groups)
+    # image [B, C_in, K*K, P] -> [B, groups, 1, C_in/groups, K*K, P]; kernel [B, G, M, K*K*P] ->
+    # [B, groups, C_out/groups, C_in/groups, K*K, P]; multiply and sum over channels and taps.
+    image = op.Reshape(image, op.Concat(_ints(0), groups, _ints(1), per_group, _ints(taps, -1),
+                                        axis=0))
+    kernel = op.Reshape(kernel, op.Concat(_ints(0), groups, outputs_per_group, per_group,
+                                          _ints(taps, -1), axis=0))
+    out = op.ReduceSum(op.Mul(image, kernel), _ints(3, 4), keepdims=0)
+    out_shape = op.Concat(_ints(0), _dim(weight, 0), op.Shape(rotation, start=2, end=4), axis=0)
     return op.Reshape(out, out_shape)
 
 
