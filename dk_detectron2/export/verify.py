@@ -1,10 +1,11 @@
 """Comparing an exported artefact with eager PyTorch: largest differences and speed."""
+import statistics
 import time
 from typing import Callable, Dict, List, Sequence
 
 import torch
 
-__all__ = ["flatten_outputs", "compare_outputs", "mean_seconds"]
+__all__ = ["flatten_outputs", "compare_outputs", "median_seconds"]
 
 
 def flatten_outputs(outputs) -> List[torch.Tensor]:
@@ -48,14 +49,18 @@ def compare_outputs(eager, exported) -> Dict[str, float]:
     return result
 
 
-def mean_seconds(function: Callable, calls: Sequence[tuple], warmup: int = 1, repeats: int = 1) -> float:
-    """Mean wall time of ``function(*args)`` over ``calls`` (each repeated ``repeats`` times),
-    after ``warmup`` untimed passes over the first call. Runs under ``torch.no_grad``."""
+def median_seconds(function: Callable, calls: Sequence[tuple], warmup: int = 1,
+                   repeats: int = 3) -> float:
+    """Median wall time of one ``function(*args)`` call over ``calls``, each timed ``repeats``
+    times, after ``warmup`` untimed calls on the first arguments; under ``torch.no_grad``. The
+    median keeps a shared machine's bursts of load out of the figure."""
+    times = []
     with torch.no_grad():
         for _ in range(warmup):
             function(*calls[0])
-        start = time.perf_counter()
         for _ in range(repeats):
             for args in calls:
+                start = time.perf_counter()
                 function(*args)
-        return (time.perf_counter() - start) / (repeats * len(calls))
+                times.append(time.perf_counter() - start)
+    return float(statistics.median(times))

@@ -12,7 +12,7 @@ in standard ONNX ops, run in ONNX Runtime). The sample inputs are the first ``--
 of the config's test dataset (the embedded ``dk_shapes_val`` for the shapes configs, generated
 on first use). The artefact is written, reloaded from disk and run on every sample, one image per
 call, and (trunk formats) once more on all samples as one batch; the tool prints the largest
-absolute and relative differences from eager and the mean time per image of both, and writes
+absolute and relative differences from eager and the median time per image of both, and writes
 them to ``<output>/export_<format>.json``.
 """
 import argparse
@@ -43,6 +43,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default="output/export", help="folder for the artefact")
     parser.add_argument("--samples", type=int, default=4,
                         help="number of test-dataset images to verify on (default 4)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed passes over the samples (the median call is reported)")
     parser.add_argument("--dataset", default="",
                         help="dataset to take the samples from (default DATASETS.TEST[0])")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
@@ -51,16 +53,16 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def export_and_verify(model: torch.nn.Module, samples: Sequence[Dict], format_name: str,
-                      output_dir: str) -> Dict[str, object]:
+                      output_dir: str, repeats: int = 3) -> Dict[str, object]:
     """Exports ``model`` (eval mode, CPU) in ``format_name``, reloads the artefact and compares
     it with eager on ``samples`` (inputs as Detectron2's test loader gives them).
 
     Returns ``{"format", "part", "artefact", "max_abs", "max_rel", "integers_equal",
     "shapes_equal", "batched": the same differences for one call on all samples (trunk formats),
-    "eager_seconds", "exported_seconds": mean per image}``.
+    "eager_seconds", "exported_seconds": median time per image over ``repeats`` passes}``.
     """
     from dk_detectron2.export.formats import export_format
-    from dk_detectron2.export.verify import compare_outputs, mean_seconds
+    from dk_detectron2.export.verify import compare_outputs, median_seconds
 
     if not samples:
         raise ValueError("samples must hold at least one input dict, got none")
@@ -82,8 +84,8 @@ def export_and_verify(model: torch.nn.Module, samples: Sequence[Dict], format_na
             batch = (torch.cat([args[0] for args in calls]),)
             report["batched"] = compare_outputs(module(*batch), exported(*batch))
     report.update(worst)
-    report["eager_seconds"] = mean_seconds(module, calls)
-    report["exported_seconds"] = mean_seconds(exported, calls)
+    report["eager_seconds"] = median_seconds(module, calls, repeats=repeats)
+    report["exported_seconds"] = median_seconds(exported, calls, repeats=repeats)
     return report
 
 
@@ -98,7 +100,7 @@ def _summary(report: Dict[str, object]) -> str:
         batched = report["batched"]
         lines.append(f"  one batch of all samples: max |difference| {batched['max_abs']:.3g} "
                      f"(relative {batched['max_rel']:.3g})")
-    lines.append(f"  mean time per image: eager {1e3 * report['eager_seconds']:.1f} ms, "
+    lines.append(f"  median time per image: eager {1e3 * report['eager_seconds']:.1f} ms, "
                  f"exported {1e3 * report['exported_seconds']:.1f} ms")
     return "\n".join(lines)
 
@@ -113,7 +115,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     cfg = setup_cfg(args.config_file, args.opts, weights=args.weights, device="cpu")
     model = load_model(cfg)
     samples = dataset_samples(cfg, args.samples, args.dataset)
-    report = export_and_verify(model, samples, args.format, args.output)
+    report = export_and_verify(model, samples, args.format, args.output, args.repeats)
     report.update(config=args.config_file, weights=cfg.MODEL.WEIGHTS, samples=len(samples))
     with open(os.path.join(args.output, f"export_{args.format}.json"), "w") as f:
         json.dump(report, f, indent=2)
