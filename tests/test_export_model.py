@@ -158,3 +158,26 @@ def test_aoti_package_runs_with_only_the_operator_library(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.strip().splitlines()[-1]) <= TOLERANCE
+
+
+def test_fake_kernels_trace_data_dependent_image_sizes():
+    """A detector reads image sizes from tensors; the DK fake kernels must not guard on them."""
+    from dk_detectron2.layers import DeformKernel2d, DeformKernelConv2d
+
+    class Crop(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dk = DeformKernel2d(4, 4, 3, padding=1, groups=4, scope_size=5)
+            self.dkc = DeformKernelConv2d(4, 4, 3, padding=1, groups=4, scope_size=5)
+
+        def forward(self, x, size):
+            # A canvas whose size is read from a tensor (as ImageList batching does).
+            rows, cols = size.tolist()
+            canvas = x.new_zeros(x.shape[0], x.shape[1], rows, cols)
+            return self.dkc(self.dk(canvas + x.mean()))
+
+    module = Crop().eval()
+    x, size = torch.randn(1, 4, 12, 9), torch.tensor([7, 5])
+    program = torch.export.export(module, (x, size))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x, size), module(x, size))
