@@ -80,6 +80,15 @@ def test_torch_export_of_the_trunk_has_dynamic_batch_and_size(tmp_path):
     assert names[:5] == ["p2", "p3", "p4", "p5", "p6"] and names[5].startswith("objectness_")
 
 
+def test_trunk_images_pads_uint8_images_with_the_pixel_mean(tmp_path):
+    trunk = DetectorTrunk(_tiny_model(tmp_path))
+    image = torch.full((3, 70, 100), 200, dtype=torch.uint8)
+    batch = trunk_images(trunk, [image])
+    assert batch.dtype == torch.float32 and batch.shape == (1, 3, 96, 128)
+    assert torch.equal(batch[0, :, :70, :100], image.float())
+    assert torch.allclose(batch[0, :, 90, 120], trunk.pixel_mean.view(3))
+
+
 def test_trunk_rejects_a_model_without_a_backbone():
     with pytest.raises(TypeError, match="meta-architecture"):
         DetectorTrunk(torch.nn.Conv2d(3, 3, 1))

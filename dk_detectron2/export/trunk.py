@@ -67,15 +67,16 @@ class DetectorTrunk(nn.Module):
 
 
 def trunk_images(trunk: DetectorTrunk, images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Pads [3, Hi, Wi] images (pixel values) into one [B, 3, H, W] batch for ``trunk``.
+    """Pads [3, Hi, Wi] images (uint8 or float pixel values, as Detectron2's loaders give them)
+    into one float32 [B, 3, H, W] batch for ``trunk``.
 
     H and W are the largest sizes rounded up to ``trunk.size_divisibility``; the padding is the
     pixel mean, so it normalises to zero as in Detectron2's own batching.
     """
     if not images:
         raise ValueError("images must hold at least one [3, H, W] tensor, got none")
-    mean = trunk.pixel_mean.to(images[0].dtype)
-    centred = [image - mean for image in images]
+    mean = trunk.pixel_mean.to(torch.float32)
+    centred = [image.to(mean.device, torch.float32) - mean for image in images]
     batch = ImageList.from_tensors(centred, trunk.size_divisibility).tensor
     return batch + mean
 
