@@ -3,13 +3,15 @@
 ONNX has no deformable-kernel operator, so each ``dk_detectron2::*`` operator is written as a graph
 of standard ONNX ops (opset 18), following ``dk_detectron2.layers.reference``: the bilinear rule
 gives four corners per sample point (``Floor``, ``Where`` masks, weights), ``GatherElements`` reads
-them, and a DK output is, tap by tap, the image value times the kernel value read from the scope,
-summed over the input channels of the group. Kernel size, stride, padding, dilation and the number
-of rotation groups are attributes (static); batch and image size stay dynamic. The graph runs in
-any ONNX runtime (ONNX Runtime, TensorRT's ONNX parser).
+them, and a DK output is the image value of every tap times the kernel value read from the scope
+at the tap's rotated position, summed over the taps and the input channels of the group. The
+taps' pixels come from one strided ``Slice`` per tap (or bilinear reads at the DCN offsets);
+everything else is computed for all taps at once, about 120 nodes per operator. Kernel size,
+stride, padding, dilation and the number of rotation groups are fixed in the graph; batch and
+image size stay dynamic. The graph needs no custom operator in the runtime.
 
-Each translation is an onnxscript function that the exporter traces (the Python loops over the
-taps unroll into the graph). :func:`dk_onnx_translation_table` maps the operators to them::
+Each translation is a Python function of onnxscript ops that the exporter traces.
+:func:`dk_onnx_translation_table` maps the operators to them::
 
     torch.onnx.export(model, args, dynamo=True,
                       custom_translation_table=dk_onnx_translation_table())
@@ -72,20 +74,22 @@ def _bilinear_corners(y, x, height, width) -> List[tuple]:
             op.And(inside, op.And(op.GreaterOrEqual(cy, zero), op.Less(cy, height))),
             op.And(op.GreaterOrEqual(cx, zero), op.Less(cx, width)),
         )
-        index = op.Cast(op.Where(valid, op.Add(op.Mul(cy, width), cx), zero), to=INT64.dtype)
+        # Integer arithmetic: float32 cannot index every pixel of an image above 2^24 pixels.
+        row, col = op.Cast(cy, to=INT64.dtype), op.Cast(cx, to=INT64.dtype)
+        index = op.Add(op.Mul(row, op.Cast(width, to=INT64.dtype)), col)
+        index = op.Where(valid, index, op.Constant(value_int=0))
         corners.append((index, op.Where(valid, op.Mul(wy, wx), zero)))
     return corners
 
 
-def _tap_offsets(kernel_size, dilation, like, shift=(0.0, 0.0)):
-    """Constant tap positions ``(kh*dh + shift_y, kw*dw + shift_x)`` as two [Kh*Kw] tensors in
-    the dtype of ``like`` (taps in row-major order, as in the rotation and offset layouts)."""
+def _tap_offsets(kernel_size, dilation, like):
+    """Constant tap positions ``(kh*dh, kw*dw)`` as two [Kh*Kw] tensors in the dtype of ``like``
+    (taps in row-major order, as in the rotation and offset layouts)."""
     (kh_, kw_), (dh, dw) = kernel_size, dilation
     ys = [float(kh * dh) for kh in range(kh_) for _ in range(kw_)]
     xs = [float(kw * dw) for _ in range(kh_) for kw in range(kw_)]
-    tap_y = op.Add(op.CastLike(op.Constant(value_floats=ys), like), shift[0])
-    tap_x = op.Add(op.CastLike(op.Constant(value_floats=xs), like), shift[1])
-    return tap_y, tap_x
+    return (op.CastLike(op.Constant(value_floats=ys), like),
+            op.CastLike(op.Constant(value_floats=xs), like))
 
 
 def _pixel_columns(input, kernel_size, stride, padding, dilation):
@@ -155,7 +159,8 @@ def _kernel_values(rotation, weight, kernel_size, rotation_groups: int):
     scope_w = op.CastLike(_dim(weight, 3), rotation)
     centre_h = op.Div(op.Sub(scope_h, _scalar(kh_, rotation)), _scalar(2.0, rotation))
     centre_w = op.Div(op.Sub(scope_w, _scalar(kw_, rotation)), _scalar(2.0, rotation))
-    tap_y, tap_x = _tap_offsets(kernel_size, (1, 1), rotation, (centre_h, centre_w))
+    tap_y, tap_x = _tap_offsets(kernel_size, (1, 1), rotation)
+    tap_y, tap_x = op.Add(tap_y, centre_h), op.Add(tap_x, centre_w)
     rotation = op.Reshape(rotation, _ints(0, groups, taps, 2, -1))  # [B, G, K*K, 2, P]
     y = op.Add(_component(rotation, 0, axis=3), op.Unsqueeze(tap_y, _ints(0, 1, 3)))
     x = op.Add(_component(rotation, 1, axis=3), op.Unsqueeze(tap_x, _ints(0, 1, 3)))
