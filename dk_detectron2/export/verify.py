@@ -49,18 +49,24 @@ def compare_outputs(eager, exported) -> Dict[str, float]:
     return result
 
 
-def median_seconds(function: Callable, calls: Sequence[tuple], warmup: int = 1,
-                   repeats: int = 3) -> float:
-    """Median wall time of one ``function(*args)`` call over ``calls``, each timed ``repeats``
-    times, after ``warmup`` untimed calls on the first arguments; under ``torch.no_grad``. The
-    median keeps a shared machine's bursts of load out of the figure."""
-    times = []
+def median_seconds(functions: Sequence[Callable], calls: Sequence[tuple], warmup: int = 1,
+                   repeats: int = 3) -> List[float]:
+    """Median wall time of one call of each function, timed in turns on the same arguments.
+
+    Every function is called ``warmup`` times untimed on the first arguments; then, ``repeats``
+    times over ``calls``, each function runs once on the arguments, one after the other, so a
+    shared machine's bursts of load fall on all of them alike. Returns the median seconds per
+    call of each function, in order. Runs under ``torch.no_grad``.
+    """
+    times: List[List[float]] = [[] for _ in functions]
     with torch.no_grad():
-        for _ in range(warmup):
-            function(*calls[0])
+        for function in functions:
+            for _ in range(warmup):
+                function(*calls[0])
         for _ in range(repeats):
             for args in calls:
-                start = time.perf_counter()
-                function(*args)
-                times.append(time.perf_counter() - start)
-    return float(statistics.median(times))
+                for function, spent in zip(functions, times):
+                    start = time.perf_counter()
+                    function(*args)
+                    spent.append(time.perf_counter() - start)
+    return [float(statistics.median(spent)) for spent in times]

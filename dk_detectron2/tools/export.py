@@ -12,7 +12,8 @@ in standard ONNX ops, run in ONNX Runtime). The sample inputs are the first ``--
 of the config's test dataset (the embedded ``dk_shapes_val`` for the shapes configs, generated
 on first use). The artefact is written, reloaded from disk and run on every sample, one image per
 call, and (trunk formats) once more on all samples as one batch; the tool prints the largest
-absolute and relative differences from eager and the median time per image of both, and writes
+absolute and relative differences from eager and the median time per image of both (timed in
+turns, call by call), and writes
 them to ``<output>/export_<format>.json``.
 """
 import argparse
@@ -84,8 +85,8 @@ def export_and_verify(model: torch.nn.Module, samples: Sequence[Dict], format_na
             batch = (torch.cat([args[0] for args in calls]),)
             report["batched"] = compare_outputs(module(*batch), exported(*batch))
     report.update(worst)
-    report["eager_seconds"] = median_seconds(module, calls, repeats=repeats)
-    report["exported_seconds"] = median_seconds(exported, calls, repeats=repeats)
+    eager_seconds, exported_seconds = median_seconds([module, exported], calls, repeats=repeats)
+    report.update(eager_seconds=eager_seconds, exported_seconds=exported_seconds)
     return report
 
 
