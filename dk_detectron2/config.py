@@ -37,6 +37,12 @@ def add_dk_config(cfg):
     # swing outside the scope early in training; at 0.1 many taps pile up on the scope's edge
     # (docs/results_shapes.md); 0.01 keeps them within a fraction of a cell of the rigid grid.
     _C.MODEL.DK.GENERATOR_LR_FACTOR = 0.01
+    # Generator of the local DK variants: "full" (a K x K conv from all input channels) or
+    # "separable" (depthwise K x K + 1 x 1, about 1/6 of the weights); dk_detectron2.layers.generators.
+    _C.MODEL.DK.GENERATOR = "full"
+    # Iterations at the start of training during which the generators do not learn (lr 0): the
+    # kernels train as rigid ones first. 0 disables the warm-up (DKTrainer, GeneratorWarmup hook).
+    _C.MODEL.DK.GENERATOR_WARMUP_ITERS = 0
     # E, experts of "cond_conv".
     _C.MODEL.DK.NUM_EXPERTS = 4
     return cfg

@@ -17,11 +17,17 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 from .layers.deform_kernel import KernelConvBase
 
 __all__ = [
+    "GENERATOR_GROUP_KEY",
     "build_dk_optimizer",
     "get_dk_optimizer_params",
     "generator_parameter_names",
     "generator_lr_factor_func",
 ]
+
+
+# Key set to True in the optimizer parameter groups that hold only DK generator parameters (what
+# the GeneratorWarmup hook acts on).
+GENERATOR_GROUP_KEY = "dk_generator"
 
 
 def generator_parameter_names(model: torch.nn.Module) -> Set[str]:
@@ -47,14 +53,26 @@ def get_dk_optimizer_params(
 ) -> List[Dict]:
     """``detectron2.solver.get_default_optimizer_params(model, **kwargs)`` with the generators'
     learning rate multiplied by ``generator_lr_factor`` (which needs ``base_lr`` in ``kwargs``
-    unless the factor is 1)."""
+    unless the factor is 1). The generator parameters are in groups of their own, marked with
+    ``GENERATOR_GROUP_KEY: True``."""
     if generator_lr_factor < 0:
         raise ValueError(f"generator_lr_factor must be >= 0, got {generator_lr_factor}")
     if generator_lr_factor != 1.0:
         if kwargs.get("base_lr") is None:
             raise ValueError("get_dk_optimizer_params needs base_lr when generator_lr_factor != 1")
         kwargs["lr_factor_func"] = generator_lr_factor_func(model, generator_lr_factor)
-    return get_default_optimizer_params(model, **kwargs)
+    groups = get_default_optimizer_params(model, **kwargs)
+    generators = {id(p) for m in model.modules() if isinstance(m, KernelConvBase)
+                  for p in m.generator_parameters()}
+    split = []
+    for group in groups:
+        rest = [p for p in group["params"] if id(p) not in generators]
+        own = [p for p in group["params"] if id(p) in generators]
+        if rest:
+            split.append({**group, "params": rest})
+        if own:
+            split.append({**group, "params": own, GENERATOR_GROUP_KEY: True})
+    return split
 
 
 def build_dk_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -22,6 +22,8 @@ DEFAULTS = {
     "ROTATION_CLIP": "scope",
     "ROTATION_CLIP_RANGE": [-1.0, 1.0],
     "GENERATOR_LR_FACTOR": 0.01,
+    "GENERATOR": "full",
+    "GENERATOR_WARMUP_ITERS": 0,
     "NUM_EXPERTS": 4,
 }
 

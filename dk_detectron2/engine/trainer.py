@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..checkpoint import DKCheckpointer
 from ..solver import build_dk_optimizer
 from .ddp import device_aware_ddp
+from .hooks import GeneratorWarmup
 from .visualize import save_prediction_images
 
 __all__ = ["DKTrainer"]
@@ -41,11 +42,19 @@ class DKTrainer(DefaultTrainer):
         :class:`~dk_detectron2.checkpoint.DKCheckpointer`: ``MODEL.WEIGHTS`` may then name a
         rigid checkpoint (model zoo ``.pkl``, Detectron2 ``.pth``, torchvision) whose 3x3 kernels
         become DK scopes exactly, instead of being skipped as shape mismatches. Saving and
-        ``--resume`` are unchanged."""
+        ``--resume`` are unchanged. With ``MODEL.DK.GENERATOR_WARMUP_ITERS > 0`` a
+        :class:`~dk_detectron2.engine.hooks.GeneratorWarmup` hook comes first."""
         self.checkpointer = DKCheckpointer(
             self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
-        return super().build_hooks()
+        hooks = super().build_hooks()
+        warmup = int(self.cfg.MODEL.DK.GENERATOR_WARMUP_ITERS)
+        if warmup < 0:
+            raise ValueError(f"MODEL.DK.GENERATOR_WARMUP_ITERS must be >= 0, got {warmup}")
+        if warmup:
+            logger.info(f"DK generators held at lr 0 for the first {warmup} iterations")
+            hooks.insert(0, GeneratorWarmup(warmup))
+        return hooks
 
     def train(self):
         """Runs training; returns the results of the last evaluation (``{}`` if none ran)."""

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .generators import GENERATOR_KINDS, build_generator, zero_init_
 from .ops import deform_kernel2d, deform_kernel_conv2d, nd_linear_sample
 
 __all__ = [
@@ -237,6 +238,7 @@ class _DeformKernelBase(KernelConvBase):
         rotation_groups: int = 1,
         rotation_clip: str = "none",
         rotation_clip_range: Sequence[float] = (-1.0, 1.0),
+        generator: str = "full",
         norm=None,
         activation=None,
     ):
@@ -270,6 +272,9 @@ class _DeformKernelBase(KernelConvBase):
                 f"out_channels ({out_channels}) must be divisible by rotation_groups ({rotation_groups})"
             )
         self.rotation_groups = rotation_groups
+        if generator not in GENERATOR_KINDS:
+            raise ValueError(f"generator must be one of {GENERATOR_KINDS}, got {generator!r}")
+        self.generator = generator
         self.rotation_clip = RotationClip(
             self.kernel_size, self.scope_size, rotation_clip, rotation_clip_range
         )
@@ -360,18 +365,12 @@ class _DeformKernelBase(KernelConvBase):
             s += f", rotation_clip={self.rotation_clip.mode!r}"
             if self.rotation_clip.mode == "range":
                 s += f", rotation_clip_range={self.rotation_clip.clip_range}"
+        if self.generator != "full":
+            s += f", generator={self.generator!r}"
         return s
 
     def extra_repr(self) -> str:
         return self._dk_repr()
-
-
-def zero_init_(module: nn.Module) -> nn.Module:
-    """Zeroes a generator's weight and bias in place (a fresh module is then rigid); returns it."""
-    nn.init.zeros_(module.weight)
-    if module.bias is not None:
-        nn.init.zeros_(module.bias)
-    return module
 
 
 class GlobalDeformKernel2d(_DeformKernelBase):
@@ -387,6 +386,9 @@ class GlobalDeformKernel2d(_DeformKernelBase):
         scope_size: S (int or pair, >= kernel_size); default kernel_size.
         rotation_groups: G, blocks of output channels sharing a rotation.
         rotation_clip, rotation_clip_range: see :class:`RotationClip`.
+        generator: the kind of the local variants' generators, ``"full"`` or ``"separable"``
+            (:mod:`dk_detectron2.layers.generators`); the global variant's is a linear layer on
+            the pooled input and takes only ``"full"``.
         norm, activation: as ``detectron2.layers.Conv2d``.
     Input [B, C_in, H, W] -> output [B, C_out, Ho, Wo] (Ho, Wo as the rigid convolution's).
     """
@@ -416,6 +418,11 @@ class GlobalDeformKernel2d(_DeformKernelBase):
             bias,
             **kwargs,
         )
+        if self.generator != "full":
+            raise ValueError(
+                f"GlobalDeformKernel2d predicts its rotation with a linear layer: generator must "
+                f"be 'full', got {self.generator!r}"
+            )
         self.rotation_fc = zero_init_(nn.Linear(in_channels, self.num_rotations))
 
     def sample_kernels(self, x: torch.Tensor) -> torch.Tensor:
@@ -486,16 +493,9 @@ class DeformKernel2d(_DeformKernelBase):
             bias,
             **kwargs,
         )
-        self.rotation_conv = zero_init_(
-            nn.Conv2d(
-                in_channels,
-                self.num_rotations,
-                self.kernel_size,
-                self.stride,
-                self.padding,
-                self.dilation,
-                bias=True,
-            )
+        geometry = (self.kernel_size, self.stride, self.padding, self.dilation)
+        self.rotation_conv = build_generator(
+            self.generator, in_channels, self.num_rotations, *geometry
         )
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:
@@ -548,9 +548,9 @@ class DeformKernelConv2d(_DeformKernelBase):
         )
         taps = self.kernel_size[0] * self.kernel_size[1]
         geometry = (self.kernel_size, self.stride, self.padding, self.dilation)
-        self.offset_conv = zero_init_(nn.Conv2d(in_channels, taps * 2, *geometry, bias=True))
-        self.rotation_conv = zero_init_(
-            nn.Conv2d(in_channels, self.num_rotations, *geometry, bias=True)
+        self.offset_conv = build_generator(self.generator, in_channels, taps * 2, *geometry)
+        self.rotation_conv = build_generator(
+            self.generator, in_channels, self.num_rotations, *geometry
         )
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ class DKOptions:
     rotation_groups: int = 1  # G, output-channel blocks sharing a rotation (DK variants)
     rotation_clip: str = "scope"  # "scope" | "range" | "none" (DK variants)
     rotation_clip_range: Tuple[float, float] = (-1.0, 1.0)  # bounds for rotation_clip="range"
+    generator: str = "full"  # "full" | "separable" (local DK variants' generators)
     num_experts: int = 4  # E (cond_conv)
 
     @classmethod
@@ -49,6 +50,7 @@ class DKOptions:
             rotation_groups=dk.ROTATION_GROUPS,
             rotation_clip=dk.ROTATION_CLIP,
             rotation_clip_range=tuple(dk.ROTATION_CLIP_RANGE),
+            generator=dk.GENERATOR,
             num_experts=dk.NUM_EXPERTS,
         )
 
@@ -58,6 +60,7 @@ class DKOptions:
             rotation_groups=self.rotation_groups,
             rotation_clip=self.rotation_clip,
             rotation_clip_range=self.rotation_clip_range,
+            generator=self.generator,
         )
 
 
