@@ -81,8 +81,10 @@ def test_cpp_program_runs_the_package(small_package, tmp_path):
                            capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
     assert build.returncode == 0, build.stderr[-3000:]
     height, width = 12, 20
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")  # the package loads libtorch
+    env = {**os.environ, "LD_LIBRARY_PATH": torch_lib}
     run = subprocess.run([binary, _extension.extension_path(), package, str(height), str(width)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     line = [text for text in run.stdout.splitlines() if text.startswith("output 0")][0]
     assert f"[1, 8, {height}, {width}]" in line

@@ -65,6 +65,7 @@ def test_torchscript_traces_the_whole_mask_rcnn(tmp_path):
         assert result["max_abs"] <= 1e-3 * 128  # boxes within 1e-3 of the image size
 
 
+@pytest.mark.slow
 def test_torch_export_of_the_trunk_has_dynamic_batch_and_size(tmp_path):
     model = _tiny_model(tmp_path)
     module, program, results = _export_and_compare(model, _samples(), "export", tmp_path)
@@ -105,6 +106,7 @@ def test_onnx_of_the_trunk_runs_in_onnx_runtime(tmp_path):
     assert found["shapes_equal"] and found["max_rel"] <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_whole_mask_rcnn_stops_at_the_proposal_selection_in_torch_export(tmp_path):
     """Where torch.export (and so the dynamo ONNX exporter) stops on the whole detector: the
     backbone and the RPN head trace, Detectron2's proposal selection branches on tensor values."""

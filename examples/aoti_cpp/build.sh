@@ -13,5 +13,5 @@ abi=$("$PY" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')
 g++ -O1 -std=c++20 -D_GLIBCXX_USE_CXX11_ABI="$abi" "$here/run_package.cpp" -o "$out" \
   -I"$torch_dir/include" -I"$torch_dir/include/torch/csrc/api/include" \
   -L"$torch_dir/lib" -Wl,-rpath,"$torch_dir/lib" -ltorch -ltorch_cpu -lc10 \
-  -L"$py_lib" -Wl,-rpath,"$py_lib" -lpython"$py_ver" -ldl
+  -L"$py_lib" -Wl,-rpath,"$py_lib" -Wl,--no-as-needed -lpython"$py_ver" -Wl,--as-needed -ldl
 echo "$out"

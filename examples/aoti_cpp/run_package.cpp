@@ -5,7 +5,9 @@
 // The DK operators live in dk_detectron2's compiled library; loading it registers them with the
 // dispatcher (its static initialisers), which is all the package needs. The library is also a
 // CPython extension module, so libpython's symbols must be in the process: link this program with
-// -lpython3.11 (see build.sh) or dlopen libpython with RTLD_GLOBAL before the library.
+// -lpython3.11 (see build.sh) or dlopen libpython with RTLD_GLOBAL before the library. The
+// package's compiled model opens libtorch by name: run with torch's lib folder on
+// LD_LIBRARY_PATH.
 //
 // Input: one image [1, 3, height, width] (default 256 x 256) of pixel value 128 with a gradient,
 // as tests/test_export_cpp.py builds it in Python; prints each output's shape and sum.
