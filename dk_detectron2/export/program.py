@@ -21,6 +21,9 @@ loaded:
       dlopen(".../dk_detectron2/_C.cpython-311-x86_64-linux-gnu.so", RTLD_NOW | RTLD_GLOBAL);
       torch::inductor::AOTIModelPackageLoader loader("trunk_aoti.pt2");
       std::vector<at::Tensor> outputs = loader.run({images});
+
+  with torch's ``lib`` folder on ``LD_LIBRARY_PATH`` (the package's model opens libtorch by
+  name). ``examples/aoti_cpp`` holds such a program and its build script.
 """
 from typing import Callable, Optional, Tuple
 
