@@ -161,6 +161,7 @@ setup(
     packages=find_packages(include=["dk_detectron2", "dk_detectron2.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "torchvision", "numpy", "fvcore", "pycocotools", "matplotlib"],
+    extras_require={"onnx": ["onnx>=1.18", "onnxscript>=0.5", "onnxruntime>=1.20"]},
     ext_modules=[make_extension()],
     cmdclass={
         "build_ext": BuildExt,

@@ -173,3 +173,67 @@ def test_analyze_model_counts_every_dk_layer_of_a_dk_mask_rcnn(tmp_path):
     report = main(["--config-file", config, "--synthetic", "--tasks", "parameter", "structure"])
     assert "backbone.bottom_up.res3" in report["parameter"]
     assert "DeformKernel2d" in report["structure"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Defaults: after `import dk_detectron2`, no handle has to be added by hand
+# ------------------------------------------------------------------------------------------------
+def _unsupported_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if "nsupported operator" in r.getMessage()]
+
+
+def test_fvcore_analysis_counts_dk_ops_with_its_default_handles(caplog):
+    x = torch.randn(1, 8, 10, 10)
+    dkc = DeformKernelConv2d(8, 8, 3, stride=1, padding=1, groups=8, scope_size=4).eval()
+    with caplog.at_level("WARNING"):
+        analysis = FlopCountAnalysis(dkc, (x,))  # no add_dk_flop_handles
+        counts = analysis.by_operator()
+    assert not any("dk_detectron2" in m for m in _unsupported_warnings(caplog))
+    assert not analysis.unsupported_ops()
+    assert counts["deform_kernel_conv2d"] == 10 * 10 * 8 * 9 * (5 + 4)
+    activations = ActivationCountAnalysis(dkc, (x,)).by_operator()
+    assert activations["deform_kernel_conv2d"] == 8 * 10 * 10
+
+
+def test_detectron2_analysis_of_a_dk_mask_rcnn_counts_dk_ops_without_warnings(tmp_path, caplog):
+    from _tools_configs import tiny_dk_config
+    from detectron2.utils.analysis import FlopCountAnalysis as D2FlopCountAnalysis
+
+    from dk_detectron2.tools.build import load_model, setup_cfg
+
+    model = load_model(setup_cfg(tiny_dk_config(tmp_path), device="cpu"))
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255
+    hand = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: hand.append(o.numel() * 9 * 5))
+        for m in model.modules()
+        if isinstance(m, DeformKernel2d)
+    ]
+    with torch.no_grad():
+        model([{"image": image}])
+    for hook in hooks:
+        hook.remove()
+    with caplog.at_level("WARNING"):
+        analysis = D2FlopCountAnalysis(model, [{"image": image}])
+        counts = analysis.by_operator()
+    assert not any("dk_detectron2" in m for m in _unsupported_warnings(caplog))
+    assert not any(op.startswith("dk_detectron2") for op in analysis.unsupported_ops())
+    assert counts["deform_kernel2d"] == sum(hand) > 0
+
+
+def test_plain_import_registers_the_handles_in_a_fresh_interpreter():
+    import subprocess
+    import sys
+
+    code = (
+        "import dk_detectron2, torch\n"
+        "from fvcore.nn import FlopCountAnalysis\n"
+        "from dk_detectron2.layers import DeformKernel2d\n"
+        "m = DeformKernel2d(4, 4, 3, padding=1, groups=4, scope_size=5).eval()\n"
+        "a = FlopCountAnalysis(m, (torch.randn(1, 4, 6, 6),))\n"
+        "print(a.by_operator()['deform_kernel2d'], sorted(a.unsupported_ops()))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[-2] == f"{4 * 6 * 6 * 9 * 5} []"
+    assert "Unsupported operator" not in result.stderr

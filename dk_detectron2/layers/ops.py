@@ -15,6 +15,9 @@ for a readable pure-PyTorch definition of every operator.
 
 import torch
 
+from torch._prims_common import is_channels_last_contiguous_or_false as _is_channels_last_or_false
+from torch._prims_common import is_contiguous_or_false as _is_contiguous_or_false
+
 from . import _extension  # noqa: F401  (loads dk_detectron2._C, which defines the operators)
 from .geometry import IntPair, is_int, output_size, pair
 
@@ -238,8 +241,12 @@ def nd_linear_sample(input: torch.Tensor, coord: torch.Tensor) -> torch.Tensor:
 # Fake kernels (shapes and strides only), autograd and autocast of the compiled operators
 # ------------------------------------------------------------------------------------------------
 def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
-    """The output layout rule shared with the C++ kernels (a channels-last input stays so)."""
-    if tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous():
+    """The output layout rule shared with the C++ kernels (a channels-last input stays so).
+
+    Decided without guarding on data-dependent sizes (``torch.export`` of a whole detector traces
+    image sizes read from tensors): a layout that cannot be proven channels-last is contiguous.
+    """
+    if _is_channels_last_or_false(tensor) and not _is_contiguous_or_false(tensor):
         return torch.channels_last
     return torch.contiguous_format
 

@@ -23,13 +23,20 @@ and every kernel tap:
 Not counted (as fvcore skips elementwise work): the bilinear weights themselves (a few flops per
 sample point, shared by every channel of a rotation group), bias additions, clipping.
 
-Usage::
+``import dk_detectron2`` calls :func:`register_default_handles`, which adds these handles to
+fvcore's default tables: every ``FlopCountAnalysis`` / ``ActivationCountAnalysis`` made afterwards
+(fvcore's, Detectron2's subclass, ``flop_count``, Detectron2's ``tools/analyze_model.py``) counts
+the DK operators with no "unsupported operator" warning::
 
+    import dk_detectron2
     from detectron2.utils.analysis import FlopCountAnalysis
-    flops = add_dk_flop_handles(FlopCountAnalysis(model, inputs))
-    print(flops.total())
+    print(FlopCountAnalysis(model, inputs).total())
+
+Handles set on an analysis with ``set_op_handle`` still take precedence;
+:func:`add_dk_flop_handles` sets ours explicitly (e.g. on an analysis made with other defaults).
 """
 
+import importlib
 from typing import Any, Dict, List
 
 from fvcore.nn.jit_handles import Handle, generic_activation_jit, get_shape
@@ -50,6 +57,7 @@ __all__ = [
     "dk_activation_handles",
     "add_dk_flop_handles",
     "add_dk_activation_handles",
+    "register_default_handles",
 ]
 
 KERNEL_BILINEAR_MACS = 4  # kernel-space bilinear read: 4 corners
@@ -143,3 +151,19 @@ def add_dk_flop_handles(analysis):
 def add_dk_activation_handles(analysis):
     """Registers the DK activation handles on an fvcore ``ActivationCountAnalysis``; returns it."""
     return analysis.set_op_handle(**dk_activation_handles())
+
+
+def register_default_handles() -> None:
+    """Adds the DK flop and activation handles to fvcore's default handle tables (idempotent).
+
+    fvcore's ``FlopCountAnalysis`` and ``ActivationCountAnalysis`` copy their module's default
+    table (``_DEFAULT_SUPPORTED_OPS``) into every new analysis; Detectron2's ``FlopCountAnalysis``
+    subclass calls that constructor too. An operator already in a table keeps its handle.
+    """
+    # fvcore.nn re-exports functions named like these modules: import the modules themselves.
+    flop_defaults = importlib.import_module("fvcore.nn.flop_count")._DEFAULT_SUPPORTED_OPS
+    activation_defaults = importlib.import_module("fvcore.nn.activation_count")._DEFAULT_SUPPORTED_OPS
+    for name, handle in _FLOP_HANDLES.items():
+        flop_defaults.setdefault(name, handle)
+    for name, handle in dk_activation_handles().items():
+        activation_defaults.setdefault(name, handle)

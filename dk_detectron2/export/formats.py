@@ -1,0 +1,143 @@
+"""``EXPORT_FORMATS``: format name -> how a Detectron2 (DK) model is exported, reloaded and called.
+
+Each format object has:
+
+* ``part``: what is exported, ``"model"`` (the whole detector) or ``"trunk"``
+  (:class:`~dk_detectron2.export.trunk.DetectorTrunk`: normalisation, backbone, RPN head);
+* ``suffix``: the artefact's file name in the output folder;
+* ``module(model, samples)``: the eager module that is exported (the reference);
+* ``calls(module, samples)``: per sample, the arguments of one call;
+* ``export(module, example, path)``: writes the artefact (``example``: the arguments traced);
+* ``load(path)``: a callable taking the same arguments, from the artefact alone.
+
+Register a new format with ``@EXPORT_FORMATS.register()`` on a class named as the format.
+"""
+import warnings
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+from detectron2.utils.registry import Registry
+from torch import nn
+
+from .trunk import DetectorTrunk, trunk_dynamic_shapes, trunk_images
+
+__all__ = ["EXPORT_FORMATS", "export_format", "export_format_names", "example_batch"]
+
+EXPORT_FORMATS = Registry("DK_EXPORT_FORMAT")
+
+
+def export_format_names() -> List[str]:
+    return sorted(name for name, _ in EXPORT_FORMATS)
+
+
+def export_format(name: str):
+    """An instance of the format ``name`` (see :func:`export_format_names`)."""
+    if name not in EXPORT_FORMATS:
+        raise KeyError(
+            f"unknown export format {name!r}; valid formats: {', '.join(export_format_names())}"
+        )
+    return EXPORT_FORMATS.get(name)()
+
+
+def example_batch(trunk: DetectorTrunk, samples: Sequence[Dict]) -> Tuple[torch.Tensor]:
+    """A batch of two sample images for tracing the trunk (a batch of one would fix the batch
+    size: ``torch.export`` specialises dimensions of size 1)."""
+    images = [sample["image"] for sample in samples[:2]]
+    return (trunk_images(trunk, images * (2 // len(images))),)
+
+
+class _TrunkFormat:
+    part = "trunk"
+
+    def module(self, model: nn.Module, samples: Sequence[Dict]) -> nn.Module:
+        return DetectorTrunk(model).eval()
+
+    def calls(self, module: nn.Module, samples: Sequence[Dict]) -> List[tuple]:
+        return [(trunk_images(module, [sample["image"]]),) for sample in samples]
+
+    def example(self, module: nn.Module, samples: Sequence[Dict]) -> tuple:
+        return example_batch(module, samples)
+
+
+@EXPORT_FORMATS.register()
+class torchscript:  # noqa: N801  (registry name)
+    """The whole detector, traced (Detectron2's ``TracingAdapter`` + ``torch.jit.trace``)."""
+
+    part = "model"
+    suffix = "model.ts"
+
+    def module(self, model, samples):
+        from detectron2.export import TracingAdapter
+
+        from .torchscript import detector_inference
+
+        return TracingAdapter(model, [{"image": samples[0]["image"]}], detector_inference)
+
+    def calls(self, module, samples):
+        return [(sample["image"],) for sample in samples]
+
+    def example(self, module, samples):
+        return (samples[0]["image"],)
+
+    def export(self, module, example, path):
+        with torch.no_grad(), warnings.catch_warnings():
+            # Detectron2's tracing-friendly code asserts on shapes; those are expected.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.jit.trace(module, example, check_trace=False).save(path)
+
+    def load(self, path) -> Callable:
+        from .torchscript import load_torchscript
+
+        return load_torchscript(path)
+
+
+@EXPORT_FORMATS.register()
+class export(_TrunkFormat):  # noqa: N801
+    """``torch.export`` ExportedProgram of the trunk, dynamic batch and image size."""
+
+    suffix = "trunk.pt2"
+
+    def export(self, module, example, path):
+        from .program import export_program
+
+        export_program(module, example, path, trunk_dynamic_shapes(module))
+
+    def load(self, path):
+        from .program import load_program
+
+        return load_program(path)
+
+
+@EXPORT_FORMATS.register()
+class aoti(_TrunkFormat):  # noqa: N801
+    """AOTInductor package of the trunk's ExportedProgram (compiled C++, dynamic shapes)."""
+
+    suffix = "trunk_aoti.pt2"
+
+    def export(self, module, example, path):
+        from .program import export_program, package_aoti
+
+        package_aoti(export_program(module, example, None, trunk_dynamic_shapes(module)), path)
+
+    def load(self, path):
+        from .program import load_aoti
+
+        return load_aoti(path)
+
+
+@EXPORT_FORMATS.register()
+class onnx(_TrunkFormat):  # noqa: N801
+    """ONNX (dynamo exporter, DK ops as standard ONNX ops) of the trunk, run in ONNX Runtime."""
+
+    suffix = "trunk.onnx"
+
+    def export(self, module, example, path):
+        from .onnx_model import export_onnx
+
+        export_onnx(module, example, path, trunk_dynamic_shapes(module), ["images"],
+                    module.output_names())
+
+    def load(self, path):
+        from .onnx_model import OnnxRuntimeRunner
+
+        return OnnxRuntimeRunner(path)

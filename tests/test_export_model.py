@@ -1,0 +1,145 @@
+"""Exporting a (tiny, random-init) DK Mask R-CNN: each format reloads from disk and agrees with
+eager (the AOTInductor package: tests/test_export_aoti.py)."""
+import os
+
+import pytest
+import torch
+
+from _tools_configs import tiny_dk_config
+from dk_detectron2.export.formats import export_format, export_format_names
+from dk_detectron2.export.trunk import DetectorTrunk, trunk_dynamic_shapes, trunk_images
+from dk_detectron2.export.verify import compare_outputs
+from dk_detectron2.tools.build import load_model, setup_cfg
+
+TOLERANCE = 1e-4  # relative, per output
+
+
+def _tiny_model(tmp_path, dk_type="deform_kernel_conv"):
+    """The tiny DK Mask R-CNN of the tools' tests with non-zero DK generators (seeded)."""
+    torch.manual_seed(0)
+    model = load_model(setup_cfg(tiny_dk_config(tmp_path, dk_type), device="cpu"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "rotation_conv" in name or "offset_conv" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model
+
+
+def _samples(sizes=((96, 128), (128, 96), (96, 96))):
+    generator = torch.Generator().manual_seed(1)
+    return [{"image": torch.rand(3, h, w, generator=generator) * 255} for h, w in sizes]
+
+
+def _export_and_compare(model, samples, name, tmp_path):
+    fmt = export_format(name)
+    module = fmt.module(model, samples)
+    path = str(tmp_path / fmt.suffix)
+    fmt.export(module, fmt.example(module, samples), path)
+    assert os.path.getsize(path) > 0
+    exported = fmt.load(path)
+    results = []
+    with torch.no_grad():
+        for args in fmt.calls(module, samples):
+            results.append(compare_outputs(module(*args), exported(*args)))
+    return module, exported, results
+
+
+def test_formats_are_registered():
+    assert export_format_names() == ["aoti", "export", "onnx", "torchscript"]
+    with pytest.raises(KeyError, match="valid formats: aoti, export, onnx, torchscript"):
+        export_format("tflite")
+
+
+def test_torchscript_traces_the_whole_mask_rcnn(tmp_path):
+    model = _tiny_model(tmp_path)
+    samples = _samples(((96, 128), (128, 96)))  # traced on the first size, run on both
+    module, traced, results = _export_and_compare(model, samples, "torchscript", tmp_path)
+    code = traced.inlined_graph if hasattr(traced, "inlined_graph") else traced.graph
+    assert "dk_detectron2::deform_kernel_conv2d" in str(code)
+    boxes, classes, masks, scores, size = module(samples[0]["image"])
+    assert boxes.shape[1] == 4 and masks.shape[1:] == (1, 28, 28) and len(scores) > 0
+    for result in results:
+        assert result["shapes_equal"] and result["integers_equal"]
+        assert result["max_rel"] <= TOLERANCE
+        assert result["max_abs"] <= 1e-3 * 128  # boxes within 1e-3 of the image size
+
+
+@pytest.mark.slow
+def test_torch_export_of_the_trunk_has_dynamic_batch_and_size(tmp_path):
+    model = _tiny_model(tmp_path)
+    module, program, results = _export_and_compare(model, _samples(), "export", tmp_path)
+    for result in results:  # three image sizes, one image per call
+        assert result["shapes_equal"] and result["max_rel"] <= TOLERANCE
+    batch = trunk_images(module, [s["image"] for s in _samples()])  # batch of 3 at 128 x 128
+    with torch.no_grad():
+        found = compare_outputs(module(batch), program(batch))
+    assert found["shapes_equal"] and found["max_rel"] <= TOLERANCE
+    names = module.output_names()
+    assert names[:5] == ["p2", "p3", "p4", "p5", "p6"] and names[5].startswith("objectness_")
+
+
+def test_trunk_images_pads_uint8_images_with_the_pixel_mean(tmp_path):
+    trunk = DetectorTrunk(_tiny_model(tmp_path))
+    image = torch.full((3, 70, 100), 200, dtype=torch.uint8)
+    batch = trunk_images(trunk, [image])
+    assert batch.dtype == torch.float32 and batch.shape == (1, 3, 96, 128)
+    assert torch.equal(batch[0, :, :70, :100], image.float())
+    assert torch.allclose(batch[0, :, 90, 120], trunk.pixel_mean.view(3))
+
+
+def test_trunk_rejects_a_model_without_a_backbone():
+    with pytest.raises(TypeError, match="meta-architecture"):
+        DetectorTrunk(torch.nn.Conv2d(3, 3, 1))
+
+
+@pytest.mark.slow
+def test_onnx_of_the_trunk_runs_in_onnx_runtime(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = _tiny_model(tmp_path)
+    module, runner, results = _export_and_compare(model, _samples(), "onnx", tmp_path)
+    for result in results:
+        assert result["shapes_equal"] and result["max_rel"] <= TOLERANCE
+    batch = trunk_images(module, [s["image"] for s in _samples()])
+    with torch.no_grad():
+        found = compare_outputs(module(batch), runner(batch))
+    assert found["shapes_equal"] and found["max_rel"] <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_whole_mask_rcnn_stops_at_the_proposal_selection_in_torch_export(tmp_path):
+    """Where torch.export (and so the dynamo ONNX exporter) stops on the whole detector: the
+    backbone and the RPN head trace, Detectron2's proposal selection branches on tensor values."""
+    from detectron2.export import TracingAdapter
+
+    from dk_detectron2.export.torchscript import detector_inference
+
+    model = _tiny_model(tmp_path)
+    adapter = TracingAdapter(model, [{"image": _samples()[0]["image"]}], detector_inference)
+    with pytest.raises(Exception) as info:
+        torch.export.export(adapter, tuple(adapter.flattened_inputs), strict=False)
+    assert "data-dependent" in str(info.value)
+    assert "find_top_rpn_proposals" in str(info.value) or "proposal_utils" in str(info.value)
+
+
+def test_fake_kernels_trace_data_dependent_image_sizes():
+    """A detector reads image sizes from tensors; the DK fake kernels must not guard on them."""
+    from dk_detectron2.layers import DeformKernel2d, DeformKernelConv2d
+
+    class Crop(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dk = DeformKernel2d(4, 4, 3, padding=1, groups=4, scope_size=5)
+            self.dkc = DeformKernelConv2d(4, 4, 3, padding=1, groups=4, scope_size=5)
+
+        def forward(self, x, size):
+            # A canvas whose size is read from a tensor (as ImageList batching does).
+            rows, cols = size.tolist()
+            canvas = x.new_zeros(x.shape[0], x.shape[1], rows, cols)
+            return self.dkc(self.dk(canvas + x.mean()))
+
+    module = Crop().eval()
+    x, size = torch.randn(1, 4, 12, 9), torch.tensor([7, 5])
+    program = torch.export.export(module, (x, size))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x, size), module(x, size))

@@ -1,0 +1,57 @@
+"""The export command line on a tiny DK Mask R-CNN and a tiny dk_shapes split; the comparison
+helpers."""
+import json
+
+import pytest
+import torch
+
+from _tools_configs import tiny_dk_config
+from dk_detectron2.data import ShapesSpec, register_shapes_dataset
+from dk_detectron2.export.verify import compare_outputs, flatten_outputs, median_seconds
+from dk_detectron2.tools.export import main
+
+
+def test_command_line_exports_verifies_and_reports(tmp_path):
+    dataset = "dk_shapes_export_tool_test"
+    register_shapes_dataset(dataset, str(tmp_path / "data"), "val",
+                            ShapesSpec(num_images=2, image_size=96, max_objects=2))
+    config = tiny_dk_config(tmp_path, "deform_kernel")
+    output = tmp_path / "export"
+    report = main(["--config-file", config, "--weights", "", "--format", "torchscript",
+                   "--output", str(output), "--samples", "2", "--repeats", "1",
+                   "--dataset", dataset, "--opts", "INPUT.MIN_SIZE_TEST", "96"])
+    assert (output / "model.ts").is_file()
+    saved = json.loads((output / "export_torchscript.json").read_text())
+    assert saved["samples"] == 2 and saved["part"] == "model"
+    assert report["max_abs"] == saved["max_abs"] <= 1e-4
+    assert report["shapes_equal"] == 1.0 and report["integers_equal"] == 1.0
+    assert report["eager_seconds"] > 0 and report["exported_seconds"] > 0
+
+
+def test_command_line_rejects_an_unknown_format(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--config-file", "x.yaml", "--format", "tflite"])
+    assert "invalid choice: 'tflite'" in capsys.readouterr().err
+
+
+def test_compare_outputs_reports_differences_and_shape_changes():
+    eager = (torch.tensor([[1.0, -4.0]]), torch.tensor([2, 3]), {"s": torch.tensor([0.5])})
+    close = (torch.tensor([[1.0, -4.5]]), torch.tensor([2, 3]), {"s": torch.tensor([0.5])})
+    found = compare_outputs(eager, close)
+    assert found == {"max_abs": 0.5, "max_rel": 0.125, "integers_equal": 1.0, "shapes_equal": 1.0}
+    other_class = (eager[0], torch.tensor([2, 4]), eager[2])
+    assert compare_outputs(eager, other_class)["integers_equal"] == 0.0
+    fewer = (torch.zeros(0, 2), eager[1], eager[2])  # e.g. fewer detections
+    found = compare_outputs(eager, fewer)
+    assert found["shapes_equal"] == 0.0 and found["max_abs"] == float("inf")
+    with pytest.raises(ValueError, match="eager gives 3 outputs, the export 1"):
+        compare_outputs(eager, eager[0])
+    assert len(flatten_outputs(eager)) == 3
+
+
+def test_median_seconds_times_the_functions_in_turns():
+    calls = []
+    seconds = median_seconds([lambda x: calls.append(("a", x)), lambda x: calls.append(("b", x))],
+                             [(1,), (2,)], warmup=1, repeats=1)
+    assert calls == [("a", 1), ("b", 1), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+    assert len(seconds) == 2 and min(seconds) >= 0
