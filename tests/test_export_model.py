@@ -9,7 +9,7 @@ from _tools_configs import tiny_dk_config
 from dk_detectron2.export.formats import export_format, export_format_names
 from dk_detectron2.export.trunk import DetectorTrunk, trunk_dynamic_shapes, trunk_images
 from dk_detectron2.export.verify import compare_outputs
-from dk_detectron2.tools.build import load_model, setup_cfg
+from dk_detectron2.tools.loaders import load_model, setup_cfg
 
 TOLERANCE = 1e-4  # relative, per output
 

@@ -199,7 +199,7 @@ def test_detectron2_analysis_of_a_dk_mask_rcnn_counts_dk_ops_without_warnings(tm
     from _tools_configs import tiny_dk_config
     from detectron2.utils.analysis import FlopCountAnalysis as D2FlopCountAnalysis
 
-    from dk_detectron2.tools.build import load_model, setup_cfg
+    from dk_detectron2.tools.loaders import load_model, setup_cfg
 
     model = load_model(setup_cfg(tiny_dk_config(tmp_path), device="cpu"))
     image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255

@@ -111,7 +111,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import dk_detectron2  # noqa: F401  (operators, backbones, datasets)
     from dk_detectron2.export.samples import dataset_samples
-    from dk_detectron2.tools.build import load_model, setup_cfg
+    from dk_detectron2.tools.loaders import load_model, setup_cfg
 
     cfg = setup_cfg(args.config_file, args.opts, weights=args.weights, device="cpu")
     model = load_model(cfg)
