@@ -9,6 +9,8 @@ a list of error messages (empty: passed). Importing this module needs no compile
 import importlib.util
 import itertools
 import os
+import sys
+import types
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
@@ -22,14 +24,22 @@ TOLERANCE = {F64: 1e-9, F32: 2e-4, F16: 2e-2, BF16: 8e-2}
 
 
 def _reference():
-    """dk_detectron2/layers/reference.py, loaded by path: it needs torch only, not the package
-    (whose import needs the compiled dk_detectron2._C)."""
+    """dk_detectron2/layers/reference.py (and geometry.py, which it imports), loaded by path as
+    a stand-alone package: they need torch only, not dk_detectron2 (whose import needs the
+    compiled dk_detectron2._C)."""
     global _REFERENCE
     if _REFERENCE is None:
-        path = os.path.join(REPO, "dk_detectron2", "layers", "reference.py")
-        spec = importlib.util.spec_from_file_location("dk_reference", path)
-        _REFERENCE = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(_REFERENCE)
+        layers = os.path.join(REPO, "dk_detectron2", "layers")
+        package = types.ModuleType("_dk_layers")
+        package.__path__ = [layers]
+        sys.modules[package.__name__] = package
+        for name in ("geometry", "reference"):
+            spec = importlib.util.spec_from_file_location(
+                f"_dk_layers.{name}", os.path.join(layers, f"{name}.py"))
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+        _REFERENCE = module
     return _REFERENCE
 
 
