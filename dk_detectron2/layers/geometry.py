@@ -35,14 +35,15 @@ def pair(name: str, value: IntPair, minimum: int = 0) -> Tuple[int, int]:
         TypeError: anything else (a bool, a float, a triple), naming ``name``.
         ValueError: a value below ``minimum`` ("positive" for 1, "non-negative" for 0).
     """
+    received = value  # errors name what the caller passed, not its expansion
     if is_int(value):
         value = (value, value)
     if (not isinstance(value, (tuple, list, torch.Size)) or len(value) != 2
             or not all(is_int(v) for v in value)):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+        raise TypeError(f"{name} must be an int or a pair of ints, got {received!r}")
     if min(value) < minimum:
         bound = {1: "positive", 0: "non-negative"}.get(minimum, f">= {minimum}")
-        raise ValueError(f"{name} must be {bound}, got {value!r}")
+        raise ValueError(f"{name} must be {bound}, got {received!r}")
     return int(value[0]), int(value[1])
 
 
