@@ -15,6 +15,7 @@ from torch import nn
 
 from dk_detectron2 import add_dk_config
 from dk_detectron2.checkpoint import (
+    CheckpointMismatchError,
     CheckpointShapeError,
     DKCheckpointer,
     convert_state_dict,
@@ -141,6 +142,7 @@ class _ScopeConv(nn.Module):
 
     def __init__(self, channels: int, scope_size: int):
         super().__init__()
+        self.kernel_size = (3, 3)
         self.weight = nn.Parameter(torch.zeros(channels, channels, scope_size, scope_size))
         self.rotation_conv = nn.Conv2d(channels, 18, 3, padding=1)
 
@@ -231,6 +233,25 @@ def test_skip_mismatched_keeps_detectron2_behaviour(tmp_path):
     assert torch.equal(loaded.conv1.weight, checkpoint["res3.0.conv1.weight"])
     torch.testing.assert_close(sample_scope(loaded.conv2.weight, 3),
                                checkpoint["res3.0.conv2.weight"])
+
+
+def test_dk_scopes_of_another_size_are_refused_in_training_too(tmp_path):
+    """A scope-4 DK checkpoint into a scope-5 model: the 4x4 scopes are not 3x3 kernels, so
+    converting them would be junk; without strict loading (training) it is refused all the same,
+    and with ``skip_mismatched`` those scopes are left out and the rest loads."""
+    checkpoint = _tiny_checkpoint((4, 4, 4, 4))
+    path = tmp_path / "scope4.pth"
+    torch.save({"model": checkpoint, "matching_heuristics": True}, path)
+    model = _tiny_dk_model(scope_size=5)
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"1 DK scopes of another size: backbone\.bottom_up\.res3\.0\.conv2"
+                             r"\.weight \(scope \[4, 4\] in the checkpoint, \[5, 5\] in the model\)"):
+        DKCheckpointer(model).load(str(path))
+    block = model.backbone.bottom_up.res3[0]
+    assert not block.conv2.weight.any()  # nothing loaded
+    DKCheckpointer(model, skip_mismatched=True).load(str(path))
+    assert not block.conv2.weight.any()  # the model's own scope kept
+    assert torch.equal(block.conv1.weight, checkpoint["res3.0.conv1.weight"])
 
 
 def test_detectron2_model_zoo_pkl_and_own_checkpoints_load(tmp_path):

@@ -87,6 +87,18 @@ def test_the_loader_checks_the_batch_size_against_the_processes():
         )
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (dict(batch_size=0), "batch_size must be >= 1, got 0"),
+    (dict(world_size=0), "world_size must be >= 1, got 0"),
+    (dict(rank=2, world_size=2), r"rank must be in \[0, world_size\) = \[0, 2\), got 2"),
+    (dict(rank=-1, world_size=2), r"rank must be in \[0, world_size\) = \[0, 2\), got -1"),
+])
+def test_the_stream_rejects_impossible_arguments(overrides, message):
+    arguments = {"batch_size": 2, "seed": 3, **overrides}
+    with pytest.raises(ValueError, match=message):
+        ResumableBatches(_dicts(), _mapper, **arguments)
+
+
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
     path = str(tmp_path / "f.bin")
     atomic_write(path, lambda f: f.write(b"old"))
@@ -99,9 +111,24 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
         atomic_write(path, failing)
     assert open(path, "rb").read() == b"old"
     assert os.listdir(tmp_path) == ["f.bin"]
-    (tmp_path / "f.bin.tmp.12345").write_bytes(b"left by a killed writer")
-    atomic_write(path, lambda f: f.write(b"new"))
-    assert open(path, "rb").read() == b"new" and os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_atomic_write_removes_the_temporaries_of_dead_writers_only(tmp_path):
+    """Left by killed writers: of this target and of another (a checkpoint name that is never
+    saved again); a live writer's temporary file stays."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for name in (f"f.bin.tmp.{dead.pid}", f"model_0000003.pth.tmp.{dead.pid}",
+                     f"g.bin.tmp.{live.pid}"):
+            (tmp_path / name).write_bytes(b"partial")
+        atomic_write(str(tmp_path / "f.bin"), lambda f: f.write(b"new"))
+        assert (tmp_path / "f.bin").read_bytes() == b"new"
+        assert sorted(os.listdir(tmp_path)) == ["f.bin", f"g.bin.tmp.{live.pid}"]
+    finally:
+        live.kill()
+        live.wait()
 
 
 _STALLED_SAVE = textwrap.dedent("""

@@ -66,6 +66,20 @@ def test_torchscript_traces_the_whole_mask_rcnn(tmp_path):
 
 
 @pytest.mark.slow
+def test_trace_detector_returns_the_adapter_and_its_trace(tmp_path):
+    from dk_detectron2.export.torchscript import trace_detector
+
+    model = _tiny_model(tmp_path, "deform_kernel")
+    sample = _samples(((96, 128),))[0]
+    adapter, traced = trace_detector(model, sample)
+    traced.save(str(tmp_path / "model.ts"))
+    reloaded = torch.jit.load(str(tmp_path / "model.ts"))
+    with torch.no_grad():
+        found = compare_outputs(adapter(sample["image"]), reloaded(sample["image"]))
+    assert found["shapes_equal"] == 1.0 and found["integers_equal"] == 1.0
+    assert found["max_rel"] <= TOLERANCE
+
+
 def test_torch_export_of_the_trunk_has_dynamic_batch_and_size(tmp_path):
     model = _tiny_model(tmp_path)
     module, program, results = _export_and_compare(model, _samples(), "export", tmp_path)
@@ -110,12 +124,10 @@ def test_onnx_of_the_trunk_runs_in_onnx_runtime(tmp_path):
 def test_whole_mask_rcnn_stops_at_the_proposal_selection_in_torch_export(tmp_path):
     """Where torch.export (and so the dynamo ONNX exporter) stops on the whole detector: the
     backbone and the RPN head trace, Detectron2's proposal selection branches on tensor values."""
-    from detectron2.export import TracingAdapter
-
-    from dk_detectron2.export.torchscript import detector_inference
+    from dk_detectron2.export.torchscript import detector_adapter
 
     model = _tiny_model(tmp_path)
-    adapter = TracingAdapter(model, [{"image": _samples()[0]["image"]}], detector_inference)
+    adapter = detector_adapter(model, _samples()[0])
     with pytest.raises(Exception) as info:
         torch.export.export(adapter, tuple(adapter.flattened_inputs), strict=False)
     assert "data-dependent" in str(info.value)
@@ -143,3 +155,19 @@ def test_fake_kernels_trace_data_dependent_image_sizes():
     program = torch.export.export(module, (x, size))
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x, size), module(x, size))
+
+
+def test_export_and_verify_batches_samples_of_different_sizes(tmp_path):
+    """The batched check pads every sample to the largest one (test images of a COCO config
+    differ in size), and the report holds its differences next to the per-image ones."""
+    from dk_detectron2.tools.export import export_and_verify
+
+    model = _tiny_model(tmp_path, "deform_kernel")
+    samples = _samples(((96, 128), (128, 96)))
+    report = export_and_verify(model, samples, "export", str(tmp_path / "out"), repeats=1)
+    assert report["part"] == "trunk" and os.path.isfile(report["artefact"])
+    assert report["shapes_equal"] == 1.0 and report["max_rel"] <= TOLERANCE
+    assert report["batched"]["shapes_equal"] == 1.0
+    assert report["batched"]["max_rel"] <= TOLERANCE
+    with pytest.raises(ValueError, match="samples must hold at least one input dict"):
+        export_and_verify(model, [], "export", str(tmp_path / "out"))

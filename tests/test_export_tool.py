@@ -55,3 +55,10 @@ def test_median_seconds_times_the_functions_in_turns():
                              [(1,), (2,)], warmup=1, repeats=1)
     assert calls == [("a", 1), ("b", 1), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
     assert len(seconds) == 2 and min(seconds) >= 0
+
+
+@pytest.mark.parametrize("flag", ["--samples", "--repeats"])
+def test_command_line_rejects_counts_below_one(flag, capsys):
+    with pytest.raises(SystemExit):
+        main(["--config-file", "x.yaml", "--format", "export", flag, "0"])
+    assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err

@@ -152,7 +152,7 @@ def test_warmup_holds_the_generators_then_lets_them_learn_at_the_scheduled_rate(
 def test_warmup_is_added_by_the_trainer_only_when_asked_and_validated():
     with pytest.raises(ValueError, match="warmup_iters must be an int >= 0, got -1"):
         GeneratorWarmup(-1)
-    with pytest.raises(ValueError, match="warmup_iters must be an int >= 0, got True"):
+    with pytest.raises(TypeError, match="warmup_iters must be an int >= 0, got True"):
         GeneratorWarmup(True)
     trainer = DKTrainer.__new__(DKTrainer)  # only build_hooks' decision is under test
     cfg = _cfg(0.1)

@@ -10,12 +10,13 @@ import torchvision
 import dk_detectron2
 from dk_detectron2.layers import deform_kernel2d, deform_kernel_conv2d, nd_linear_sample
 from dk_detectron2.layers import _extension
-from conftest import GEOMETRIES, make_case
 from dk_detectron2.layers.reference import (
     deform_kernel2d_reference,
     deform_kernel_conv2d_reference,
     nd_linear_sample_reference,
 )
+
+from _op_cases import GEOMETRIES, make_case
 
 
 def test_compiled_extension_is_in_use():

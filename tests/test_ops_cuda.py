@@ -12,8 +12,8 @@ import warnings
 import pytest
 import torch
 
-from conftest import GEOMETRIES as SHARED_GEOMETRIES
-from conftest import make_case as shared_make_case
+from _op_cases import GEOMETRIES as SHARED_GEOMETRIES
+from _op_cases import make_case as shared_make_case
 from dk_detectron2.layers import _extension, deform_kernel2d, deform_kernel_conv2d, nd_linear_sample
 
 CUDA = torch.cuda.is_available()

@@ -285,16 +285,22 @@ def test_nd_linear_sample_agrees_with_reference(channels, scope, points, dtype, 
 # ------------------------------------------------------------------------------------------------
 # Threads and memory
 # ------------------------------------------------------------------------------------------------
-def _call(seed, with_offset, batch=2, size=(9, 8)):
-    """One forward+backward on a small grouped case; returns the output and the gradients."""
+def _call(seed, with_offset, batch=2, size=(9, 8), depthwise=False):
+    """One forward+backward; returns the output and the gradients. Grouped: a float64 case of the
+    GEMM path (2 input channels per group). Depthwise: a float32 case wide enough for the CPU
+    kernels' vector paths and per-call staging buffers."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 4, *size, generator=gen, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(4, 2, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    channels, per_group, dtype = (8, 1, torch.float32) if depthwise else (4, 2, torch.float64)
+    if depthwise:
+        size = (size[0], size[1] + 16)
+    x = torch.randn(batch, channels, *size, generator=gen, dtype=dtype, requires_grad=True)
+    weight = torch.randn(channels, per_group, 5, 5, generator=gen, dtype=dtype,
+                         requires_grad=True)
     rotation = (
-        torch.randn(batch, 2 * 18, *size, generator=gen, dtype=torch.float64) * 1.5
+        torch.randn(batch, 2 * 18, *size, generator=gen, dtype=dtype) * 1.5
     ).requires_grad_()
     offset = (
-        torch.randn(batch, 18, *size, generator=gen, dtype=torch.float64) * 2
+        torch.randn(batch, 18, *size, generator=gen, dtype=dtype) * 2
     ).requires_grad_()
     geo = dict(kernel_size=3, padding=1, rotation_groups=2)
     if with_offset:
@@ -308,16 +314,17 @@ def _call(seed, with_offset, batch=2, size=(9, 8)):
     return [out.detach()] + grads
 
 
-def test_four_threads_give_the_serial_results():
+@pytest.mark.parametrize("depthwise", [False, True], ids=["grouped", "depthwise"])
+def test_four_threads_give_the_serial_results(depthwise):
     calls = [(seed, seed % 2 == 1) for seed in range(16)]
-    serial = [_call(*c) for c in calls]
+    serial = [_call(*c, depthwise=depthwise) for c in calls]
     parallel = [None] * len(calls)
     errors = []
 
     def worker(indices):
         try:
             for i in indices:
-                parallel[i] = _call(*calls[i])
+                parallel[i] = _call(*calls[i], depthwise=depthwise)
         except Exception as error:  # reported below; a thread cannot fail the test itself
             errors.append(error)
 
@@ -338,15 +345,16 @@ def _resident_bytes():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
-def test_a_thousand_calls_do_not_grow_memory():
+@pytest.mark.parametrize("depthwise", [False, True], ids=["grouped", "depthwise"])
+def test_a_thousand_calls_do_not_grow_memory(depthwise):
     for seed in range(100):  # warm-up: allocator pools, autograd and dispatcher caches
-        _call(seed, seed % 2 == 1, batch=1, size=(4, 4))
+        _call(seed, seed % 2 == 1, batch=1, size=(4, 4), depthwise=depthwise)
     gc.collect()
     before = _resident_bytes()
     for seed in range(1000):
-        _call(seed, seed % 2 == 1, batch=1, size=(4, 4))
+        _call(seed, seed % 2 == 1, batch=1, size=(4, 4), depthwise=depthwise)
     gc.collect()
     grown = _resident_bytes() - before
-    # One call holds about 30 kB of tensors; a leak of its outputs, gradients or workspace
+    # One call holds about 30 kB of tensors (depthwise: 60 kB); a leak of its outputs, gradients or workspace
     # (>= 4 kB per call) would pass 4 MB over 1,000 calls.
     assert grown < 4 * 2**20, f"resident memory grew by {grown / 2**20:.1f} MB over 1,000 calls"

@@ -1,7 +1,6 @@
 // Forward kernels of the depthwise CPU operators (deform_kernel2d, deform_kernel_conv2d with
 // weight [C, 1, Sh, Sw]). The host code, the layouts and the choice of path are in
 // deform_kernel_cpu.cpp, which is the only file that includes this one.
-//
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -33,7 +32,6 @@ struct ForwardTaps {
   int64_t taps, Wo, C;
   const void* zeros;  // C zeros of the input's dtype
 };
-
 
 // Generic channel loop (any dtype, any width): accumulates in acc_t, then stores.
 template <bool kOffset, typename scalar_t, typename acc_t>
@@ -70,10 +68,7 @@ DK_ALWAYS_INLINE void forward_position_channels(const scalar_t* image, const sca
   for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<scalar_t>(acc[c]);
 }
 
-// float32: kVectors float vectors V with their accumulators in registers. V is the native vector
-// of the instruction set each copy is compiled for (FloatVector, DK_DEFINE_NATIVE_WIDTH):
-// 16 floats with AVX-512, 8 with AVX2, 4 otherwise.
-// The bilinear image read of a tap at channels [c, c + lanes).
+// The image read of a tap at channels [c, c + lanes): bilinear with kOffset, else one pixel.
 template <typename V, bool kOffset>
 DK_ALWAYS_INLINE V tap_value(const TapReads<float, float, kOffset>& r, int64_t c) {
   if constexpr (kOffset) {
@@ -92,6 +87,9 @@ DK_ALWAYS_INLINE void keep_in_register(T*& p) {
 #endif
 }
 
+// float32: kVectors float vectors V with their accumulators in registers. V is the native vector
+// of the instruction set each copy is compiled for (FloatVector, DK_DEFINE_NATIVE_WIDTH):
+// 16 floats with AVX-512, 8 with AVX2, 4 otherwise.
 template <typename V, int kVectors, bool kOffset>
 DK_ALWAYS_INLINE void forward_position_vectors(const float* image, const float* weight,
                                               const ForwardTaps<float>& f, int64_t ox, int64_t c0,

@@ -107,7 +107,6 @@ struct PartialLanes {
   DK_ALWAYS_INLINE void store(float* p, V v) const { __builtin_memcpy(p, &v, n * sizeof(float)); }
 };
 
-
 typedef FloatVector<4> f32x4;
 
 // The lane sums of a, b, c and d (a fixed pairwise order): halves added pairwise, two vectors'

@@ -52,10 +52,13 @@ class DKCheckpointer(DetectionCheckpointer):
       :class:`~dk_detectron2.checkpoint.CheckpointShapeError` naming each such layer and both
       shapes, before the model is touched; pass ``skip_mismatched=True`` to get Detectron2's
       behaviour (skip them with a warning), e.g. to fine-tune with a new number of classes;
+    - DK scopes of another ``SCOPE_SIZE`` are never converted as if they were kernels: they
+      raise :class:`CheckpointMismatchError` (in training too), or with ``skip_mismatched`` are
+      left out with a warning;
     - with ``strict=True`` (``--eval-only``), a checkpoint of another configuration (another
-      ``MODEL.DK.TYPE``, depth or ``SCOPE_SIZE``) raises :class:`CheckpointMismatchError` naming
-      the first parameters the model has and the checkpoint lacks, the checkpoint's tensors that
-      fit nothing, and DK scopes that would be resampled from another scope size. A rigid
+      ``MODEL.DK.TYPE`` or depth) raises :class:`CheckpointMismatchError` naming the first
+      parameters the model has and the checkpoint lacks and the checkpoint's tensors that fit
+      nothing. A rigid
       checkpoint whose 3x3 kernels become scopes still loads: the generators of those layers
       keep their zero-rotation initialisation;
     - a file that cannot be read raises :class:`CheckpointFileError` naming it;
@@ -73,6 +76,11 @@ class DKCheckpointer(DetectionCheckpointer):
     def _is_local(self, path: str) -> bool:
         return "://" not in path or path.startswith("file://")
 
+    def _local_save_dir(self) -> str:
+        """``save_dir`` as a file-system path (``file:///a/b`` -> ``/a/b``)."""
+        prefix = "file://"
+        return self.save_dir[len(prefix):] if self.save_dir.startswith(prefix) else self.save_dir
+
     def save(self, name: str, **kwargs) -> None:
         """``Checkpointer.save``, written through a temporary file, fsync'd and renamed."""
         if not self.save_dir or not self.save_to_disk:
@@ -84,9 +92,10 @@ class DKCheckpointer(DetectionCheckpointer):
             data[key] = obj.state_dict()
         data.update(kwargs)
         basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
+        save_dir = self._local_save_dir()
+        save_file = os.path.join(save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
-        os.makedirs(self.save_dir, exist_ok=True)
+        os.makedirs(save_dir, exist_ok=True)
         atomic_write(save_file, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(basename)
 
@@ -94,7 +103,7 @@ class DKCheckpointer(DetectionCheckpointer):
         """Writes ``last_checkpoint`` atomically (the old tag stays until the new one is whole)."""
         if not self._is_local(self.save_dir):
             return super().tag_last_checkpoint(last_filename_basename)
-        atomic_write(os.path.join(self.save_dir, "last_checkpoint"),
+        atomic_write(os.path.join(self._local_save_dir(), "last_checkpoint"),
                      lambda f: f.write(last_filename_basename.encode()))
 
     def _load_file(self, filename):
@@ -118,6 +127,7 @@ class DKCheckpointer(DetectionCheckpointer):
             or source_format != "detectron2",
             skip_mismatched=self.skip_mismatched,
         )
+        self._refuse_resampled_scopes(result)
         if result.converted:
             # One line per stage; the per-layer table only at DEBUG level.
             for line in format_stage_report(result):
@@ -136,18 +146,45 @@ class DKCheckpointer(DetectionCheckpointer):
             incorrect_shapes=list(incompatible.incorrect_shapes) + result.skipped,
         )
 
-    def _check_fits(self, result) -> None:
-        """Raises :class:`CheckpointMismatchError` unless ``result`` loads every parameter and
-        buffer of the model from a tensor made for it (see the class docstring)."""
-        model_state = self.model.state_dict()
-        resampled, converted_modules = [], []
+    def _resampled_scopes(self, result) -> List[str]:
+        """The converted layers whose checkpoint tensor is not a kernel of the layer's
+        ``kernel_size`` (a DK scope of another ``SCOPE_SIZE``): converting it as a kernel would
+        give a scope unrelated to the trained one."""
+        resampled = []
         for layer in result.converted:
             module_name = layer.name.rsplit(".", 1)[0]
             kernel_size = getattr(self.model.get_submodule(module_name), "kernel_size", None)
             if kernel_size is not None and tuple(layer.source_shape[-2:]) != tuple(kernel_size):
-                resampled.append(f"{layer.name} (scope {list(layer.source_shape[-2:])} in the "
-                                 f"checkpoint, {list(layer.target_shape[-2:])} in the model)")
-            converted_modules.append(module_name + ".")
+                resampled.append(layer)
+        return resampled
+
+    def _refuse_resampled_scopes(self, result) -> None:
+        """Raises :class:`CheckpointMismatchError` for DK scopes of another size, in training as
+        in evaluation; with ``skip_mismatched`` they are left out (the model keeps its own)."""
+        resampled = self._resampled_scopes(result)
+        if not resampled:
+            return
+        described = [f"{layer.name} (scope {list(layer.source_shape[-2:])} in the checkpoint, "
+                     f"{list(layer.target_shape[-2:])} in the model)" for layer in resampled]
+        if not self.skip_mismatched:
+            raise CheckpointMismatchError(
+                f"the checkpoint does not fit this configuration (another SCOPE_SIZE?): "
+                f"{len(described)} DK scopes of another size: {_first(described)}. Set "
+                "MODEL.ALLOW_PARTIAL_WEIGHTS True to load what fits and keep the rest as "
+                "initialised."
+            )
+        for layer in resampled:
+            del result.state_dict[layer.name]
+            result.converted.remove(layer)
+            result.skipped.append((layer.name, layer.source_shape, layer.target_shape))
+        self.logger.warning(f"[DKCheckpointer] left out {len(described)} DK scopes of another "
+                            f"size: {_first(described)}")
+
+    def _check_fits(self, result) -> None:
+        """Raises :class:`CheckpointMismatchError` unless ``result`` loads every parameter and
+        buffer of the model from a tensor made for it (see the class docstring)."""
+        model_state = self.model.state_dict()
+        converted_modules = [layer.name.rsplit(".", 1)[0] + "." for layer in result.converted]
         missing = [n for n in model_state if n not in result.state_dict
                    and not any(n.startswith(prefix) for prefix in converted_modules)]
         unexpected = [n for n in result.state_dict if n not in model_state]
@@ -161,8 +198,6 @@ class DKCheckpointer(DetectionCheckpointer):
                             f"{_first(unexpected)}")
         if skipped:
             problems.append(f"{len(skipped)} tensors with other shapes: {_first(skipped)}")
-        if resampled:
-            problems.append(f"{len(resampled)} DK scopes of another size: {_first(resampled)}")
         if problems:
             raise CheckpointMismatchError(
                 "the checkpoint does not fit this configuration (another MODEL.DK.TYPE, depth or "

@@ -2,7 +2,7 @@
 uninterrupted one exactly.
 
 Detectron2 saves the model, the optimizer, the LR scheduler and the iteration. A run resumed from
-that still differs from the run that was never stopped, in three ways that :class:`ExactResume`
+that still differs from the run that was never stopped, in four ways that :class:`ExactResume`
 removes:
 
 - **Data.** The train loader is a :class:`~dk_detectron2.engine.resumable_loader.ResumableBatches`

@@ -21,6 +21,10 @@ class GeneratorWarmup(HookBase):
     their lr to 0; Detectron2's ``LRScheduler`` hook computes every lr from its base value after
     each step, so the schedule resumes untouched at iteration ``warmup_iters`` (also after
     ``--resume``, which restores ``trainer.iter``).
+
+    The optimizer state is left alone: SGD's momentum buffers of the generators keep averaging
+    their gradients during the warm-up (decaying by the momentum, 0.9, per step: effectively the
+    last ~20 iterations), so the first step after it is an ordinary mid-training step.
     """
 
     def __init__(self, warmup_iters: int):

@@ -83,6 +83,10 @@ class ResumableBatches(torchdata.IterableDataset):
             raise ValueError("dataset_dicts must not be empty")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size) = [0, {world_size}), got {rank}")
         # Serialised once (as Detectron2's loaders do), so that workers share one buffer.
         self.dataset = DatasetFromList(list(dataset_dicts), copy=True, serialize=True)
         # 0: landscape (w > h) or unknown, 1: portrait; the plan needs nothing else of a dict.

@@ -12,7 +12,6 @@ Each format object has:
 
 Register a new format with ``@EXPORT_FORMATS.register()`` on a class named as the format.
 """
-import warnings
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
@@ -67,11 +66,9 @@ class torchscript:  # noqa: N801  (registry name)
     suffix = "model.ts"
 
     def module(self, model, samples):
-        from detectron2.export import TracingAdapter
+        from .torchscript import detector_adapter
 
-        from .torchscript import detector_inference
-
-        return TracingAdapter(model, [{"image": samples[0]["image"]}], detector_inference)
+        return detector_adapter(model, samples[0])
 
     def calls(self, module, samples):
         return [(sample["image"],) for sample in samples]
@@ -80,10 +77,9 @@ class torchscript:  # noqa: N801  (registry name)
         return (samples[0]["image"],)
 
     def export(self, module, example, path):
-        with torch.no_grad(), warnings.catch_warnings():
-            # Detectron2's tracing-friendly code asserts on shapes; those are expected.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.jit.trace(module, example, check_trace=False).save(path)
+        from .torchscript import trace_adapter
+
+        trace_adapter(module, *example).save(path)
 
     def load(self, path) -> Callable:
         from .torchscript import load_torchscript

@@ -22,8 +22,15 @@ def is_int(value) -> bool:
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:
-    """Returns ``value`` if it is an int (not a bool) >= ``minimum``; else ValueError naming it."""
-    if not is_int(value) or value < minimum:
+    """Returns ``value`` if it is an int (not a bool) >= ``minimum``.
+
+    Raises (naming ``name``, the expectation and ``value``, as the operators do):
+        TypeError: not an int (a bool, a float, a string, ...).
+        ValueError: an int below ``minimum``.
+    """
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
 

@@ -15,8 +15,17 @@ for a readable pure-PyTorch definition of every operator.
 
 import torch
 
-from torch._prims_common import is_channels_last_contiguous_or_false as _is_channels_last_or_false
-from torch._prims_common import is_contiguous_or_false as _is_contiguous_or_false
+try:  # layout tests that answer False instead of guarding on symbolic sizes (torch.export)
+    from torch._prims_common import (
+        is_channels_last_contiguous_or_false as _is_channels_last_or_false,
+        is_contiguous_or_false as _is_contiguous_or_false,
+    )
+except ImportError:  # a torch without them: the eager tests (exact for real tensors)
+    def _is_channels_last_or_false(tensor: torch.Tensor) -> bool:
+        return tensor.is_contiguous(memory_format=torch.channels_last)
+
+    def _is_contiguous_or_false(tensor: torch.Tensor) -> bool:
+        return tensor.is_contiguous()
 
 from . import _extension  # noqa: F401  (loads dk_detectron2._C, which defines the operators)
 from .geometry import IntPair, is_int, output_size, pair

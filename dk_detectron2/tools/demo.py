@@ -2,9 +2,9 @@
 
 ``demo.py`` at the repository root is this module's command line::
 
-    python demo.py --config-file output/shapes_dk/config.yaml --input datasets/dk_shapes/val/*.png \\
+    python demo.py --config-file output/shapes_dk_R18_FPN/config.yaml --input datasets/dk_shapes/val/*.png \\
         --output output/demo --confidence-threshold 0.5 \\
-        --opts MODEL.WEIGHTS output/shapes_dk/model_final.pth
+        --opts MODEL.WEIGHTS output/shapes_dk_R18_FPN/model_final.pth
 
 Predictions are drawn with Detectron2's ``Visualizer``; it imports OpenCV, so where ``cv2`` is
 not installed the demo draws with :func:`dk_detectron2.engine.visualize.draw_instances` (PIL:

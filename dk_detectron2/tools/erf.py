@@ -16,8 +16,10 @@ Kernels exist to adapt it to the object, so this module computes it for any mode
 Example::
 
     python -m dk_detectron2.tools.erf \\
-        --config-file configs/shapes/dw.yaml --weights dw/model_final.pth --label DW \\
-        --config-file configs/shapes/dk.yaml --weights dk/model_final.pth --label DK \\
+        --config-file configs/shapes/mask_rcnn_dw_R18_FPN_shapes.yaml \\
+        --weights output/shapes_dw_R18_FPN/model_final.pth --label DW \\
+        --config-file configs/shapes/mask_rcnn_dk_R18_FPN_shapes.yaml \\
+        --weights output/shapes_dk_R18_FPN/model_final.pth --label DK \\
         --dataset dk_shapes_val --num-images 3 --average-images 16 --level res5 \\
         --output erf.png --json erf.json
 """
@@ -33,6 +35,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .loaders import BackboneLevel  # the probe of a model level; re-exported
+
 __all__ = [
     "BackboneLevel",
     "effective_receptive_field",
@@ -41,8 +45,6 @@ __all__ = [
     "center_crop",
     "main",
 ]
-
-from .loaders import BackboneLevel  # noqa: E402  (the probe of a model level; re-exported)
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ In the spirit of Detectron2's ``tools/deploy/export_model.py``::
     python -m dk_detectron2.tools.export --config-file configs/shapes/mask_rcnn_dk_R18_FPN_shapes.yaml \\
         --weights output/shapes_dk_R18_FPN/model_final.pth --format onnx --output output/export
 
-Formats (``dk_detectron2.export.EXPORT_FORMATS``): ``torchscript`` (the whole Mask R-CNN, traced),
+Formats (``dk_detectron2.export.formats.EXPORT_FORMATS``): ``torchscript`` (the whole Mask R-CNN, traced),
 ``export`` (``torch.export`` program of the trunk: normalisation, backbone, RPN head; dynamic
 batch and image size), ``aoti`` (that program compiled by AOTInductor) and ``onnx`` (the trunk
 in standard ONNX ops, run in ONNX Runtime). The sample inputs are the first ``--samples`` images
@@ -63,6 +63,7 @@ def export_and_verify(model: torch.nn.Module, samples: Sequence[Dict], format_na
     "eager_seconds", "exported_seconds": median time per image over ``repeats`` passes}``.
     """
     from dk_detectron2.export.formats import export_format
+    from dk_detectron2.export.trunk import trunk_images
     from dk_detectron2.export.verify import compare_outputs, median_seconds
 
     if not samples:
@@ -82,7 +83,8 @@ def export_and_verify(model: torch.nn.Module, samples: Sequence[Dict], format_na
             worst = {key: (min if key.endswith("equal") else max)(worst[key], found[key])
                      for key in worst}
         if fmt.part == "trunk" and len(calls) > 1:
-            batch = (torch.cat([args[0] for args in calls]),)
+            # one batch padded to the largest sample, as Detectron2 batches images of several sizes
+            batch = (trunk_images(module, [sample["image"] for sample in samples]),)
             report["batched"] = compare_outputs(module(*batch), exported(*batch))
     report.update(worst)
     eager_seconds, exported_seconds = median_seconds([module, exported], calls, repeats=repeats)
@@ -107,7 +109,11 @@ def _summary(report: Dict[str, object]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    for flag, value in (("--samples", args.samples), ("--repeats", args.repeats)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import dk_detectron2  # noqa: F401  (operators, backbones, datasets)
     from dk_detectron2.export.samples import dataset_samples

@@ -10,7 +10,8 @@
 // LD_LIBRARY_PATH.
 //
 // Input: one image [1, 3, height, width] (default 256 x 256) of pixel value 128 with a gradient,
-// as tests/test_export_cpp.py builds it in Python; prints each output's shape and sum.
+// as tests/test_export_aoti.py (test_cpp_program_runs_the_package) builds it in Python; prints
+// each output's shape and sum.
 #include <dlfcn.h>
 
 #include <cstdio>

@@ -1,6 +1,8 @@
 """Shared test cases of the Deformable Kernel operators (tests/test_ops*.py import them)."""
 import torch
 
+from dk_detectron2.layers.geometry import output_size, pair
+
 # The geometries every operator test runs: (K, S, stride, padding, dilation, G). Scopes from K
 # (S - K = 0) to K + 3, rotation groups 1, 2 and 4, strides, paddings and dilations per axis.
 GEOMETRIES = [
@@ -18,15 +20,6 @@ GEOMETRIES = [
 ]
 
 
-def out_size(size, k, s, p, d):
-    """Output size of a convolution along one axis."""
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-def pair(v):
-    return v if isinstance(v, tuple) else (v, v)
-
-
 def make_case(B=2, C=4, H=7, W=6, K=(3, 3), S=(4, 4), stride=1, padding=1, dilation=1, G=1,
               rotation_scale=1.5, offset_scale=2.0, dtype=torch.float64, seed=0, groups=None,
               C_out=None):
@@ -34,8 +27,9 @@ def make_case(B=2, C=4, H=7, W=6, K=(3, 3), S=(4, 4), stride=1, padding=1, dilat
     offsets are large enough to leave the scope and the image. groups=None: depthwise weights
     [C, 1, Sh, Sw]; else [C_out or C, C / groups, Sh, Sw] (grouped or full)."""
     gen = torch.Generator().manual_seed(seed)
-    (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
-    ho, wo = out_size(H, K[0], sh, ph, dh), out_size(W, K[1], sw, pw, dw)
+    (sh, sw), (ph, pw) = pair("stride", stride), pair("padding", padding)
+    dh, dw = pair("dilation", dilation)
+    ho, wo = output_size(H, K[0], sh, ph, dh), output_size(W, K[1], sw, pw, dw)
     x = torch.randn(B, C, H, W, generator=gen, dtype=dtype)
     if groups is None:
         weight = torch.randn(C, 1, *S, generator=gen, dtype=dtype)
