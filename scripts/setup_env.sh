@@ -35,6 +35,10 @@ quiet() {
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   "$PY" -m venv "$VENV"
+elif ! "$VENV/bin/python" -c "import pip" >/dev/null 2>&1; then
+  # A set-up killed while creating the environment leaves it without pip: start it again.
+  echo "[setup] $VENV is incomplete (no pip); creating it again"
+  "$PY" -m venv --clear "$VENV"
 fi
 VPY="$VENV/bin/python"
 
