@@ -137,6 +137,13 @@ def test_study_runs_resumes_and_reports(tmp_path, fake_train):
     assert _calls(root)[len(calls):] == [("base", "3"), ("dk", "3"), ("ft", "3")]
     with open(os.path.join(root, "study.json")) as f:
         assert all(r["seconds"] is not None for r in json.load(f)["runs"])
+    # An invocation that plans one seed only rewrites the report with that seed's runs; a later
+    # report of all seeds still has every run's time (kept beside each run's results).
+    Study(configs, [3], root, baseline="base", train_script=fake_train).write_report()
+    Study(configs, [1, 2, 3], root, baseline="base", train_script=fake_train).write_report()
+    with open(os.path.join(root, "study.json")) as f:
+        runs = json.load(f)["runs"]
+    assert len(runs) == 9 and all(r["seconds"] is not None for r in runs)
 
 
 def test_an_unfinished_run_starts_over_and_failures_are_reported(tmp_path, fake_train):

@@ -4,9 +4,11 @@ Each run is ``train_net.py --config-file CONFIG SEED s OUTPUT_DIR ROOT/NAME/seed
 in its own process (``OMP_NUM_THREADS`` fixed per run, so a seed always replays the same
 trajectory on the same machine). A run counts as finished when its ``eval_results.json`` exists;
 finished runs are skipped when the study is started again, so a killed study resumes where it
-stopped (an unfinished run starts over). After every run the study writes
+stopped (an unfinished run starts over). A finished run's wall time is kept beside its results
+(``ROOT/NAME/seed_s/study_seconds.json``). After every run the study writes
 
-* ``ROOT/study.json``: every run (config, seed, command, threads, seconds, metrics) and the summary;
+* ``ROOT/study.json``: every planned run (config, seed, command, threads, seconds, metrics) and
+  the summary (an invocation with fewer ``--seeds`` reports those; the runs of the others stay);
 * ``ROOT/study.md``: per config mean ± std (sample std over seeds) of box / mask AP, and the paired
   difference to ``--baseline`` over the seeds both have finished;
 * ``ROOT/study.png``: box AP per config, every seed a point, mean and ± std marked.
@@ -16,7 +18,8 @@ line (``--config NAME CONFIG.yaml [KEY VALUE ...]``, repeatable). Example::
 
     python -m dk_detectron2.tools.study --spec configs/studies/shapes_recipe.yaml \\
         --seeds 11 12 13 --output output/study --jobs 2 --threads 1
-    python -m dk_detectron2.tools.study --output output/study --summarize-only
+    python -m dk_detectron2.tools.study --spec configs/studies/shapes_recipe.yaml \\
+        --seeds 11 12 13 --output output/study --summarize-only
 """
 import argparse
 import json
@@ -96,6 +99,19 @@ class StudyRun:
     @property
     def finished(self) -> bool:
         return os.path.exists(self.results_path)
+
+    @property
+    def seconds_path(self) -> str:
+        """Where the study keeps the run's wall time, beside its results (so that a later
+        invocation planning other seeds, or ``--summarize-only``, still reports it)."""
+        return os.path.join(self.output_dir, "study_seconds.json")
+
+    def saved_seconds(self) -> Optional[float]:
+        try:
+            with open(self.seconds_path) as f:
+                return float(json.load(f)["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
 
 def load_spec(path: str) -> List[StudyConfig]:
@@ -293,8 +309,12 @@ class Study:
             return {}
 
     def records(self) -> List[Dict]:
-        return [_record(r, r.command(self.python, self.train_script), self.threads,
-                        self._seconds.get((r.config.name, r.seed))) for r in self.runs]
+        def seconds(run):
+            saved = run.saved_seconds()
+            return saved if saved is not None else self._seconds.get((run.config.name, run.seed))
+
+        return [_record(r, r.command(self.python, self.train_script), self.threads, seconds(r))
+                for r in self.runs]
 
     def write_report(self) -> None:
         os.makedirs(self.root, exist_ok=True)
@@ -363,6 +383,7 @@ class Study:
                 run = proc.run
                 if proc.returncode == 0 and run.finished:
                     self._seconds[(run.config.name, run.seed)] = seconds
+                    _atomic_write(run.seconds_path, json.dumps({"seconds": seconds}))
                     self.write_report()
                     with open(run.results_path) as f:
                         box = _metric(json.load(f), "bbox", "AP")
