@@ -355,6 +355,6 @@ def test_a_thousand_calls_do_not_grow_memory(depthwise):
         _call(seed, seed % 2 == 1, batch=1, size=(4, 4), depthwise=depthwise)
     gc.collect()
     grown = _resident_bytes() - before
-    # One call holds about 30 kB of tensors (depthwise: 60 kB); a leak of its outputs, gradients or workspace
-    # (>= 4 kB per call) would pass 4 MB over 1,000 calls.
+    # One call holds about 30 kB of tensors (depthwise: 60 kB); a leak of its outputs, gradients
+    # or workspace (>= 4 kB per call) would pass 4 MB over 1,000 calls.
     assert grown < 4 * 2**20, f"resident memory grew by {grown / 2**20:.1f} MB over 1,000 calls"

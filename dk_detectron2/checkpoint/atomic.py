@@ -9,7 +9,7 @@ target; the process id in the name no longer runs) are removed by the next write
 import glob
 import os
 import re
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, List
 
 __all__ = ["atomic_write", "remove_stale_temporaries"]
 
@@ -38,7 +38,7 @@ def _running(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(folder: str) -> list:
+def remove_stale_temporaries(folder: str) -> List[str]:
     """Removes ``*.tmp.<pid>`` files of :func:`atomic_write` in ``folder`` whose process no
     longer runs (a writer killed mid-write); returns their paths. Files of live writers stay."""
     removed = []

@@ -10,6 +10,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from .atomic import atomic_write
 from .conversion import (
     CheckpointShapeError,
+    LayerConversion,
     convert_state_dict,
     format_conversion_report,
     format_stage_report,
@@ -146,7 +147,7 @@ class DKCheckpointer(DetectionCheckpointer):
             incorrect_shapes=list(incompatible.incorrect_shapes) + result.skipped,
         )
 
-    def _resampled_scopes(self, result) -> List[str]:
+    def _resampled_scopes(self, result) -> List[LayerConversion]:
         """The converted layers whose checkpoint tensor is not a kernel of the layer's
         ``kernel_size`` (a DK scope of another ``SCOPE_SIZE``): converting it as a kernel would
         give a scope unrelated to the trained one."""

@@ -25,7 +25,8 @@ def compare_outputs(eager, exported) -> Dict[str, float]:
 
     Returns ``{"max_abs": largest |eager - exported| over the floating outputs, "max_rel": the
     largest of each floating output's max |difference| / max |eager| (the absolute difference
-    for an all-zero output), "integers_equal": 1.0 if every integer output is equal else 0.0, "shapes_equal": 1.0 or 0.0}``.
+    for an all-zero output), "integers_equal": 1.0 if every integer output is equal else 0.0,
+    "shapes_equal": 1.0 or 0.0}``.
     Shapes that differ (e.g. a different number of detections) make the differences infinite.
     """
     eager, exported = flatten_outputs(eager), flatten_outputs(exported)

@@ -3,7 +3,8 @@
 The same tasks as Detectron2's ``tools/analyze_model.py``, with the Deformable Kernel operators
 counted (see :mod:`dk_detectron2.tools.flops` for the counting convention)::
 
-    python -m dk_detectron2.tools.analyze_model --config-file configs/shapes/mask_rcnn_dk_R18_FPN_shapes.yaml \\
+    python -m dk_detectron2.tools.analyze_model \\
+        --config-file configs/shapes/mask_rcnn_dk_R18_FPN_shapes.yaml \\
         --tasks flop parameter --num-inputs 2 [--synthetic] [--opts KEY VALUE ...]
 
 Inputs come from the test loader of ``DATASETS.TEST[0]`` (as Detectron2's tool), or, with

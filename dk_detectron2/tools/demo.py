@@ -2,7 +2,8 @@
 
 ``demo.py`` at the repository root is this module's command line::
 
-    python demo.py --config-file output/shapes_dk_R18_FPN/config.yaml --input datasets/dk_shapes/val/*.png \\
+    python demo.py --config-file output/shapes_dk_R18_FPN/config.yaml \\
+        --input datasets/dk_shapes/val/*.png \\
         --output output/demo --confidence-threshold 0.5 \\
         --opts MODEL.WEIGHTS output/shapes_dk_R18_FPN/model_final.pth
 

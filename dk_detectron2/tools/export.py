@@ -5,7 +5,8 @@ In the spirit of Detectron2's ``tools/deploy/export_model.py``::
     python -m dk_detectron2.tools.export --config-file configs/shapes/mask_rcnn_dk_R18_FPN_shapes.yaml \\
         --weights output/shapes_dk_R18_FPN/model_final.pth --format onnx --output output/export
 
-Formats (``dk_detectron2.export.formats.EXPORT_FORMATS``): ``torchscript`` (the whole Mask R-CNN, traced),
+Formats (``dk_detectron2.export.formats.EXPORT_FORMATS``): ``torchscript`` (the whole Mask R-CNN,
+traced),
 ``export`` (``torch.export`` program of the trunk: normalisation, backbone, RPN head; dynamic
 batch and image size), ``aoti`` (that program compiled by AOTInductor) and ``onnx`` (the trunk
 in standard ONNX ops, run in ONNX Runtime). The sample inputs are the first ``--samples`` images

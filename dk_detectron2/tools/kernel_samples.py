@@ -10,7 +10,8 @@ DK, one rotation per image) can be drawn.
 
 Command line::
 
-    python -m dk_detectron2.tools.kernel_samples --config-file configs/shapes/mask_rcnn_dk_R18_FPN_shapes.yaml \\
+    python -m dk_detectron2.tools.kernel_samples \\
+        --config-file configs/shapes/mask_rcnn_dk_R18_FPN_shapes.yaml \\
         --weights output/shapes_dk_R18_FPN/model_final.pth --input image.png \\
         [--layer backbone.bottom_up.res5.0.conv2.depthwise] [--position Y,X] \\
         [--channels 0 1 2 3] --output kernel_samples.png

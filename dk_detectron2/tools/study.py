@@ -179,7 +179,7 @@ class Study:
         self.threads, self.jobs, self.python, self.train_script = threads, jobs, python, train_script
         self.runs = plan_runs(self.configs, seeds, root)
         self.only = None  # config names to train (None: all); the report keeps every run
-        self._seconds = self._load_previous_seconds()
+        self._previous_seconds = self._load_previous_seconds()  # runs timed before per-run files
 
     def _load_previous_seconds(self) -> Dict:
         path = os.path.join(self.root, "study.json")
@@ -195,7 +195,8 @@ class Study:
     def records(self) -> List[Dict]:
         def seconds(run):
             saved = run.saved_seconds()
-            return saved if saved is not None else self._seconds.get((run.config.name, run.seed))
+            key = (run.config.name, run.seed)
+            return saved if saved is not None else self._previous_seconds.get(key)
 
         return [_record(r, r.command(self.python, self.train_script), self.threads, seconds(r))
                 for r in self.runs]
@@ -266,7 +267,6 @@ class Study:
                 done += 1
                 run = proc.run
                 if proc.returncode == 0 and run.finished:
-                    self._seconds[(run.config.name, run.seed)] = seconds
                     _atomic_write(run.seconds_path, json.dumps({"seconds": seconds}))
                     self.write_report()
                     with open(run.results_path) as f:
