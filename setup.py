@@ -13,8 +13,10 @@ visible) the default list below. The build prints which it chose.
 """
 import glob
 import os
+import shutil
 import sys
 import sysconfig
+import tempfile
 
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
@@ -137,6 +139,29 @@ class BuildExt(BuildExtension.with_options(use_ninja=True)):
         if getattr(self, "editable_mode", False):
             tag = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
             self.build_temp = os.path.join(ROOT, "build", f"temp.{tag}")
+
+    def copy_file(self, infile, outfile, *args, **kwargs):
+        """Puts the built library in place (dk_detectron2/_C*.so) in one step: copied to a
+        temporary file in the same folder, then renamed over the old one. A plain copy would
+        overwrite the old file's contents while running processes (a training, the tests) have
+        it mapped, and crash them (SIGBUS); after the rename they keep the old file."""
+        if self.dry_run:
+            return super().copy_file(infile, outfile, *args, **kwargs)
+        outfile = os.fspath(outfile)
+        if os.path.isdir(outfile):
+            outfile = os.path.join(outfile, os.path.basename(infile))
+        fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(outfile)}.", suffix=".tmp",
+                                         dir=os.path.dirname(os.path.abspath(outfile)))
+        os.close(fd)
+        try:
+            shutil.copy2(infile, temporary)
+            os.replace(temporary, outfile)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+            raise
+        _log(f"installed {os.path.relpath(outfile, ROOT)} (replaced atomically)")
+        return outfile, True
 
 
 class BuildPyWithConfigs(build_py):
