@@ -340,6 +340,30 @@ def test_half_precision_sums_accumulate_in_float32(dtype, kernel, channels):
     assert torch.equal(weight.grad, torch.ones_like(weight))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kernel", [1, 3])
+@pytest.mark.parametrize("full", [False, True])
+def test_half_precision_weight_gradient_accumulates_in_float32(dtype, kernel, full):
+    # Every weight-gradient element sums one term per output position: 48 x 48 = 2304 terms of
+    # 1.0. 2304 = 9 x 2^8 is representable in both dtypes, so a float32 accumulator gives it
+    # exactly; a running sum in the dtype stalls at 256 (bfloat16) or 2048 (float16).
+    terms = 48 * 48
+    naive = torch.zeros((), dtype=dtype)
+    for _ in range(terms):
+        naive = naive + torch.ones((), dtype=dtype)
+    assert naive.item() != terms and torch.tensor(float(terms)).to(dtype).item() == terms
+    channels = 2
+    x = torch.ones(1, channels, 47 + kernel, 47 + kernel, dtype=dtype, requires_grad=True)
+    weight = torch.ones(channels, channels if full else 1, kernel, kernel, dtype=dtype,
+                        requires_grad=True)
+    rotation = torch.zeros(1, kernel * kernel * 2, 48, 48, dtype=dtype)
+    out = deform_kernel2d(x, rotation, weight, kernel)
+    assert out.shape == (1, channels, 48, 48)
+    out.backward(torch.ones_like(out))
+    assert weight.grad.dtype == dtype
+    assert torch.equal(weight.grad, torch.full_like(weight, terms)), weight.grad.unique()
+
+
 # ------------------------------------------------------------------------------------------------
 # gradcheck in float64, every op and every differentiable argument
 # ------------------------------------------------------------------------------------------------
