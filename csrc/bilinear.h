@@ -73,10 +73,11 @@ DK_UNROLL
   }
 }
 
-// Where tap (kh, kw) of a K x K kernel reads the S x S scope before rotation: the K x K grid
-// centred in the scope, so with zero rotation and S - K even the taps hit scope cells exactly.
+// The scope coordinate k + (S - K) / 2 that tap k of a K-tap axis reads at zero rotation: the
+// K x K grid centred in the S x S scope, so with S - K even the taps hit scope cells exactly.
+// (Python's geometry.scope_base(K, S) is the offset (S - K) / 2 alone.)
 template <typename T>
-DK_HOST_DEVICE T scope_base(int64_t k, int64_t kernel, int64_t scope) {
+DK_HOST_DEVICE T base_grid_position(int64_t k, int64_t kernel, int64_t scope) {
   return T(k) + T(scope - kernel) / T(2);
 }
 

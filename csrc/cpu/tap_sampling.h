@@ -60,8 +60,10 @@ DK_ALWAYS_INLINE bool sample_tap(const DKTensors<scalar_t>& t, int64_t b, int64_
   const int64_t k = kh * g.kernel_w + kw;
   const scalar_t* rot = t.rotation + (b * g.rotation_groups * g.taps() * 2 +
                                       (group * g.taps() + k) * 2) * plane + pos;
-  const acc_t sy = scope_base<acc_t>(kh, g.kernel_h, g.scope_h) + static_cast<acc_t>(rot[0]);
-  const acc_t sx = scope_base<acc_t>(kw, g.kernel_w, g.scope_w) + static_cast<acc_t>(rot[plane]);
+  const acc_t sy =
+      base_grid_position<acc_t>(kh, g.kernel_h, g.scope_h) + static_cast<acc_t>(rot[0]);
+  const acc_t sx =
+      base_grid_position<acc_t>(kw, g.kernel_w, g.scope_w) + static_cast<acc_t>(rot[plane]);
   if (!bilinear_in_range(sy, sx, g.scope_h, g.scope_w)) return false;
   bilinear_corners(sy, sx, g.scope_h, g.scope_w, tap.scope);
   const int64_t iy = oy * g.stride_h - g.pad_h + kh * g.dilation_h;
@@ -199,8 +201,8 @@ DK_ALWAYS_INLINE void sample_row_pass(const DKTensors<scalar_t>& t, int64_t b, i
   const scalar_t* oy_off =
       kOffset ? t.offset + (b * g.taps() * 2 + k * 2) * plane + oy * Wo : ry;
   const scalar_t* ox_off = oy_off + plane;
-  const acc_t base_y = scope_base<acc_t>(kh, g.kernel_h, g.scope_h);
-  const acc_t base_x = scope_base<acc_t>(kw, g.kernel_w, g.scope_w);
+  const acc_t base_y = base_grid_position<acc_t>(kh, g.kernel_h, g.scope_h);
+  const acc_t base_x = base_grid_position<acc_t>(kw, g.kernel_w, g.scope_w);
   const acc_t image_y = static_cast<acc_t>(iy);
   const int32_t ix0 = static_cast<int32_t>(kw * g.dilation_w - g.pad_w);
   constexpr bool kImage = kPass == RowPass::kImage || kPass == RowPass::kImageDerivatives;

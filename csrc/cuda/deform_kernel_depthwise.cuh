@@ -4,7 +4,7 @@
 //   * false: deform_kernel2d, the input is read at the integer tap (y*s - p + kh*d, x*s - p + kw*d);
 //   * true:  deform_kernel_conv2d, the input is read bilinearly at that point plus the offset.
 // Both read the scope weight[c, 0] bilinearly at (kh + r_y + (Sh-Kh)/2, kw + r_x + (Sw-Kw)/2)
-// with the rule of csrc/bilinear.h (bilinear_corners / scope_base), the same as the CPU kernels.
+// with the rule of csrc/bilinear.h (bilinear_corners / base_grid_position), as the CPU kernels do.
 //
 // Tensors as the kernels see them (the host code in deform_kernel_cuda.cu prepares them):
 //   input, grad_input      [B, C, H, W]   contiguous in `channels_last` ? NHWC : NCHW
@@ -83,8 +83,10 @@ __device__ __forceinline__ void scope_corners(const scalar_t* __restrict__ rotat
   const int64_t tap = kh * k.kernel_w + kw;
   const int64_t channel = (g * k.taps() + tap) * 2;
   const scalar_t* r = rotation + (b * k.rotation_groups * k.taps() * 2 + channel) * positions + s;
-  const acc_t sy = scope_base<acc_t>(kh, k.kernel_h, k.scope_h) + static_cast<acc_t>(r[0]);
-  const acc_t sx = scope_base<acc_t>(kw, k.kernel_w, k.scope_w) + static_cast<acc_t>(r[positions]);
+  const acc_t sy =
+      base_grid_position<acc_t>(kh, k.kernel_h, k.scope_h) + static_cast<acc_t>(r[0]);
+  const acc_t sx =
+      base_grid_position<acc_t>(kw, k.kernel_w, k.scope_w) + static_cast<acc_t>(r[positions]);
   bilinear_corners(sy, sx, k.scope_h, k.scope_w, corners);
 }
 

@@ -44,8 +44,10 @@ __device__ __forceinline__ bool tap_corners(const DKGeometry& g, const scalar_t*
   const int64_t kh = k / g.kernel_w, kw = k % g.kernel_w;
   const scalar_t* rot =
       rotation + (b * g.rotation_groups * g.taps() * 2 + (group * g.taps() + k) * 2) * plane + pos;
-  const acc_t sy = scope_base<acc_t>(kh, g.kernel_h, g.scope_h) + static_cast<acc_t>(rot[0]);
-  const acc_t sx = scope_base<acc_t>(kw, g.kernel_w, g.scope_w) + static_cast<acc_t>(rot[plane]);
+  const acc_t sy =
+      base_grid_position<acc_t>(kh, g.kernel_h, g.scope_h) + static_cast<acc_t>(rot[0]);
+  const acc_t sx =
+      base_grid_position<acc_t>(kw, g.kernel_w, g.scope_w) + static_cast<acc_t>(rot[plane]);
   if (!bilinear_in_range(sy, sx, g.scope_h, g.scope_w)) return false;
   bilinear_corners(sy, sx, g.scope_h, g.scope_w, scope);
   const int64_t iy = oy * g.stride_h - g.pad_h + kh * g.dilation_h;

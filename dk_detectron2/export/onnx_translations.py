@@ -157,6 +157,7 @@ def _kernel_values(rotation, weight, kernel_size, rotation_groups: int):
     groups, taps = rotation_groups, kh_ * kw_
     scope_h = op.CastLike(_dim(weight, 2), rotation)
     scope_w = op.CastLike(_dim(weight, 3), rotation)
+    # (S - K) / 2 restates layers.geometry.scope_base as graph ops: the scope size is symbolic here.
     centre_h = op.Div(op.Sub(scope_h, _scalar(kh_, rotation)), _scalar(2.0, rotation))
     centre_w = op.Div(op.Sub(scope_w, _scalar(kw_, rotation)), _scalar(2.0, rotation))
     tap_y, tap_x = _tap_offsets(kernel_size, (1, 1), rotation)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .conv_base import KernelConvBase
 from .generators import GENERATOR_KINDS, build_generator, zero_init_
-from .geometry import IntPair, base_grid, check_int, pair
+from .geometry import IntPair, base_grid, check_int, pair, scope_base
 from .ops import deform_kernel2d, deform_kernel_conv2d, nd_linear_sample
 
 __all__ = [
@@ -145,7 +145,7 @@ class _DeformKernelBase(KernelConvBase):
         """
         gain = 1.0
         for s, k in zip(self.scope_size, self.kernel_size):
-            f = ((s - k) / 2.0) % 1.0
+            f = scope_base(k, s) % 1.0
             gain *= (1.0 - f) ** 2 + f**2
         return math.sqrt(gain)
 
