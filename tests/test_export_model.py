@@ -46,8 +46,9 @@ def _export_and_compare(model, samples, name, tmp_path):
 
 
 def test_formats_are_registered():
-    assert export_format_names() == ["aoti", "export", "onnx", "torchscript"]
-    with pytest.raises(KeyError, match="valid formats: aoti, export, onnx, torchscript"):
+    assert export_format_names() == ["aoti", "export", "onnx", "torchscript", "torchscript_script"]
+    with pytest.raises(KeyError, match="valid formats: aoti, export, onnx, torchscript, "
+                                       "torchscript_script"):
         export_format("tflite")
 
 

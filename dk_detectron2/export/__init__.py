@@ -2,7 +2,8 @@
 
 * :mod:`.trunk`: :class:`DetectorTrunk`, the part of a Detectron2 R-CNN that exports as one graph
   with dynamic batch and image size (normalisation, backbone, RPN head);
-* :mod:`.torchscript`: the whole detector traced with Detectron2's ``TracingAdapter``;
+* :mod:`.torchscript`: the whole detector traced with Detectron2's ``TracingAdapter``, or
+  scripted with Detectron2's ``scripting_with_instances``;
 * :mod:`.program`: ``torch.export`` programs and AOTInductor packages;
 * :mod:`.onnx_translations`: the DK operators in standard ONNX ops, and :mod:`.onnx_model`:
   export with them and run in ONNX Runtime;

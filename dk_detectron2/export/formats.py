@@ -88,6 +88,36 @@ class torchscript:  # noqa: N801  (registry name)
 
 
 @EXPORT_FORMATS.register()
+class torchscript_script:  # noqa: N801
+    """The whole detector, scripted (Detectron2's ``scripting_with_instances``, the Mask R-CNN
+    fields); the artefact is called as the eager model, ``inference([{"image": ...}])``."""
+
+    part = "model"
+    suffix = "model_scripted.ts"
+
+    def module(self, model, samples):
+        from .torchscript import DetectorCall
+
+        return DetectorCall(model)
+
+    def calls(self, module, samples):
+        return [(sample["image"],) for sample in samples]
+
+    def example(self, module, samples):
+        return ()  # scripting compiles the code: no example input
+
+    def export(self, module, example, path):
+        from .torchscript import script_detector
+
+        script_detector(module.model).save(path)
+
+    def load(self, path) -> Callable:
+        from .torchscript import DetectorCall, load_torchscript
+
+        return DetectorCall(load_torchscript(path))
+
+
+@EXPORT_FORMATS.register()
 class export(_TrunkFormat):  # noqa: N801
     """``torch.export`` ExportedProgram of the trunk, dynamic batch and image size."""
 

@@ -1,6 +1,12 @@
 """``KernelConvBase``: the conv-like plumbing every module of ``dk_detectron2.layers`` shares
 (``nn.Conv2d``'s arguments checked once, bias, ``norm`` and ``activation`` as
-``detectron2.layers.Conv2d``, initialisation, the per-sample grouped convolution, repr)."""
+``detectron2.layers.Conv2d``, initialisation, the per-sample grouped convolution, repr).
+
+``forward`` and the helpers it calls compile with ``torch.jit.script``: the Python-only input
+check (:meth:`KernelConvBase._check_input`, whose messages name the module and the shape) runs in
+eager mode only, and scripted code runs a plainer check of the same condition. As for
+``detectron2.layers.Conv2d``, a module scripts with a module ``activation`` (``nn.ReLU()``), not
+with a function one (``F.relu``: TorchScript cannot call a function held in an attribute)."""
 import math
 from typing import Optional, Tuple
 
@@ -88,7 +94,15 @@ class KernelConvBase(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        if torch.jit.is_scripting():
+            # TorchScript cannot compile _check_input's formatting: the same check, plainer message.
+            if x.dim() != 4 or x.size(1) != self.in_channels:
+                raise ValueError(
+                    "expects input [B, " + str(self.in_channels) + ", H, W], got "
+                    + str(x.shape)
+                )
+        else:
+            self._check_input(x)
         return self._finish(self._convolve(x))
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,17 +132,19 @@ class KernelConvBase(nn.Module):
     def _convolve_per_sample(self, x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
         """Convolves sample b of ``x`` [B, C_in, H, W] with ``kernels[b]`` [B, C_out,
         C_in/groups, Kh, Kw], all in one grouped convolution (the batch folded into the groups)."""
-        batch, _, height, width = x.shape
+        batch, height, width = x.shape[0], x.shape[2], x.shape[3]
+        kernel_shape = [batch * self.out_channels, kernels.shape[2], kernels.shape[3],
+                        kernels.shape[4]]
         out = F.conv2d(
             x.reshape(1, batch * self.in_channels, height, width),
-            kernels.reshape(batch * self.out_channels, *kernels.shape[2:]),
+            kernels.reshape(kernel_shape),
             None,
             self.stride,
             self.padding,
             self.dilation,
             batch * self.groups,
         )
-        return out.reshape(batch, self.out_channels, *out.shape[2:])
+        return out.reshape(batch, self.out_channels, out.shape[2], out.shape[3])
 
     def _conv_repr(self) -> str:
         s = (

@@ -185,19 +185,15 @@ class _DeformKernelBase(KernelConvBase):
             [N, C, C_in/groups, Kh, Kw].
         """
         weight = self.weight if weight is None else weight
-        channels, per_group = weight.shape[:2]
-        n, taps = coord.shape[:2]
-        sampled = nd_linear_sample(weight.reshape(-1, *self.scope_size), coord.reshape(-1, 2))
-        sampled = sampled.reshape(n, *self.kernel_size, channels, per_group)
+        channels, per_group, n = weight.shape[0], weight.shape[1], coord.shape[0]
+        scopes = weight.reshape(-1, self.scope_size[0], self.scope_size[1])
+        sampled = nd_linear_sample(scopes, coord.reshape(-1, 2))
+        sampled = sampled.reshape(n, self.kernel_size[0], self.kernel_size[1], channels, per_group)
         return sampled.permute(0, 3, 4, 1, 2)
 
     def rigid_weight(self) -> torch.Tensor:
         """[C_out, C_in/groups, K, K]: the kernel at zero rotation (what a fresh module convolves with)."""
         return self.sample_kernel(self.base_grid().unsqueeze(0))[0]
-
-    def _op_geometry(self) -> tuple:
-        """(kernel_size, stride, padding, dilation, rotation_groups): the ops' last arguments."""
-        return self.kernel_size, self.stride, self.padding, self.dilation, self.rotation_groups
 
     def _clip(self, rotation: torch.Tensor) -> torch.Tensor:
         """Clips a local rotation [B, G*K*K*2, H, W] group by group."""
@@ -296,7 +292,10 @@ class DeformKernel2d(_DeformKernelBase):
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:
         rotation = self._clip(self.rotation_conv(x))
-        return deform_kernel2d(x, rotation, self.weight.to(x.dtype), *self._op_geometry())
+        return deform_kernel2d(
+            x, rotation, self.weight.to(x.dtype), self.kernel_size, self.stride, self.padding,
+            self.dilation, self.rotation_groups,
+        )
 
 
 class DeformKernelConv2d(_DeformKernelBase):
@@ -322,5 +321,6 @@ class DeformKernelConv2d(_DeformKernelBase):
         offset = self.offset_conv(x)
         rotation = self._clip(self.rotation_conv(x))
         return deform_kernel_conv2d(
-            x, offset, rotation, self.weight.to(x.dtype), *self._op_geometry()
+            x, offset, rotation, self.weight.to(x.dtype), self.kernel_size, self.stride,
+            self.padding, self.dilation, self.rotation_groups,
         )

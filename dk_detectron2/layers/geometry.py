@@ -2,18 +2,24 @@
 
 - :func:`is_int`, :func:`check_int`, :func:`pair`: the one check of an int argument (a bool is not
   one) and of an int-or-pair argument, with messages naming the argument.
+- :func:`pair_list`: an int-or-pair argument as the ``[v0, v1]`` list the operators take, in a
+  form TorchScript compiles (the scripted operator wrappers use it; the operators check it).
 - :func:`output_size`: a convolution's output size along one axis.
 - :func:`scope_base`, :func:`base_grid`: where the taps of a K-tap kernel read an S-cell scope at
   zero rotation: tap ``k`` at ``k + (S - K) / 2`` along each axis (the rule of ``csrc/bilinear.h``
   and of :mod:`dk_detectron2.layers.reference`).
 """
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["IntPair", "is_int", "check_int", "pair", "output_size", "scope_base", "base_grid"]
+__all__ = [
+    "IntPair", "is_int", "check_int", "pair", "pair_list", "output_size", "scope_base", "base_grid",
+]
 
-IntPair = Union[int, Sequence[int]]
+# An int, or a pair of ints as a tuple (torch.Size included) or a list: what :func:`pair` takes.
+# Spelt with TorchScript's types so that scripted code can pass a module's (int, int) attributes.
+IntPair = Union[int, Tuple[int, int], List[int]]
 
 
 def is_int(value) -> bool:
@@ -52,6 +58,16 @@ def pair(name: str, value: IntPair, minimum: int = 0) -> Tuple[int, int]:
         bound = {1: "positive", 0: "non-negative"}.get(minimum, f">= {minimum}")
         raise ValueError(f"{name} must be {bound}, got {received!r}")
     return int(value[0]), int(value[1])
+
+
+def pair_list(value: IntPair) -> List[int]:
+    """``[v, v]`` for an int, ``[v0, v1]`` for a pair: TorchScript's form of :func:`pair`, without
+    its checks (scripted code hands the list to an operator, which checks it)."""
+    if isinstance(value, int):
+        return [value, value]
+    if isinstance(value, tuple):
+        return [value[0], value[1]]
+    return list(value)
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:

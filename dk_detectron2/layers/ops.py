@@ -6,6 +6,11 @@ argument, the expected and the received shape/dtype/device), then calls the comp
 fake (meta) kernel, its autograd formula and its autocast rule, so the operators work under
 ``torch.compile``, ``torch.jit.trace``, ``torch.autocast`` and ``torch.autograd.gradcheck``.
 
+The public functions also compile with ``torch.jit.script`` (their signatures use TorchScript's
+types): scripted, they pass their arguments straight to the operator, whose C++ checks then do
+the validation (``RuntimeError`` instead of the messages below), and autocast is the operator's
+own registration.
+
 Shapes are NCHW. ``K = (Kh, Kw)`` is the sampled kernel size, ``S = (Sh, Sw)`` the scope size
 (``S >= K``) and ``G`` the number of rotation groups. The bilinear rule, in kernel and in image
 space: a point with ``y <= -1`` or ``y >= size`` (same for x, and any non-finite coordinate) reads
@@ -28,7 +33,7 @@ except ImportError:  # a torch without them: the eager tests (exact for real ten
         return tensor.is_contiguous()
 
 from . import _extension  # noqa: F401  (loads dk_detectron2._C, which defines the operators)
-from .geometry import IntPair, is_int, output_size, pair
+from .geometry import IntPair, is_int, output_size, pair, pair_list
 
 __all__ = ["deform_kernel2d", "deform_kernel_conv2d", "nd_linear_sample"]
 
@@ -186,6 +191,11 @@ def deform_kernel2d(
         Sh*Sw/(Kh*Kw) times a convolution's). Differentiable with respect
         to input, rotation and weight.
     """
+    if torch.jit.is_scripting():  # the eager checks below are Python-only
+        return torch.ops.dk_detectron2.deform_kernel2d(
+            input, rotation, weight, pair_list(kernel_size), pair_list(stride),
+            pair_list(padding), pair_list(dilation), rotation_groups,
+        )
     input, rotation, weight = _autocast_inputs(input, rotation, weight)
     k, s, p, d, _ = _validate(
         input, None, rotation, weight, kernel_size, stride, padding, dilation, rotation_groups
@@ -219,6 +229,11 @@ def deform_kernel_conv2d(
         and S = K it equals ``torchvision.ops.deform_conv2d`` with the same weight and groups. Differentiable
         with respect to input, offset, rotation and weight.
     """
+    if torch.jit.is_scripting():  # the eager checks below are Python-only
+        return torch.ops.dk_detectron2.deform_kernel_conv2d(
+            input, offset, rotation, weight, pair_list(kernel_size), pair_list(stride),
+            pair_list(padding), pair_list(dilation), rotation_groups,
+        )
     input, offset, rotation, weight = _autocast_inputs(input, offset, rotation, weight)
     k, s, p, d, _ = _validate(
         input, offset, rotation, weight, kernel_size, stride, padding, dilation, rotation_groups
@@ -237,6 +252,8 @@ def nd_linear_sample(input: torch.Tensor, coord: torch.Tensor) -> torch.Tensor:
         [P, M], ``out[p, m] = bilinear(input[m], coord[p, 0], coord[p, 1])`` under the bilinear
         rule above. Differentiable with respect to input and coord.
     """
+    if torch.jit.is_scripting():  # the eager checks below are Python-only
+        return torch.ops.dk_detectron2.nd_linear_sample(input, coord)
     input, coord = _autocast_inputs(input, coord)
     _check_tensor("input", input, 3, "[M, Sh, Sw]")
     _check_tensor("coord", coord, 2, "[P, 2]")

@@ -6,8 +6,8 @@ In the spirit of Detectron2's ``tools/deploy/export_model.py``::
         --weights output/shapes_dk_R18_FPN/model_final.pth --format onnx --output output/export
 
 Formats (``dk_detectron2.export.formats.EXPORT_FORMATS``): ``torchscript`` (the whole Mask R-CNN,
-traced),
-``export`` (``torch.export`` program of the trunk: normalisation, backbone, RPN head; dynamic
+traced), ``torchscript_script`` (the whole Mask R-CNN, scripted with Detectron2's
+``scripting_with_instances``: control flow kept, any image size), ``export`` (``torch.export`` program of the trunk: normalisation, backbone, RPN head; dynamic
 batch and image size), ``aoti`` (that program compiled by AOTInductor) and ``onnx`` (the trunk
 in standard ONNX ops, run in ONNX Runtime). The sample inputs are the first ``--samples`` images
 of the config's test dataset (the embedded ``dk_shapes_val`` for the shapes configs, generated
