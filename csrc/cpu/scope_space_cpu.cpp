@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <vector>
 
 #include "cpu/tap_sampling.h"
@@ -59,38 +60,17 @@ void build_columns(const DKTensors<scalar_t>& t, int64_t r0, int64_t r1, int64_t
       for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
         for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
           if (!sample_tap<scalar_t, acc_t, kOffset>(t, b, oy, ox, group, kh, kw, tap)) continue;
-          const BilinearCorners<acc_t>& s = tap.scope;
-          acc_t* u0 = row + s.index[0] * Cq;
-          acc_t* u1 = row + s.index[1] * Cq;
-          acc_t* u2 = row + s.index[2] * Cq;
-          acc_t* u3 = row + s.index[3] * Cq;
-          const acc_t a0 = s.weight[0], a1 = s.weight[1], a2 = s.weight[2], a3 = s.weight[3];
+          const auto u = corner_rows(row, tap.scope, Cq, 0);
+          const auto a = corner_weights(tap.scope);
           if (kOffset) {
-            const BilinearCorners<acc_t>& m = tap.image;
-            const scalar_t* x0 = image + m.index[0] * Cin;
-            const scalar_t* x1 = image + m.index[1] * Cin;
-            const scalar_t* x2 = image + m.index[2] * Cin;
-            const scalar_t* x3 = image + m.index[3] * Cin;
-            const acc_t b0 = m.weight[0], b1 = m.weight[1], b2 = m.weight[2], b3 = m.weight[3];
+            const auto x = corner_rows(image, tap.image, Cin, 0);
+            const auto bw = corner_weights(tap.image);
             DK_SIMD
-            for (int64_t c = 0; c < Cq; ++c) {
-              const acc_t v = b0 * acc_t(x0[c]) + b1 * acc_t(x1[c]) + b2 * acc_t(x2[c]) +
-                              b3 * acc_t(x3[c]);
-              u0[c] += a0 * v;
-              u1[c] += a1 * v;
-              u2[c] += a2 * v;
-              u3[c] += a3 * v;
-            }
+            for (int64_t c = 0; c < Cq; ++c) corner_spread(u, a, c, corner_read(x, bw, c));
           } else {
             const scalar_t* x = image + tap.pixel * Cin;
             DK_SIMD
-            for (int64_t c = 0; c < Cq; ++c) {
-              const acc_t v = x[c];
-              u0[c] += a0 * v;
-              u1[c] += a1 * v;
-              u2[c] += a2 * v;
-              u3[c] += a3 * v;
-            }
+            for (int64_t c = 0; c < Cq; ++c) corner_spread(u, a, c, acc_t(x[c]));
           }
         }
       }
@@ -125,56 +105,30 @@ void columns_backward_params(const DKTensors<scalar_t>& t, int64_t r0, int64_t r
           if (!sample_tap<scalar_t, acc_t, kOffset>(t, b, oy, ox, group, kh, kw, tap)) continue;
           const int64_t k = kh * g.kernel_w + kw;
           const BilinearCorners<acc_t>& s = tap.scope;
-          const scalar_t* g0 = gc + s.index[0] * Cq;
-          const scalar_t* g1 = gc + s.index[1] * Cq;
-          const scalar_t* g2 = gc + s.index[2] * Cq;
-          const scalar_t* g3 = gc + s.index[3] * Cq;
-          const acc_t a0 = s.weight[0], a1 = s.weight[1], a2 = s.weight[2], a3 = s.weight[3];
-          acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;  // sum_c grad_cols[s_j, c] * value[c]
+          const auto gr = corner_rows(gc, s, Cq, 0);
+          const auto a = corner_weights(s);
+          std::array<acc_t, 4> d{};  // sum_c grad_cols[s_j, c] * value[c]
           if (kOffset) {
             const BilinearCorners<acc_t>& m = tap.image;
-            const scalar_t* x0 = image + m.index[0] * Cin;
-            const scalar_t* x1 = image + m.index[1] * Cin;
-            const scalar_t* x2 = image + m.index[2] * Cin;
-            const scalar_t* x3 = image + m.index[3] * Cin;
-            const acc_t b0 = m.weight[0], b1 = m.weight[1], b2 = m.weight[2], b3 = m.weight[3];
-            acc_t e0 = 0, e1 = 0, e2 = 0, e3 = 0;  // sum_c grad_value[c] * x[image corner j, c]
+            const auto x = corner_rows(image, m, Cin, 0);
+            const auto bw = corner_weights(m);
+            std::array<acc_t, 4> e{};  // sum_c grad_value[c] * x[image corner j, c]
             for (int64_t c = 0; c < Cq; ++c) {
-              const acc_t v0 = x0[c], v1 = x1[c], v2 = x2[c], v3 = x3[c];
-              const acc_t h0 = g0[c], h1 = g1[c], h2 = g2[c], h3 = g3[c];
-              const acc_t v = b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3;
-              const acc_t gv = a0 * h0 + a1 * h1 + a2 * h2 + a3 * h3;
-              d0 += h0 * v;
-              d1 += h1 * v;
-              d2 += h2 * v;
-              d3 += h3 * v;
-              e0 += gv * v0;
-              e1 += gv * v1;
-              e2 += gv * v2;
-              e3 += gv * v3;
+              corner_accumulate(d, gr, c, corner_read(x, bw, c));
+              corner_accumulate(e, x, c, corner_read(gr, a, c));
             }
             acc_t* goff = grad_offset + (b * g.taps() * 2 + k * 2) * plane + pos;
-            goff[0] += m.dweight_dy[0] * e0 + m.dweight_dy[1] * e1 + m.dweight_dy[2] * e2 +
-                       m.dweight_dy[3] * e3;
-            goff[plane] += m.dweight_dx[0] * e0 + m.dweight_dx[1] * e1 + m.dweight_dx[2] * e2 +
-                           m.dweight_dx[3] * e3;
+            goff[0] += corner_dot(m.dweight_dy, e);
+            goff[plane] += corner_dot(m.dweight_dx, e);
           } else {
             const scalar_t* x = image + tap.pixel * Cin;
-            for (int64_t c = 0; c < Cq; ++c) {
-              const acc_t v = x[c];
-              d0 += acc_t(g0[c]) * v;
-              d1 += acc_t(g1[c]) * v;
-              d2 += acc_t(g2[c]) * v;
-              d3 += acc_t(g3[c]) * v;
-            }
+            for (int64_t c = 0; c < Cq; ++c) corner_accumulate(d, gr, c, acc_t(x[c]));
           }
           acc_t* grot = grad_rotation +
                         (b * g.rotation_groups * g.taps() * 2 + (group * g.taps() + k) * 2) *
                             plane + pos;
-          grot[0] += s.dweight_dy[0] * d0 + s.dweight_dy[1] * d1 + s.dweight_dy[2] * d2 +
-                     s.dweight_dy[3] * d3;
-          grot[plane] += s.dweight_dx[0] * d0 + s.dweight_dx[1] * d1 + s.dweight_dx[2] * d2 +
-                         s.dweight_dx[3] * d3;
+          grot[0] += corner_dot(s.dweight_dy, d);
+          grot[plane] += corner_dot(s.dweight_dx, d);
         }
       }
     }
@@ -206,34 +160,16 @@ void columns_backward_input(const DKTensors<scalar_t>& t, int64_t r0, int64_t r1
         for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
           for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
             if (!sample_tap<scalar_t, acc_t, kOffset>(t, b, oy, ox, group, kh, kw, tap)) continue;
-            const BilinearCorners<acc_t>& s = tap.scope;
-            const scalar_t* g0 = gc + s.index[0] * Cq;
-            const scalar_t* g1 = gc + s.index[1] * Cq;
-            const scalar_t* g2 = gc + s.index[2] * Cq;
-            const scalar_t* g3 = gc + s.index[3] * Cq;
-            const acc_t a0 = s.weight[0], a1 = s.weight[1], a2 = s.weight[2], a3 = s.weight[3];
+            const auto gr = corner_rows(gc, tap.scope, Cq, 0);
+            const auto a = corner_weights(tap.scope);
             if (kOffset) {
-              const BilinearCorners<acc_t>& m = tap.image;
-              acc_t* x0 = image_grad + m.index[0] * Cin;
-              acc_t* x1 = image_grad + m.index[1] * Cin;
-              acc_t* x2 = image_grad + m.index[2] * Cin;
-              acc_t* x3 = image_grad + m.index[3] * Cin;
-              const acc_t b0 = m.weight[0], b1 = m.weight[1], b2 = m.weight[2], b3 = m.weight[3];
-              for (int64_t c = c0; c < c1; ++c) {
-                const acc_t gv = a0 * acc_t(g0[c]) + a1 * acc_t(g1[c]) + a2 * acc_t(g2[c]) +
-                                 a3 * acc_t(g3[c]);
-                x0[c] += b0 * gv;
-                x1[c] += b1 * gv;
-                x2[c] += b2 * gv;
-                x3[c] += b3 * gv;
-              }
+              const auto x = corner_rows(image_grad, tap.image, Cin, 0);
+              const auto bw = corner_weights(tap.image);
+              for (int64_t c = c0; c < c1; ++c) corner_spread(x, bw, c, corner_read(gr, a, c));
             } else {
               acc_t* x = image_grad + tap.pixel * Cin;
               DK_SIMD
-              for (int64_t c = c0; c < c1; ++c) {
-                x[c] += a0 * acc_t(g0[c]) + a1 * acc_t(g1[c]) + a2 * acc_t(g2[c]) +
-                        a3 * acc_t(g3[c]);
-              }
+              for (int64_t c = c0; c < c1; ++c) x[c] += corner_read(gr, a, c);
             }
           }
         }

@@ -426,12 +426,53 @@ DK_ALWAYS_INLINE std::array<T*, 4> corner_rows(T* table, const BilinearCorners<a
           table + s.index[3] * C + c0};
 }
 
+// The four bilinear weights of `s` as a local value: the channel loops below keep them in
+// registers instead of reading them through a pointer that their own stores might alias.
+template <typename acc_t>
+DK_ALWAYS_INLINE std::array<acc_t, 4> corner_weights(const BilinearCorners<acc_t>& s) {
+  return {s.weight[0], s.weight[1], s.weight[2], s.weight[3]};
+}
+
+// Channel c read bilinearly from the four corner rows (corner_rows): sum_j w[j] * rows[j][c],
+// in corner order.
+template <typename acc_t, typename T>
+DK_ALWAYS_INLINE acc_t corner_read(const std::array<T*, 4>& rows, const std::array<acc_t, 4>& w,
+                                   int64_t c) {
+  return w[0] * acc_t(rows[0][c]) + w[1] * acc_t(rows[1][c]) + w[2] * acc_t(rows[2][c]) +
+         w[3] * acc_t(rows[3][c]);
+}
+
+// The adjoint of corner_read: rows[j][c] += w[j] * v for the four corners.
+template <typename acc_t>
+DK_ALWAYS_INLINE void corner_spread(const std::array<acc_t*, 4>& rows,
+                                    const std::array<acc_t, 4>& w, int64_t c, acc_t v) {
+  rows[0][c] += w[0] * v;
+  rows[1][c] += w[1] * v;
+  rows[2][c] += w[2] * v;
+  rows[3][c] += w[3] * v;
+}
+
+// sums[j] += rows[j][c] * factor for the four corners (per-corner dot products over channels).
+template <typename acc_t, typename T>
+DK_ALWAYS_INLINE void corner_accumulate(std::array<acc_t, 4>& sums, const std::array<T*, 4>& rows,
+                                        int64_t c, acc_t factor) {
+  sums[0] += acc_t(rows[0][c]) * factor;
+  sums[1] += acc_t(rows[1][c]) * factor;
+  sums[2] += acc_t(rows[2][c]) * factor;
+  sums[3] += acc_t(rows[3][c]) * factor;
+}
+
 // sum_j coefficient[j] * v_j over the four corners, in corner order (the chain rule through the
 // corner weights: coefficient = dweight_dy or dweight_dx).
 template <typename acc_t>
 DK_ALWAYS_INLINE acc_t corner_dot(const acc_t (&coefficient)[4], acc_t v0, acc_t v1, acc_t v2,
                                   acc_t v3) {
   return coefficient[0] * v0 + coefficient[1] * v1 + coefficient[2] * v2 + coefficient[3] * v3;
+}
+
+template <typename acc_t>
+DK_ALWAYS_INLINE acc_t corner_dot(const acc_t (&coefficient)[4], const std::array<acc_t, 4>& v) {
+  return corner_dot(coefficient, v[0], v[1], v[2], v[3]);
 }
 
 }  // namespace cpu
