@@ -19,10 +19,10 @@ from dk_detectron2.engine import DKTrainer
 from _training_inputs import two_training_images
 from dk_detectron2.layers import (
     CondConv2d,
-    DeformConv2d,
     DeformKernel2d,
     DeformKernelConv2d,
     GlobalDeformKernel2d,
+    LearntOffsetDeformConv2d,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +32,7 @@ CONV2_OF_RES4 = {
     "gdk": GlobalDeformKernel2d.__name__,
     "dk": DeformKernel2d.__name__,
     "dkdcn": DeformKernelConv2d.__name__,
-    "dcn": DeformConv2d.__name__,
+    "dcn": LearntOffsetDeformConv2d.__name__,
     "scc": CondConv2d.__name__,
 }
 SIZE = 64

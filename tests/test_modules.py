@@ -10,11 +10,11 @@ from torch import nn
 from dk_detectron2.layers import (
     DK_CONV_REGISTRY,
     CondConv2d,
-    DeformConv2d,
     DeformKernel2d,
     DeformKernelConv2d,
     DKOptions,
     GlobalDeformKernel2d,
+    LearntOffsetDeformConv2d,
     build_dk_conv,
     deform_kernel2d,
 )
@@ -35,7 +35,7 @@ NAMES = [
     "cond_conv",
 ]
 DK_CLASSES = [GlobalDeformKernel2d, DeformKernel2d, DeformKernelConv2d]
-ALL_CLASSES = DK_CLASSES + [DeformConv2d, CondConv2d]
+ALL_CLASSES = DK_CLASSES + [LearntOffsetDeformConv2d, CondConv2d]
 GENERATORS = ("rotation_conv", "rotation_fc", "offset_conv", "routing_fc")
 
 
@@ -90,7 +90,7 @@ def test_deform_conv2d_with_offsets_matches_torchvision(groups):
     import torchvision
 
     torch.manual_seed(0)
-    module = DeformConv2d(4, 6, 3, padding=1, groups=groups)
+    module = LearntOffsetDeformConv2d(4, 6, 3, padding=1, groups=groups)
     with torch.no_grad():
         module.offset_conv.weight.normal_(std=0.3)
     x = torch.randn(2, 4, 7, 6)
@@ -105,7 +105,7 @@ def test_deform_conv2d_with_offsets_matches_torchvision(groups):
 @pytest.mark.parametrize(
     "cls, kwargs",
     [(cls, {"scope_size": s}) for cls in DK_CLASSES for s in (3, 4, 5)]
-    + [(DeformConv2d, {}), (CondConv2d, {"num_experts": 3})],
+    + [(LearntOffsetDeformConv2d, {}), (CondConv2d, {"num_experts": 3})],
 )
 def test_fresh_module_equals_its_rigid_convolution(cls, kwargs):
     torch.manual_seed(0)
@@ -139,6 +139,20 @@ def test_the_rigid_comparison_sees_a_wrong_tap_position():
     module = DeformKernel2d(6, 6, 3, padding=1, groups=6, scope_size=5)
     shifted = module.weight[..., 2:5, 2:5]
     assert not torch.allclose(_zero_rotation_kernel(module.weight, 3), shifted)
+
+
+def test_deform_conv2d_is_a_deprecated_alias():
+    """The former name still works, with a warning that it is not torchvision's contract."""
+    import dk_detectron2.layers as layers
+
+    with pytest.warns(DeprecationWarning, match="use LearntOffsetDeformConv2d"):
+        alias = layers.DeformConv2d
+    assert alias is LearntOffsetDeformConv2d
+    with pytest.warns(DeprecationWarning):
+        from dk_detectron2.layers import DeformConv2d  # noqa: F401
+    assert "DeformConv2d" not in layers.__all__
+    with pytest.raises(AttributeError, match="no attribute 'DeformConv3d'"):
+        layers.DeformConv3d
 
 
 def test_deform_kernel_with_scope_equal_to_kernel_is_the_depthwise_conv():
@@ -239,7 +253,7 @@ def test_deform_conv_matches_torchvision_with_its_offsets():
     from torchvision.ops import deform_conv2d
 
     torch.manual_seed(0)
-    module = DeformConv2d(4, 4, 3, padding=1, groups=4, offset_groups=2)
+    module = LearntOffsetDeformConv2d(4, 4, 3, padding=1, groups=4, offset_groups=2)
     nn.init.normal_(module.offset_conv.bias, std=0.7)
     x = torch.randn(2, 4, 6, 6)
     expected = deform_conv2d(x, module.offset_conv(x), module.weight, padding=1)
@@ -350,7 +364,7 @@ def test_extra_repr_mentions_the_key_parameters():
     assert "scope_size=(4, 4)" in repr(GlobalDeformKernel2d(4, 4, 3, scope_size=4))
     assert "scope_size=(4, 4)" in repr(DeformKernelConv2d(4, 4, 3, scope_size=4))
     assert "num_experts=3" in repr(CondConv2d(4, 4, 3, num_experts=3))
-    assert "offset_groups=2" in repr(DeformConv2d(4, 4, 3, offset_groups=2))
+    assert "offset_groups=2" in repr(LearntOffsetDeformConv2d(4, 4, 3, offset_groups=2))
 
 
 def test_c2_msra_fill_keeps_generators_at_zero():

@@ -9,10 +9,10 @@ from dk_detectron2 import add_dk_config
 from dk_detectron2.engine import DKTrainer
 from dk_detectron2.layers import (
     CondConv2d,
-    DeformConv2d,
     DeformKernel2d,
     DeformKernelConv2d,
     GlobalDeformKernel2d,
+    LearntOffsetDeformConv2d,
 )
 from dk_detectron2.solver import build_dk_optimizer, generator_parameter_names, get_dk_optimizer_params
 
@@ -25,7 +25,7 @@ class Net(nn.Module):
         self.dk = DeformKernel2d(8, 8, 3, padding=1, groups=8, scope_size=4)
         self.dkc = DeformKernelConv2d(8, 8, 3, padding=1, groups=8, scope_size=4)
         self.gdk = GlobalDeformKernel2d(8, 8, 3, padding=1, groups=8, scope_size=4)
-        self.dcn = DeformConv2d(8, 8, 3, padding=1, groups=8)
+        self.dcn = LearntOffsetDeformConv2d(8, 8, 3, padding=1, groups=8)
         self.scc = CondConv2d(8, 8, 3, padding=1, groups=8)
 
 

@@ -3,8 +3,8 @@
 - :class:`LearntOffsetDeformConv2d`: deformable convolution (Dai et al. 2017) on
   ``torchvision.ops.deform_conv2d`` (CPU and CUDA), its offsets predicted by a zero-initialised
   rigid convolution it owns. Unlike ``torchvision.ops.DeformConv2d``, whose ``forward`` takes the
-  offset, it is called on the input alone, like the DK modules. ``DeformConv2d`` is its former
-  name, kept as an alias.
+  offset, it is called on the input alone, like the DK modules. (Its former name
+  ``dk_detectron2.layers.DeformConv2d`` still works, with a ``DeprecationWarning``.)
 - :class:`CondConv2d`: soft conditional computation (Yang et al. 2019, "SCC" in the DK paper):
   E expert kernels mixed per sample with routing ``sigmoid(linear(GAP(x)))``.
 
@@ -21,7 +21,7 @@ from .conv_base import KernelConvBase
 from .generators import zero_init_
 from .geometry import check_int
 
-__all__ = ["LearntOffsetDeformConv2d", "DeformConv2d", "CondConv2d"]
+__all__ = ["LearntOffsetDeformConv2d", "CondConv2d"]
 
 
 class LearntOffsetDeformConv2d(KernelConvBase):
@@ -89,10 +89,6 @@ class LearntOffsetDeformConv2d(KernelConvBase):
         if self.offset_groups != 1:
             s += f", offset_groups={self.offset_groups}"
         return s
-
-
-# The former name (it reads like torchvision.ops.DeformConv2d, which takes the offset as input).
-DeformConv2d = LearntOffsetDeformConv2d
 
 
 class CondConv2d(KernelConvBase):
