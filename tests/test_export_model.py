@@ -121,6 +121,37 @@ def test_onnx_of_the_trunk_runs_in_onnx_runtime(tmp_path):
     assert found["shapes_equal"] and found["max_rel"] <= TOLERANCE
 
 
+def test_onnx_of_a_global_dk_trunk_fixes_the_batch_at_one_image(tmp_path):
+    """Global DK runs its per-sample kernels as one convolution of batch x groups groups, a
+    constant in ONNX: its trunk exports with a batch of one image (height and width dynamic)."""
+    pytest.importorskip("onnxruntime")
+    from dk_detectron2.tools.export import _summary, export_and_verify
+
+    model = _tiny_model(tmp_path, "global_deform_kernel")
+    samples = _samples()  # three sizes, one image per call
+    report = export_and_verify(model, samples, "onnx", str(tmp_path / "out"), repeats=1)
+    assert report["fixed_batch"] == 1 and "batched" not in report
+    assert report["shapes_equal"] == 1.0 and report["max_rel"] <= TOLERANCE
+    assert "batch fixed at 1 (the model holds GlobalDeformKernel2d" in _summary(report)
+    runner = export_format("onnx").load(report["artefact"])
+    two = trunk_images(DetectorTrunk(model), [s["image"] for s in samples[:2]])
+    with pytest.raises(Exception, match="(?i)dimension|shape|index"):
+        runner(two)  # the fixed batch is enforced by the runtime
+
+
+def test_only_onnx_of_a_global_dk_model_fixes_the_batch(tmp_path):
+    local, global_dk = _tiny_model(tmp_path), _tiny_model(tmp_path, "global_deform_kernel")
+    samples = _samples()
+    for name in ("export", "aoti", "onnx"):
+        fmt = export_format(name)
+        assert fmt.fixed_batch(fmt.module(local, samples)) is None
+        expected = 1 if name == "onnx" else None
+        assert fmt.fixed_batch(fmt.module(global_dk, samples)) == expected
+    onnx = export_format("onnx")
+    assert onnx.example(onnx.module(global_dk, samples), samples)[0].shape[0] == 1
+    assert onnx.example(onnx.module(local, samples), samples)[0].shape[0] == 2
+
+
 @pytest.mark.slow
 def test_whole_mask_rcnn_stops_at_the_proposal_selection_in_torch_export(tmp_path):
     """Where torch.export (and so the dynamo ONNX exporter) stops on the whole detector: the

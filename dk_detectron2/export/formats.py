@@ -8,11 +8,12 @@ Each format object has:
 * ``module(model, samples)``: the eager module that is exported (the reference);
 * ``calls(module, samples)``: per sample, the arguments of one call;
 * ``export(module, example, path)``: writes the artefact (``example``: the arguments traced);
-* ``load(path)``: a callable taking the same arguments, from the artefact alone.
+* ``load(path)``: a callable taking the same arguments, from the artefact alone;
+* ``fixed_batch(module)``: the batch size the artefact is fixed to, or ``None`` when it takes any.
 
 Register a new format with ``@EXPORT_FORMATS.register()`` on a class named as the format.
 """
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.utils.registry import Registry
@@ -20,7 +21,9 @@ from torch import nn
 
 from .trunk import DetectorTrunk, trunk_dynamic_shapes, trunk_images
 
-__all__ = ["EXPORT_FORMATS", "export_format", "export_format_names", "example_batch"]
+__all__ = [
+    "EXPORT_FORMATS", "export_format", "export_format_names", "example_batch", "holds_global_dk",
+]
 
 EXPORT_FORMATS = Registry("DK_EXPORT_FORMAT")
 
@@ -45,8 +48,18 @@ def example_batch(trunk: DetectorTrunk, samples: Sequence[Dict]) -> Tuple[torch.
     return (trunk_images(trunk, images * (2 // len(images))),)
 
 
+def holds_global_dk(module: nn.Module) -> bool:
+    """Whether ``module`` holds a :class:`~dk_detectron2.layers.GlobalDeformKernel2d`."""
+    from ..layers import GlobalDeformKernel2d
+
+    return any(isinstance(m, GlobalDeformKernel2d) for m in module.modules())
+
+
 class _TrunkFormat:
     part = "trunk"
+
+    def fixed_batch(self, module: nn.Module) -> Optional[int]:
+        return None
 
     def module(self, model: nn.Module, samples: Sequence[Dict]) -> nn.Module:
         return DetectorTrunk(model).eval()
@@ -64,6 +77,9 @@ class torchscript:  # noqa: N801  (registry name)
 
     part = "model"
     suffix = "model.ts"
+
+    def fixed_batch(self, module):
+        return 1  # the adapter takes one image
 
     def module(self, model, samples):
         from .torchscript import detector_adapter
@@ -94,6 +110,9 @@ class torchscript_script:  # noqa: N801
 
     part = "model"
     suffix = "model_scripted.ts"
+
+    def fixed_batch(self, module):
+        return None  # the scripted model takes a list of any number of images
 
     def module(self, model, samples):
         from .torchscript import DetectorCall
@@ -153,15 +172,31 @@ class aoti(_TrunkFormat):  # noqa: N801
 
 @EXPORT_FORMATS.register()
 class onnx(_TrunkFormat):  # noqa: N801
-    """ONNX (dynamo exporter, DK ops as standard ONNX ops) of the trunk, run in ONNX Runtime."""
+    """ONNX (dynamo exporter, DK ops as standard ONNX ops) of the trunk, run in ONNX Runtime.
+
+    Batch, height and width are dynamic, except that a trunk holding a
+    :class:`~dk_detectron2.layers.GlobalDeformKernel2d` is exported with a batch of one image:
+    global DK convolves every sample with its own kernel in one convolution of batch x groups
+    groups, and ONNX's ``Conv`` takes its group count as a constant attribute.
+    """
 
     suffix = "trunk.onnx"
+
+    def fixed_batch(self, module):
+        return 1 if holds_global_dk(module) else None
+
+    def example(self, module, samples):
+        if self.fixed_batch(module) is not None:
+            return (trunk_images(module, [samples[0]["image"]]),)
+        return example_batch(module, samples)
 
     def export(self, module, example, path):
         from .onnx_model import export_onnx
 
-        export_onnx(module, example, path, trunk_dynamic_shapes(module), ["images"],
-                    module.output_names())
+        (shapes,) = trunk_dynamic_shapes(module)
+        if self.fixed_batch(module) is not None:
+            shapes = {axis: dim for axis, dim in shapes.items() if axis != 0}
+        export_onnx(module, example, path, (shapes,), ["images"], module.output_names())
 
     def load(self, path):
         from .onnx_model import OnnxRuntimeRunner

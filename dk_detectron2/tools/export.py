@@ -12,7 +12,8 @@ batch and image size), ``aoti`` (that program compiled by AOTInductor) and ``onn
 in standard ONNX ops, run in ONNX Runtime). The sample inputs are the first ``--samples`` images
 of the config's test dataset (the embedded ``dk_shapes_val`` for the shapes configs, generated
 on first use). The artefact is written, reloaded from disk and run on every sample, one image per
-call, and (trunk formats) once more on all samples as one batch; the tool prints the largest
+call, and (trunk formats) once more on all samples as one batch (not when the artefact's batch is
+fixed: ``onnx`` of a model holding global DK takes one image per call); the tool prints the largest
 absolute and relative differences from eager and the median time per image of both (timed in
 turns, call by call), and writes
 them to ``<output>/export_<format>.json``.
@@ -59,9 +60,12 @@ def export_and_verify(model: torch.nn.Module, samples: Sequence[Dict], format_na
     """Exports ``model`` (eval mode, CPU) in ``format_name``, reloads the artefact and compares
     it with eager on ``samples`` (inputs as Detectron2's test loader gives them).
 
-    Returns ``{"format", "part", "artefact", "max_abs", "max_rel", "integers_equal",
-    "shapes_equal", "batched": the same differences for one call on all samples (trunk formats),
+    Returns ``{"format", "part", "artefact", "fixed_batch": the batch size the artefact is fixed
+    to (``None``: any), "max_abs", "max_rel", "integers_equal", "shapes_equal", "batched": the
+    same differences for one call on all samples (trunk formats whose batch is not fixed),
     "eager_seconds", "exported_seconds": median time per image over ``repeats`` passes}``.
+    ``max_rel`` is, per output tensor, max |exported - eager| / max |eager| (the largest over the
+    outputs and samples), as :func:`dk_detectron2.export.verify.compare_outputs` defines it.
     """
     from dk_detectron2.export.formats import export_format
     from dk_detectron2.export.trunk import trunk_images
@@ -73,17 +77,22 @@ def export_and_verify(model: torch.nn.Module, samples: Sequence[Dict], format_na
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, fmt.suffix)
     module = fmt.module(model, samples)
+    fixed_batch = fmt.fixed_batch(module)
+    if fixed_batch is not None and fmt.part == "trunk":
+        logger.info("%s: the trunk holds GlobalDeformKernel2d, so the batch is fixed at %d image "
+                    "(height and width stay dynamic)", format_name, fixed_batch)
     fmt.export(module, fmt.example(module, samples), path)
     exported = fmt.load(path)
     calls = fmt.calls(module, samples)
-    report: Dict[str, object] = {"format": format_name, "part": fmt.part, "artefact": path}
+    report: Dict[str, object] = {"format": format_name, "part": fmt.part, "artefact": path,
+                                 "fixed_batch": fixed_batch}
     worst = {"max_abs": 0.0, "max_rel": 0.0, "integers_equal": 1.0, "shapes_equal": 1.0}
     with torch.no_grad():
         for args in calls:
             found = compare_outputs(module(*args), exported(*args))
             worst = {key: (min if key.endswith("equal") else max)(worst[key], found[key])
                      for key in worst}
-        if fmt.part == "trunk" and len(calls) > 1:
+        if fmt.part == "trunk" and len(calls) > 1 and fixed_batch is None:
             # one batch padded to the largest sample, as Detectron2 batches images of several sizes
             batch = (trunk_images(module, [sample["image"] for sample in samples]),)
             report["batched"] = compare_outputs(module(*batch), exported(*batch))
@@ -100,6 +109,10 @@ def _summary(report: Dict[str, object]) -> str:
         f"integer outputs equal: {bool(report['integers_equal'])}, "
         f"shapes equal: {bool(report['shapes_equal'])}",
     ]
+    if report.get("fixed_batch") is not None and report["part"] == "trunk":
+        lines.append(f"  batch fixed at {report['fixed_batch']} (the model holds "
+                     "GlobalDeformKernel2d: ONNX's Conv takes batch x groups groups as a "
+                     "constant); height and width dynamic")
     if "batched" in report:
         batched = report["batched"]
         lines.append(f"  one batch of all samples: max |difference| {batched['max_abs']:.3g} "
