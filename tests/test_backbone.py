@@ -98,7 +98,7 @@ def test_parameter_names_match_detectron2_resnet():
     for key, value in stock.items():
         assert dk[key].shape == value.shape, key  # S = K: even the 3x3 weights fit
     # Rigid baseline: exactly detectron2's names and shapes.
-    cfg.MODEL.DK.TYPE = "depthwise"
+    cfg.MODEL.DK.TYPE = "rigid_conv"
     rigid = _build_bottom_up(cfg).state_dict()
     assert {k: v.shape for k, v in rigid.items()} == {k: v.shape for k, v in stock.items()}
 
@@ -116,14 +116,14 @@ def test_full_dk_backbone_groups_follow_num_groups():
     conv = backbone.res4[0].conv2
     assert isinstance(conv, DeformKernel2d) and conv.groups == 2
     assert conv.weight.shape == (conv.out_channels, conv.in_channels // 2, 4, 4)
-    assert backbone.res2[0].conv2.groups == 2  # BASE_TYPE depthwise = the rigid conv, same groups
+    assert backbone.res2[0].conv2.groups == 2  # BASE_TYPE rigid_conv, same groups
 
 
 def test_fresh_dk_backbone_equals_the_rigid_backbone_with_the_same_weights():
     torch.manual_seed(0)
     cfg = _cfg(TYPE="deform_kernel", SCOPE_SIZE=3, ON_PER_STAGE=[True, True, True, True])
     dk = _build_bottom_up(cfg).eval()
-    cfg.MODEL.DK.TYPE = "depthwise"
+    cfg.MODEL.DK.TYPE = "rigid_conv"
     rigid = _build_bottom_up(cfg).eval()
     result = rigid.load_state_dict(dk.state_dict(), strict=False)
     assert not result.missing_keys

@@ -406,7 +406,7 @@ def _dk_r50(depthwise: bool = False, norm: str = "FrozenBN") -> nn.Module:
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.DK.ON_PER_STAGE = [False, True, True, True]
     cfg.MODEL.DK.TYPE = "deform_kernel"
-    cfg.MODEL.DK.BASE_TYPE = "depthwise"  # the rigid convolution (full, as DEPTHWISE is False)
+    cfg.MODEL.DK.BASE_TYPE = "rigid_conv"  # the rigid convolution (full, as DEPTHWISE is False)
     cfg.MODEL.DK.DEPTHWISE = depthwise
     cfg.MODEL.DK.SCOPE_SIZE = 4
     return build_backbone(cfg, ShapeSpec(channels=3)).eval()

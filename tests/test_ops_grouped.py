@@ -4,21 +4,15 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from _op_cases import make_case
 from dk_detectron2.layers import deform_kernel2d, deform_kernel_conv2d
 from dk_detectron2.layers.reference import deform_kernel_conv2d_reference
 
 
-def make_case(B=2, Cin=4, Cout=6, groups=2, H=7, W=6, K=3, S=4, stride=1, padding=1, dilation=1,
-              G=1, dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ho = (H + 2 * padding - dilation * (K - 1) - 1) // stride + 1
-    wo = (W + 2 * padding - dilation * (K - 1) - 1) // stride + 1
-    x = torch.randn(B, Cin, H, W, generator=gen, dtype=dtype)
-    weight = torch.randn(Cout, Cin // groups, S, S, generator=gen, dtype=dtype)
-    rotation = torch.randn(B, G * K * K * 2, ho, wo, generator=gen, dtype=dtype)
-    offset = 2 * torch.randn(B, K * K * 2, ho, wo, generator=gen, dtype=dtype)
-    geo = dict(kernel_size=K, stride=stride, padding=padding, dilation=dilation, rotation_groups=G)
-    return x, offset, rotation, weight, geo
+def grouped_case(Cin=4, Cout=6, groups=2, S=4, **kwargs):
+    """A grouped or full case (weight [Cout, Cin/groups, S, S]) of _op_cases.make_case, its
+    rotations unscaled."""
+    return make_case(C=Cin, C_out=Cout, groups=groups, S=(S, S), rotation_scale=1.0, **kwargs)
 
 
 CASES = [
@@ -37,8 +31,8 @@ CASES = [
 @pytest.mark.parametrize("with_offset", [False, True])
 def test_grouped_matches_reference(case, with_offset):
     Cin, Cout, groups, G, S, stride, dilation = case
-    x, offset, rotation, weight, geo = make_case(Cin=Cin, Cout=Cout, groups=groups, G=G, S=S,
-                                                 stride=stride, dilation=dilation)
+    x, offset, rotation, weight, geo = grouped_case(Cin=Cin, Cout=Cout, groups=groups, G=G, S=S,
+                                                    stride=stride, dilation=dilation)
     inputs = [t.requires_grad_() for t in (x, offset, rotation, weight)]
     if with_offset:
         out = deform_kernel_conv2d(*inputs, **geo)
@@ -57,7 +51,8 @@ def test_grouped_matches_reference(case, with_offset):
 
 @pytest.mark.parametrize("groups,G", [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2)])
 def test_gradcheck_grouped(groups, G):
-    x, offset, rotation, weight, geo = make_case(B=1, Cin=4, Cout=4, groups=groups, G=G, H=5, W=5)
+    x, offset, rotation, weight, geo = grouped_case(B=1, Cin=4, Cout=4, groups=groups, G=G, H=5,
+                                                    W=5)
     rotation = rotation * 0.6
     inputs = tuple(t.requires_grad_() for t in (x, offset, rotation, weight))
     assert torch.autograd.gradcheck(lambda *a: deform_kernel_conv2d(*a, **geo), inputs)
@@ -67,8 +62,8 @@ def test_gradcheck_grouped(groups, G):
 
 @pytest.mark.parametrize("groups", [1, 2])
 def test_zero_rotation_scope_equal_kernel_is_conv2d(groups):
-    x, _, rotation, weight, geo = make_case(Cin=4, Cout=6, groups=groups, S=3, stride=2,
-                                            dilation=2, padding=2)
+    x, _, rotation, weight, geo = grouped_case(Cin=4, Cout=6, groups=groups, S=3, stride=2,
+                                               dilation=2, padding=2)
     out = deform_kernel2d(x, torch.zeros_like(rotation), weight, **geo)
     torch.testing.assert_close(out, F.conv2d(x, weight, stride=2, padding=2, dilation=2,
                                              groups=groups))
@@ -76,13 +71,13 @@ def test_zero_rotation_scope_equal_kernel_is_conv2d(groups):
 
 @pytest.mark.parametrize("groups", [1, 2])
 def test_dkc_zero_rotation_equals_torchvision_deform_conv2d(groups):
-    x, offset, rotation, weight, geo = make_case(Cin=4, Cout=6, groups=groups, S=3)
+    x, offset, rotation, weight, geo = grouped_case(Cin=4, Cout=6, groups=groups, S=3)
     out = deform_kernel_conv2d(x, offset, torch.zeros_like(rotation), weight, **geo)
     torch.testing.assert_close(out, torchvision.ops.deform_conv2d(x, offset, weight, padding=1))
 
 
 def test_full_dk_float32_channels_last_and_batch_zero():
-    x, offset, rotation, weight, geo = make_case(Cin=16, Cout=8, groups=1, dtype=torch.float32)
+    x, offset, rotation, weight, geo = grouped_case(Cin=16, Cout=8, groups=1, dtype=torch.float32)
     expected = deform_kernel2d(x.double(), rotation.double(), weight.double(), **geo)
     out = deform_kernel2d(x.contiguous(memory_format=torch.channels_last), rotation, weight, **geo)
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -98,8 +93,8 @@ def test_full_dk_float32_channels_last_and_batch_zero():
 
 def test_full_dk_tiles_many_positions():
     """More positions than one column tile holds, so the tiling boundary is exercised."""
-    x, _, rotation, weight, geo = make_case(B=2, Cin=64, Cout=4, groups=1, H=40, W=40, S=5,
-                                            dtype=torch.float32)
+    x, _, rotation, weight, geo = grouped_case(B=2, Cin=64, Cout=4, groups=1, H=40, W=40, S=5,
+                                               dtype=torch.float32)
     out = deform_kernel2d(x, rotation * 0.3, weight, **geo)
     expected = deform_kernel_conv2d_reference(x.double(), None, rotation.double() * 0.3,
                                               weight.double(), **geo)

@@ -192,7 +192,7 @@ def test_erf_command_line_draws_models_side_by_side_and_writes_numbers(tmp_path)
     from dk_detectron2.tools.erf import main
 
     images = _write_images(tmp_path / "images")
-    dw = tiny_dk_config(tmp_path, dk_type="depthwise")
+    dw = tiny_dk_config(tmp_path, dk_type="rigid_conv")
     dk = tiny_dk_config(tmp_path, dk_type="deform_kernel")
     output = tmp_path / "erf.png"
     models = ["--config-file", dw, "--weights", "", "--label", "DW"]

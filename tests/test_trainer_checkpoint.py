@@ -53,7 +53,7 @@ def _cfg(tmp_path, dataset, dk_type, scope_size=5, weights=""):
 
 def _rigid_checkpoint(tmp_path, dataset):
     """A randomly initialised rigid (depthwise) model saved as a Detectron2 .pth; returns both."""
-    model = build_model(_cfg(tmp_path, dataset, "depthwise"))
+    model = build_model(_cfg(tmp_path, dataset, "rigid_conv"))
     with torch.no_grad():  # BN statistics that differ from the defaults, so they must load
         for name, buffer in model.named_buffers():
             if name.endswith("running_var"):
