@@ -1,16 +1,19 @@
-"""Packaging: the package builds as a wheel against the installed torch, installs elsewhere and
-works from outside the checkout, configs included; an isolated build (pip's default, no torch)
-stops with a message that says what to do."""
+"""Packaging: the source distribution carries the C++/CUDA sources, headers and configs; the
+package builds as a wheel against the installed torch, installs elsewhere and works from outside
+the checkout, configs included; an isolated build (pip's default, no torch) stops with a message
+that says what to do."""
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import textwrap
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = ["setup.py", "README.md", "csrc", "dk_detectron2", "configs"]
+SOURCES = ["setup.py", "MANIFEST.in", "README.md", "requirements.txt", "csrc", "dk_detectron2",
+           "configs"]
 
 
 def _copy_sources(target):
@@ -32,6 +35,35 @@ def test_setup_without_torch_explains_no_build_isolation():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "pip install --no-build-isolation -e ." in proc.stderr, proc.stderr[-2000:]
+
+
+def _files_under(folder, suffixes):
+    root = os.path.join(REPO, folder)
+    return {os.path.relpath(os.path.join(d, f), REPO) for d, _, files in os.walk(root)
+            for f in files if f.endswith(suffixes) and "__pycache__" not in d}
+
+
+def test_sdist_carries_sources_headers_and_configs(tmp_path):
+    """`setup.py sdist` (no compile): every csrc source and header, every config, the README, the
+    requirements and the package's modules, and no build output."""
+    source, dist = tmp_path / "src", tmp_path / "dist"
+    _copy_sources(str(source))
+    env = dict(os.environ, DK_WITH_CUDA="0")
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--formats=gztar", "-d",
+                           str(dist)], cwd=str(source), env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    (archive,) = dist.iterdir()
+    with tarfile.open(archive) as tar:
+        top = f"{archive.name[:-len('.tar.gz')]}/"
+        shipped = {m.name[len(top):] for m in tar.getmembers() if m.isfile()}
+    expected = _files_under("csrc", (".h", ".cuh", ".cpp", ".cu"))
+    expected |= _files_under("configs", (".yaml", ".py"))
+    expected |= _files_under("dk_detectron2", (".py",))
+    expected |= {"setup.py", "MANIFEST.in", "README.md", "requirements.txt"}
+    assert any(name.endswith(".cuh") for name in expected)  # the check covers the CUDA headers
+    assert expected <= shipped, sorted(expected - shipped)
+    assert not [name for name in shipped if name.endswith((".so", ".pyc", ".o"))]
 
 
 @pytest.mark.slow
