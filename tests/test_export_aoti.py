@@ -1,4 +1,5 @@
-"""AOTInductor packages of DK layers: they run with only the operator library loaded, from Python
+"""AOTInductor packages: a tiny DK Mask R-CNN's trunk through the export tool's
+``export_and_verify``, and DK layers that run with only the operator library loaded, from Python
 without dk_detectron2's modules and from a C++ program (examples/aoti_cpp)."""
 import os
 import subprocess
@@ -41,6 +42,22 @@ def small_package(tmp_path_factory):
     program = export_program(module, (torch.rand(2, 3, 12, 10) * 255,), None, (dims,))
     path = str(tmp_path_factory.mktemp("aoti") / "small_aoti.pt2")
     return module, package_aoti(program, path)
+
+
+def test_export_and_verify_packages_a_tiny_dk_mask_rcnn_trunk(tmp_path):
+    """The ``aoti`` format as the tool runs it: exported, compiled, reloaded from disk and
+    compared with eager on three image sizes one at a time and on one padded batch of all."""
+    from test_export_model import _samples, _tiny_model
+
+    from dk_detectron2.tools.export import export_and_verify
+
+    model = _tiny_model(tmp_path, "deform_kernel_conv")
+    report = export_and_verify(model, _samples(), "aoti", str(tmp_path / "out"), repeats=1)
+    assert report["part"] == "trunk" and report["fixed_batch"] is None
+    assert os.path.isfile(report["artefact"])
+    assert report["shapes_equal"] == 1.0 and report["max_rel"] <= TOLERANCE
+    assert report["batched"]["shapes_equal"] == 1.0
+    assert report["batched"]["max_rel"] <= TOLERANCE
 
 
 def test_package_agrees_with_eager_at_other_batch_and_sizes(small_package):
