@@ -237,3 +237,54 @@ def test_plain_import_registers_the_handles_in_a_fresh_interpreter():
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[-2] == f"{4 * 6 * 6 * 9 * 5} []"
     assert "Unsupported operator" not in result.stderr
+
+
+def _unsupported_ops(model, image, caplog):
+    """fvcore's unsupported operators of a detector, from its log and from the analysis."""
+    from detectron2.utils.analysis import FlopCountAnalysis as D2FlopCountAnalysis
+
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        analysis = D2FlopCountAnalysis(model, [{"image": image}])
+        analysis.total()
+    logged = {m.split("Unsupported operator ")[1].split(" ")[0]
+              for m in _unsupported_warnings(caplog)}
+    assert logged == set(analysis.unsupported_ops())  # the log says what the analysis skipped
+    return logged
+
+
+def test_dk_mask_rcnns_have_no_unsupported_operator_a_rigid_one_lacks(tmp_path, caplog):
+    """The clip of rotation_clip="scope" (the configs' default) and global DK's pooling use ops
+    fvcore ignores or counts: no warning beyond the rigid baseline's (Detectron2's own topk,
+    roi_align, pad, ...)."""
+    from _tools_configs import tiny_dk_config
+
+    from dk_detectron2.tools.loaders import load_model, setup_cfg
+
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255
+    rigid_cfg = setup_cfg(tiny_dk_config(tmp_path, "rigid_conv"), device="cpu")
+    rigid = _unsupported_ops(load_model(rigid_cfg).eval(), image, caplog)
+    assert rigid, "the rigid baseline should show Detectron2's own unsupported operators"
+    for dk_type in ("deform_kernel", "deform_kernel_conv", "global_deform_kernel"):
+        cfg = setup_cfg(tiny_dk_config(tmp_path, dk_type), device="cpu")
+        assert cfg.MODEL.DK.ROTATION_CLIP == "scope"
+        found = _unsupported_ops(load_model(cfg).eval(), image, caplog)
+        assert found <= rigid, (dk_type, sorted(found - rigid))
+
+
+def test_rotation_clip_and_global_pooling_trace_to_ops_fvcore_handles():
+    from fvcore.nn.jit_analysis import _IGNORED_OPS
+
+    x = torch.randn(1, 8, 10, 10)
+    for module in (DeformKernel2d(8, 8, 3, padding=1, groups=8, scope_size=5,
+                                  rotation_clip="scope"),
+                   GlobalDeformKernel2d(8, 8, 3, padding=1, groups=8, scope_size=5,
+                                        rotation_clip="range")):
+        analysis = FlopCountAnalysis(module.eval(), (x,))
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        analysis.total()
+        # (plain fvcore also lists elementwise adds and multiplies; Detectron2's ignores them)
+        skipped = set(analysis.unsupported_ops())
+        assert not skipped & {"aten::minimum", "aten::maximum", "aten::mean"}, skipped
+    assert "aten::clamp" in _IGNORED_OPS
+    assert "adaptive_avg_pool2d" in analysis.by_operator()  # global DK's pooling is counted

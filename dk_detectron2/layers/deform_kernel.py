@@ -18,6 +18,7 @@ import math
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .conv_base import KernelConvBase
@@ -86,7 +87,9 @@ class RotationClip(nn.Module):
         shape[tap_dim] = -1
         lower = self.lower.to(rotation.dtype).view(shape)
         upper = self.upper.to(rotation.dtype).view(shape)
-        return torch.maximum(torch.minimum(rotation, upper), lower)
+        # One clamp (not minimum + maximum): fvcore's FlopCountAnalysis ignores aten::clamp as it
+        # ignores relu, so a DK model analyses without "unsupported operator" warnings.
+        return torch.clamp(rotation, lower, upper)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}" + (
@@ -254,9 +257,10 @@ class GlobalDeformKernel2d(_DeformKernelBase):
         """[B, C_out, C_in/groups, K, K]: the kernel each sample of ``x`` is convolved with."""
         batch = x.shape[0]
         taps = self.kernel_size[0] * self.kernel_size[1]
-        rotation = self.rotation_fc(x.mean(dim=(2, 3))).reshape(
-            batch, self.rotation_groups, taps * 2
-        )
+        # Global average pooling as adaptive_avg_pool2d (the mean over H, W), which fvcore's
+        # FlopCountAnalysis counts (it has no handle for aten::mean and would warn).
+        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        rotation = self.rotation_fc(pooled).reshape(batch, self.rotation_groups, taps * 2)
         rotation = self.rotation_clip(rotation, tap_dim=2).reshape(
             batch, self.rotation_groups, taps, 2
         )

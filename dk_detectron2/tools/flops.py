@@ -21,7 +21,10 @@ and every kernel tap:
   one multiply by the modulation mask per read when the mask is used.
 
 Not counted (as fvcore skips elementwise work): the bilinear weights themselves (a few flops per
-sample point, shared by every channel of a rotation group), bias additions, clipping.
+sample point, shared by every channel of a rotation group), bias additions, clipping (one
+``aten::clamp``, which fvcore ignores). Global DK's average pooling is ``adaptive_avg_pool2d``,
+counted by fvcore's own handle (one per input element). So a DK model's analysis reports no
+unsupported operator that the same model with rigid convolutions would not.
 
 ``import dk_detectron2`` calls :func:`register_default_handles`, which adds these handles to
 fvcore's default tables: every ``FlopCountAnalysis`` / ``ActivationCountAnalysis`` made afterwards
