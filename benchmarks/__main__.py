@@ -1,5 +1,4 @@
-"""``python -m benchmarks``: see :mod:`benchmarks.cli`."""
-from .cli import main
+"""``python -m benchmarks``: the command line of :mod:`benchmarks`."""
+from benchmarks import main
 
-if __name__ == "__main__":
-    main()
+main()

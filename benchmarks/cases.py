@@ -79,13 +79,8 @@ def op_shapes(quick: bool) -> List[OpShape]:
     batches = (2,) if quick else (1, 8)
     scopes = (4,) if quick else (4, 5)
     rotation_groups = (1, 2) if quick else (1, 4)
-    return [
-        OpShape(batch, channels, size, 3, scope, g)
-        for batch in batches
-        for channels, size in stages
-        for scope in scopes
-        for g in rotation_groups
-    ]
+    return [OpShape(batch, channels, size, 3, scope, g) for batch in batches
+            for channels, size in stages for scope in scopes for g in rotation_groups]
 
 
 def headline_shape(quick: bool) -> OpShape:
@@ -104,19 +99,11 @@ def scaling_sizes(quick: bool) -> List[int]:
 
 
 def dk_ops_backend() -> str:
-    """Which implementation ``dk_detectron2.layers`` calls: the compiled extension (its path)."""
-    try:
-        from dk_detectron2.layers._extension import (
-            compiled_with_cuda,
-            cpu_vector_lanes,
-            extension_path,
-        )
-    except ImportError:
-        return "reference (dk_detectron2._C is not built; pure-PyTorch stand-ins)"
-    return (
-        f"compiled {extension_path()} (CUDA kernels: {compiled_with_cuda()}; "
-        f"CPU vectors of {cpu_vector_lanes()} floats)"
-    )
+    """Which build of the DK operators runs: the compiled extension's path and capabilities."""
+    from dk_detectron2.layers._extension import compiled_with_cuda, cpu_vector_lanes, extension_path
+
+    return (f"compiled {extension_path()} (CUDA kernels: {compiled_with_cuda()}; "
+            f"CPU vectors of {cpu_vector_lanes()} floats)")
 
 
 @dataclass
@@ -124,7 +111,7 @@ class Workload:
     """One operator call, ready to be timed forward or forward+backward.
 
     Attributes:
-        name, layout: the registry name and memory layout.
+        name, layout: the workload's name (a key of :data:`WORKLOADS`) and memory layout.
         forward: computes the output [B, C_out, Ho, Wo] from the tensors it closes over.
         leaves: the tensors forward+backward differentiates (inputs and parameters).
         grad_output: the incoming gradient, allocated once.
@@ -176,9 +163,8 @@ def _image_and_rotation(shape: OpShape, layout, dtype, device):
     b, c, h, k = shape.batch, shape.channels, shape.size, shape.kernel_size
     image = _tensor((b, c, h, h), layout, dtype, device)
     rotation = _tensor((b, shape.rotation_groups * k * k * 2, h, h), layout, dtype, device, 0.5)
-    weight = _tensor(
-        (c, c // shape.conv_groups, shape.scope_size, shape.scope_size), "nchw", dtype, device, 0.1
-    )
+    weight = _tensor((c, c // shape.conv_groups, shape.scope_size, shape.scope_size), "nchw",
+                     dtype, device, 0.1)
     grad_output = _tensor((b, c, h, h), layout, dtype, device).detach()
     return image, rotation, weight, grad_output
 
@@ -193,14 +179,9 @@ def deform_kernel2d(shape: OpShape, layout, dtype, device) -> Workload:
 
     image, rotation, weight, grad_output = _image_and_rotation(shape, layout, dtype, device)
     k, p, g = shape.kernel_size, shape.padding, shape.rotation_groups
-    return Workload(
-        "deform_kernel2d",
-        layout,
-        lambda: op(image, rotation, weight, k, 1, p, 1, g),
-        (image, rotation, weight),
-        grad_output,
-        _column_buffer_bytes(shape, dtype) if shape.depthwise else None,
-    )
+    return Workload("deform_kernel2d", layout, lambda: op(image, rotation, weight, k, 1, p, 1, g),
+                    (image, rotation, weight), grad_output,
+                    _column_buffer_bytes(shape, dtype) if shape.depthwise else None)
 
 
 def deform_kernel_conv2d(shape: OpShape, layout, dtype, device) -> Workload:
@@ -209,40 +190,25 @@ def deform_kernel_conv2d(shape: OpShape, layout, dtype, device) -> Workload:
     image, rotation, weight, grad_output = _image_and_rotation(shape, layout, dtype, device)
     k, p, g = shape.kernel_size, shape.padding, shape.rotation_groups
     offset = _tensor((shape.batch, k * k * 2, shape.size, shape.size), layout, dtype, device, 0.5)
-    return Workload(
-        "deform_kernel_conv2d",
-        layout,
-        lambda: op(image, offset, rotation, weight, k, 1, p, 1, g),
-        (image, offset, rotation, weight),
-        grad_output,
-        _column_buffer_bytes(shape, dtype) if shape.depthwise else None,
-    )
+    return Workload("deform_kernel_conv2d", layout,
+                    lambda: op(image, offset, rotation, weight, k, 1, p, 1, g),
+                    (image, offset, rotation, weight), grad_output,
+                    _column_buffer_bytes(shape, dtype) if shape.depthwise else None)
 
 
 def global_deform_kernel2d(shape: OpShape, layout, dtype, device) -> Workload:
     from dk_detectron2.layers import GlobalDeformKernel2d
 
     c, k = shape.channels, shape.kernel_size
-    module = GlobalDeformKernel2d(
-        c,
-        c,
-        k,
-        padding=shape.padding,
-        groups=shape.conv_groups,
-        scope_size=shape.scope_size,
-        rotation_groups=shape.rotation_groups,
-    ).to(device=device, dtype=dtype)
+    module = GlobalDeformKernel2d(c, c, k, padding=shape.padding, groups=shape.conv_groups,
+                                  scope_size=shape.scope_size,
+                                  rotation_groups=shape.rotation_groups).to(device, dtype)
     # A random (not zero) rotation generator, as after training.
     torch.nn.init.normal_(module.rotation_fc.weight, std=0.1)
     image = _tensor((shape.batch, c, shape.size, shape.size), layout, dtype, device)
     grad_output = _tensor((shape.batch, c, shape.size, shape.size), layout, dtype, device).detach()
-    return Workload(
-        "global_deform_kernel2d",
-        layout,
-        lambda: module(image),
-        (image, *[p for p in module.parameters() if p.requires_grad]),
-        grad_output,
-    )
+    return Workload("global_deform_kernel2d", layout, lambda: module(image),
+                    (image, *[p for p in module.parameters() if p.requires_grad]), grad_output)
 
 
 def conv2d(shape: OpShape, layout, dtype, device) -> Workload:
@@ -251,13 +217,8 @@ def conv2d(shape: OpShape, layout, dtype, device) -> Workload:
     weight = _tensor((c, c // shape.conv_groups, k, k), layout, dtype, device, 0.1)
     grad_output = _tensor((shape.batch, c, shape.size, shape.size), layout, dtype, device).detach()
     groups, padding = shape.conv_groups, shape.padding
-    return Workload(
-        "conv2d",
-        layout,
-        lambda: F.conv2d(image, weight, None, 1, padding, 1, groups),
-        (image, weight),
-        grad_output,
-    )
+    return Workload("conv2d", layout, lambda: F.conv2d(image, weight, None, 1, padding, 1, groups),
+                    (image, weight), grad_output)
 
 
 def torchvision_deform_conv2d(shape: OpShape, layout, dtype, device) -> Workload:
@@ -269,13 +230,9 @@ def torchvision_deform_conv2d(shape: OpShape, layout, dtype, device) -> Workload
     weight = _tensor((c, c // shape.conv_groups, k, k), "nchw", dtype, device, 0.1)
     grad_output = _tensor((shape.batch, c, h, h), layout, dtype, device).detach()
     padding = shape.padding
-    return Workload(
-        "torchvision_deform_conv2d",
-        layout,
-        lambda: op(image, offset, weight, None, 1, padding, 1),
-        (image, offset, weight),
-        grad_output,
-    )
+    return Workload("torchvision_deform_conv2d", layout,
+                    lambda: op(image, offset, weight, None, 1, padding, 1), (image, offset, weight),
+                    grad_output)
 
 
 WORKLOADS = {
@@ -287,9 +244,8 @@ WORKLOADS = {
 }
 
 
-def build_workload(
-    name: str, shape: OpShape, layout: str, dtype=torch.float32, device="cpu"
-) -> Workload:
+def build_workload(name: str, shape: OpShape, layout: str, dtype=torch.float32,
+                   device="cpu") -> Workload:
     """Allocates the inputs of workload ``name`` on ``shape`` (seeded, so runs are comparable)."""
     if name not in WORKLOADS:
         raise ValueError(f"name must be one of {sorted(WORKLOADS)}, got {name!r}")
@@ -314,7 +270,6 @@ def measurement_rows(measurements: Mapping, **common) -> list:
     rows = []
     for key, measurement in measurements.items():
         op, layout, pass_name = key.split("/")
-        rows.append(
-            dict(common, op=op, layout=layout, **{"pass": pass_name}, **measurement.to_dict())
-        )
+        rows.append(dict(common, op=op, layout=layout, **{"pass": pass_name},
+                         **measurement.to_dict()))
     return rows

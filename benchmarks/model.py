@@ -33,7 +33,8 @@ def find_config(explicit=None):
         return explicit
     from dk_detectron2.model_zoo import get_config_dir
 
-    pattern = os.path.join(get_config_dir(), "COCO-InstanceSegmentation", "mask_rcnn_dk_R_50_FPN*.yaml")
+    pattern = os.path.join(get_config_dir(), "COCO-InstanceSegmentation",
+                           "mask_rcnn_dk_R_50_FPN*.yaml")
     candidates = sorted(glob.glob(pattern))
     return candidates[0] if candidates else None
 

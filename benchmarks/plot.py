@@ -3,7 +3,7 @@
 Panels: DK / depthwise conv per shape; DK+DCN speedup over torchvision per shape; global DK /
 depthwise conv per shape; time against H*W (log-log, with a slope-1 guide); the headline ratios
 (full DK, threads, Mask R-CNN) against their targets; the CUDA ratios when a GPU ran. Ratios are
-medians (the JSON also has the minima); dashed lines are the issue's targets.
+medians (the JSON also has the minima); dashed lines are the targets of :data:`report.TARGETS`.
 """
 
 import textwrap
@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter, LogLocator  # noqa: E402
+
+from .report import threshold  # noqa: E402
 
 _PASS_COLORS = {"forward": "tab:blue", "forward_backward": "tab:orange"}
 
@@ -35,9 +37,7 @@ def _bars(ax, comparisons, op, title, ylabel, invert=False, targets=()):
     for offset, pass_name in enumerate(("forward", "forward_backward")):
         values = {r["shape"]["label"]: r["ratio_median"] for r in rows if r["pass"] == pass_name}
         xs = [i + (offset - 0.5) * width for i, label in enumerate(labels) if label in values]
-        ys = [
-            (1 / values[label] if invert else values[label]) for label in labels if label in values
-        ]
+        ys = [(1 / values[l] if invert else values[l]) for l in labels if l in values]
         ax.bar(xs, ys, width, label=pass_name.replace("_", "+"), color=_PASS_COLORS[pass_name])
     for value, text, color in targets:
         ax.axhline(value, linestyle="--", color=color, linewidth=1)
@@ -60,23 +60,12 @@ def _scaling(ax, results):
         return
     for fit in section["hw"]["fits"]:
         style = "-" if fit["op"] == "deform_kernel2d" else ":"
-        ax.plot(
-            fit["hw"],
-            fit["median_ms"],
-            style,
-            marker="o",
-            color=_PASS_COLORS[fit["pass"]],
-            label=f"{fit['op']} {fit['pass'].replace('_', '+')} (R^2 {fit['r2']:.3f})",
-        )
+        ax.plot(fit["hw"], fit["median_ms"], style, marker="o", color=_PASS_COLORS[fit["pass"]],
+                label=f"{fit['op']} {fit['pass'].replace('_', '+')} (R^2 {fit['r2']:.3f})")
     first = section["hw"]["fits"][0]
     x0, y0 = first["hw"][0], first["median_ms"][0]
-    ax.plot(
-        first["hw"],
-        [y0 * x / x0 for x in first["hw"]],
-        color="gray",
-        linewidth=0.8,
-        label="slope 1 (linear)",
-    )
+    ax.plot(first["hw"], [y0 * x / x0 for x in first["hw"]], color="gray", linewidth=0.8,
+            label="slope 1 (linear)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(first["hw"])
@@ -121,20 +110,15 @@ def _cuda(ax, results):
         ax.set_title("CUDA: " + section.get("reason", "not run"), fontsize=9)
         ax.axis("off")
         return
-    rows = [
-        r for r in section["comparisons"] if r["op"] == "deform_kernel2d" and r["pass"] == "forward"
-    ]
+    rows = [r for r in section["comparisons"]
+            if r["op"] == "deform_kernel2d" and r["pass"] == "forward"]
     labels = list(dict.fromkeys(r["shape"]["label"] for r in rows))
     width = 0.27
     for offset, dtype in enumerate(("float32", "float16", "bfloat16")):
         values = {r["shape"]["label"]: r["ratio_median"] for r in rows if r["dtype"] == dtype}
-        ax.bar(
-            [i + (offset - 1) * width for i, l in enumerate(labels) if l in values],
-            [values[l] for l in labels if l in values],
-            width,
-            label=dtype,
-        )
-    ax.axhline(1.3, linestyle="--", color="tab:red", linewidth=1)
+        ax.bar([i + (offset - 1) * width for i, l in enumerate(labels) if l in values],
+               [values[l] for l in labels if l in values], width, label=dtype)
+    ax.axhline(threshold("cuda/float32"), linestyle="--", color="tab:red", linewidth=1)
     ax.set_yscale("log")
     _plain_log_ticks(ax.yaxis)
     ax.set_xticks(range(len(labels)))
@@ -147,30 +131,17 @@ def plot_results(results: dict, path: str) -> None:
     """Writes the six-panel figure to ``path`` (PNG)."""
     comparisons = results.get("ops", {}).get("comparisons", [])
     fig, axes = plt.subplots(2, 3, figsize=(20, 11))
-    _bars(
-        axes[0, 0],
-        comparisons,
-        "deform_kernel2d",
-        "deform_kernel2d / fastest depthwise conv2d",
-        "time ratio (median)",
-        targets=((2.0, "fwd target 2x", "tab:blue"), (3.0, "f+b target 3x", "tab:orange")),
-    )
-    _bars(
-        axes[0, 1],
-        comparisons,
-        "deform_kernel_conv2d",
-        "speedup of deform_kernel_conv2d over torchvision deform_conv2d",
-        "speedup (median)",
-        invert=True,
-        targets=((100.0, "f+b target 100x", "tab:orange"),),
-    )
-    _bars(
-        axes[0, 2],
-        comparisons,
-        "global_deform_kernel2d",
-        "GlobalDeformKernel2d / fastest depthwise conv2d",
-        "time ratio (median)",
-    )
+    fwd, both = threshold("ops/deform_kernel2d/forward"), threshold(
+        "ops/deform_kernel2d/forward_backward")
+    speedup = threshold("ops/deform_kernel_conv2d/forward_backward/speedup")
+    _bars(axes[0, 0], comparisons, "deform_kernel2d", "deform_kernel2d / fastest depthwise conv2d",
+          "time ratio (median)", targets=((fwd, f"fwd target {fwd:g}x", "tab:blue"),
+                                          (both, f"f+b target {both:g}x", "tab:orange")))
+    _bars(axes[0, 1], comparisons, "deform_kernel_conv2d",
+          "speedup of deform_kernel_conv2d over torchvision deform_conv2d", "speedup (median)",
+          invert=True, targets=((speedup, f"f+b target {speedup:g}x", "tab:orange"),))
+    _bars(axes[0, 2], comparisons, "global_deform_kernel2d",
+          "GlobalDeformKernel2d / fastest depthwise conv2d", "time ratio (median)")
     _scaling(axes[1, 0], results)
     _headlines(axes[1, 1], results)
     _cuda(axes[1, 2], results)

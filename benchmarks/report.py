@@ -1,36 +1,154 @@
-"""The report of a run: its tables on the terminal, as Markdown (``results.md``) and JSON (the
-targets and their verdicts are in ``targets.py``).
+"""The report of a run: the targets and their verdicts, and the tables on the terminal, as
+Markdown (``results.md``) and as JSON (``results.json``; the figure is :mod:`benchmarks.plot`).
 
-:func:`build_tables` turns the results dict into ``(title, headers, rows)`` tables; the terminal
-and the Markdown file render the same tables (``tabulate`` "simple" and "github" formats).
-Ratios print as ``median (min-max)``: the ratio of the two sides' medians over the rounds both
-ran, and the range of the per-round ratios.
+Targets are data (:data:`TARGETS`): each names a metric of :func:`headline_metrics` (a ratio of two
+sides timed in the same rounds, a speedup, a memory fraction or a fit) with a comparison and a
+threshold. Ratios are judged on their median; the range of the per-round ratios is reported beside
+it. :func:`build_tables` turns the results into ``(title, headers, rows)`` tables; the terminal and
+the Markdown file render the same tables (``tabulate`` "simple" and "github" formats). Ratios print
+as ``median (min-max)``: the ratio of the two sides' medians over the rounds both ran, and the range
+of the per-round ratios.
 """
 
 import json
 import os
 from collections import defaultdict
-from typing import List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from tabulate import tabulate
 
+from .cases import full_dk_shape, headline_shape
+
+# The targets: (name, metric, comparison, threshold, unit, informational). A metric names a
+# value of :func:`headline_metrics`; ratios are judged on their median, with their range shown.
+TARGETS = [
+    ("CPU deform_kernel2d fwd / fastest dw conv2d", "ops/deform_kernel2d/forward",
+     "<=", 2.0, "x", False),
+    ("CPU deform_kernel2d fwd+bwd / fastest dw conv2d", "ops/deform_kernel2d/forward_backward",
+     "<=", 3.0, "x", False),
+    ("CPU deform_kernel_conv2d speedup over torchvision deform_conv2d fwd+bwd",
+     "ops/deform_kernel_conv2d/forward_backward/speedup", ">=", 100.0, "x", False),
+    ("CPU deform_kernel2d fwd+bwd speedup 2 threads / 1", "threads/forward_backward",
+     ">=", 1.8, "x", False),
+    ("CPU deform_kernel2d fwd speedup 2 threads / 1", "threads/forward", ">=", 1.8, "x", False),
+    ("No per-tap column buffer: total extra memory / [B, C*K*K, Ho, Wo] (worst depthwise DK row)",
+     "memory/extra_per_column_buffer", "<=", 0.5, "x", False),
+    ("Extra memory / output (worst depthwise DK row)", "memory/extra_per_output",
+     "<=", 1.0, "x", False),
+    ("Mask R-CNN DK-R50-FPN inference / plain R50-FPN", "model/inference", "<=", 1.15, "x", False),
+    ("Mask R-CNN DK-R50-FPN training step / plain", "model/training_step", "<=", 3.0, "x", True),
+    ("CPU full DK (groups 1) fwd / F.conv2d", "full_dk/forward", "<=", 2.5, "x", False),
+    ("CPU full DK (groups 1) fwd+bwd / F.conv2d", "full_dk/forward_backward", "<=", 3.0, "x",
+     False),
+    ("CPU deform_kernel2d fwd+bwd time linear in H*W (R^2)", "scaling/r2", ">=", 0.98, "R^2", True),
+] + [
+    (f"CUDA {dtype} deform_kernel2d fwd / cuDNN dw conv2d", f"cuda/{dtype}", "<=", 1.3, "x", False)
+    for dtype in ("float32", "float16", "bfloat16")
+] + [
+    (f"CUDA {dtype} deform_kernel2d fwd DRAM bandwidth / peak", f"cuda_bandwidth/{dtype}",
+     ">=", 0.7, "fraction", False)
+    for dtype in ("float32", "float16", "bfloat16")
+]
+
+Value = Tuple[float, Optional[float], Optional[float]]  # (median or value, min, max)
+
+
+def threshold(metric: str) -> float:
+    """The threshold of the target that reads ``metric`` (the figure draws it)."""
+    return next(t[3] for t in TARGETS if t[1] == metric)
+
+
+def _ratio_of(row, invert=False) -> Optional[Value]:
+    if row is None or "skipped" in row:
+        return None
+    values = (row["ratio_median"], row["ratio_min"], row["ratio_max"])
+    return tuple(1 / v for v in (values[0], values[2], values[1])) if invert else values
+
+
+def headline_metrics(results: dict, quick: bool) -> Dict[str, Value]:
+    """The values the targets name, from one run's results (absent when not measured)."""
+    metrics = {}
+    headline, full = headline_shape(quick).label(), full_dk_shape(quick).label()
+    for row in results.get("ops", {}).get("comparisons", ()):
+        if row["shape"]["label"] == headline:
+            key = f"ops/{row['op']}/{row['pass']}"
+            metrics[key] = _ratio_of(row)
+            metrics[key + "/speedup"] = _ratio_of(row, invert=True)
+    for row in results.get("full_dk", {}).get("comparisons", ()):
+        if row["shape"]["label"] == full:
+            metrics[f"full_dk/{row['pass']}"] = _ratio_of(row)
+    for row in results.get("scaling", {}).get("threads", {}).get("speedups", ()):
+        if row["op"] == "deform_kernel2d" and row["threads"] == 2:
+            metrics[f"threads/{row['pass']}"] = (
+                row["speedup_median"], row["speedup_min"], row["speedup_max"])
+    for fit in results.get("scaling", {}).get("hw", {}).get("fits", ()):
+        if fit["op"] == "deform_kernel2d" and fit["pass"] == "forward_backward":
+            metrics["scaling/r2"] = (fit["r2"], None, None)
+    memory = results.get("memory", {})
+    for name in ("extra_per_column_buffer", "extra_per_output"):
+        if memory.get(f"worst_{name}") is not None:
+            metrics[f"memory/{name}"] = (memory[f"worst_{name}"], None, None)
+    for row in results.get("model", {}).get("comparisons", ()):
+        metrics[f"model/{row['task']}"] = _ratio_of(row)
+    cuda = results.get("cuda", {})
+    for row in cuda.get("comparisons", ()):
+        if (row["shape"]["label"], row["op"], row["pass"]) == (headline, "deform_kernel2d",
+                                                              "forward"):
+            metrics[f"cuda/{row['dtype']}"] = _ratio_of(row)
+    for row in cuda.get("timings", ()):
+        if (row.get("op") == "deform_kernel2d" and row["pass"] == "forward"
+                and row["shape"]["label"] == headline
+                and row.get("bandwidth_fraction") is not None):
+            key = f"cuda_bandwidth/{row['dtype']}"
+            best = max(metrics.get(key, (0.0,))[0], row["bandwidth_fraction"])
+            metrics[key] = (best, None, None)
+    return {k: v for k, v in metrics.items() if v is not None}
+
+
+def _format(value: float, unit: str) -> str:
+    if unit == "fraction":
+        return f"{100 * value:.0f}%"
+    if unit == "R^2":
+        return f"{value:.4f}"
+    return f"{value:.2f}x"
+
+
+def evaluate_targets(results: dict, quick: bool = False) -> List[dict]:
+    """One row per target: name, measured (median and range, number and text), target, status."""
+    metrics = headline_metrics(results, quick)
+    rows = []
+    for name, metric, comparison, threshold, unit, informational in TARGETS:
+        value = metrics.get(metric)
+        row = {"name": name, "metric": metric, "target": f"{comparison} {_format(threshold, unit)}",
+               "threshold": threshold, "comparison": comparison, "informational": informational,
+               "measured": None if value is None else value[0], "status": "n/a",
+               "measured_text": "not run"}
+        if value is not None:
+            median, low, high = value
+            row["measured_range"] = None if low is None else [low, high]
+            row["measured_text"] = _format(median, unit) + (
+                "" if low is None else f" ({_format(low, unit)}-{_format(high, unit)})")
+            passed = median <= threshold if comparison == "<=" else median >= threshold
+            row["status"] = "PASS" if passed else "MISS"
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables
+# ------------------------------------------------------------------------------------------------
 Table = Tuple[str, List[str], List[list]]
 _MB = 1024.0**2
 
-def _ratio(row) -> str:
+
+def _ratio(row, invert=False, digits=2) -> str:
+    """``median (min-max)`` of a comparison row's ratio (its inverse, a speedup, with invert)."""
     if row is None:
         return "-"
     if "skipped" in row:
         return "skipped"
-    return f"{row['ratio_median']:.2f} ({row['ratio_min']:.2f}-{row['ratio_max']:.2f})"
-
-
-def _speedup(row) -> str:
-    if row is None:
-        return "-"
-    if "skipped" in row:
-        return "skipped"
-    return f"{1 / row['ratio_median']:.0f} ({1 / row['ratio_max']:.0f}-{1 / row['ratio_min']:.0f})"
+    median, low, high = _ratio_of(row, invert)
+    return f"{median:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
 
 
 def _ms(row, side) -> str:
@@ -39,58 +157,26 @@ def _ms(row, side) -> str:
     return f"{row[f'{side}_median_ms']:.3f} ({row[f'{side}_layout'][:2]})"
 
 
-def _index(comparisons):
-    return {(r["shape"]["label"], r["op"], r["pass"]): r for r in comparisons or ()}
-
-
 def _ops_table(results) -> List[Table]:
     section = results.get("ops")
     if not section:
         return []
-    index = _index(section["comparisons"])
-    labels = list(dict.fromkeys(r["shape"]["label"] for r in section["comparisons"]))
+    index = {(r["shape"]["label"], r["op"], r["pass"]): r for r in section["comparisons"]}
     rows = []
-    for label in labels:
-        fwd = index.get((label, "deform_kernel2d", "forward"))
-        both = index.get((label, "deform_kernel2d", "forward_backward"))
-        rows.append(
-            [
-                label,
-                _ms(fwd, "op"),
-                _ms(fwd, "baseline"),
-                _ratio(fwd),
-                _ms(both, "op"),
-                _ms(both, "baseline"),
-                _ratio(both),
-                _ms(index.get((label, "deform_kernel_conv2d", "forward_backward")), "op"),
-                _ms(index.get((label, "deform_kernel_conv2d", "forward_backward")), "baseline"),
-                _speedup(index.get((label, "deform_kernel_conv2d", "forward_backward"))),
-                _ratio(index.get((label, "global_deform_kernel2d", "forward"))),
-                _ratio(index.get((label, "global_deform_kernel2d", "forward_backward"))),
-            ]
-        )
-    headers = [
-        "shape (K3)",
-        "DK fwd ms",
-        "dw conv fwd ms",
-        "DK/dw fwd",
-        "DK f+b ms",
-        "dw conv f+b ms",
-        "DK/dw f+b",
-        "DK+DCN f+b ms",
-        "torchvision f+b ms",
-        "DK+DCN speedup f+b",
-        "global DK/dw fwd",
-        "global DK/dw f+b",
-    ]
-    return [
-        (
-            "Op level, CPU float32 (medians in ms, layout nc=NCHW ch=channels-last; "
-            "ratios median (min-max over the shared rounds); speedup = torchvision / DK+DCN)",
-            headers,
-            rows,
-        )
-    ]
+    for label in dict.fromkeys(r["shape"]["label"] for r in section["comparisons"]):
+        fwd, both, dcn, gfwd, gboth = (index.get((label, op, p)) for op, p in (
+            ("deform_kernel2d", "forward"), ("deform_kernel2d", "forward_backward"),
+            ("deform_kernel_conv2d", "forward_backward"), ("global_deform_kernel2d", "forward"),
+            ("global_deform_kernel2d", "forward_backward")))
+        rows.append([label, _ms(fwd, "op"), _ms(fwd, "baseline"), _ratio(fwd), _ms(both, "op"),
+                     _ms(both, "baseline"), _ratio(both), _ms(dcn, "op"), _ms(dcn, "baseline"),
+                     _ratio(dcn, invert=True, digits=0), _ratio(gfwd), _ratio(gboth)])
+    headers = ["shape (K3)", "DK fwd ms", "dw conv fwd ms", "DK/dw fwd", "DK f+b ms",
+               "dw conv f+b ms", "DK/dw f+b", "DK+DCN f+b ms", "torchvision f+b ms",
+               "DK+DCN speedup f+b", "global DK/dw fwd", "global DK/dw f+b"]
+    title = ("Op level, CPU float32 (medians in ms, layout nc=NCHW ch=channels-last; ratios median "
+             "(min-max over the shared rounds); speedup = torchvision / DK+DCN)")
+    return [(title, headers, rows)]
 
 
 def _full_dk_table(results) -> List[Table]:
@@ -98,9 +184,8 @@ def _full_dk_table(results) -> List[Table]:
     if not section:
         return []
     title = f"Full DK (groups 1) vs F.conv2d, CPU float32, {section['shape']['label']}"
-    rows = [
-        [r["pass"], _ms(r, "op"), _ms(r, "baseline"), _ratio(r)] for r in section["comparisons"]
-    ]
+    rows = [[r["pass"], _ms(r, "op"), _ms(r, "baseline"), _ratio(r)]
+            for r in section["comparisons"]]
     return [(title, ["pass", "full DK ms", "F.conv2d ms", "ratio median (min-max)"], rows)]
 
 
@@ -134,41 +219,20 @@ def _scaling_tables(results) -> List[Table]:
     section = results.get("scaling")
     if not section:
         return []
-    hw = section["hw"]
-    rows = []
-    for fit in hw["fits"]:
-        rows.append(
-            [
-                fit["op"],
-                fit["pass"],
-                f"{fit['r2']:.4f}",
-                " ".join(f"{t:.3f}" for t in fit["median_ms"]),
-                " ".join(f"{t:.2f}" for t in fit["ns_per_output_element"]),
-            ]
-        )
+    hw, threads = section["hw"], section["threads"]
+    rows = [[fit["op"], fit["pass"], f"{fit['r2']:.4f}",
+             " ".join(f"{t:.3f}" for t in fit["median_ms"]),
+             " ".join(f"{t:.2f}" for t in fit["ns_per_output_element"])] for fit in hw["fits"]]
     sizes = " ".join(str(int(v**0.5)) for v in hw["fits"][0]["hw"]) if hw["fits"] else ""
-    tables = [
-        (
-            f"Scaling with H*W ({hw['shape']['label']} at sizes {sizes}; fastest layout)",
-            ["op", "pass", "R^2 of t = a + b*H*W", "median ms per size", "ns per output element"],
-            rows,
-        )
-    ]
-    threads = section["threads"]
-    rows = [
-        [r["op"], r["pass"], r["threads"],
-         f"{r['speedup_median']:.2f} ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})"]
-        for r in threads["speedups"]
-        if r["threads"] != 1
-    ]
-    tables.append(
-        (
-            f"Thread scaling ({threads['shape']['label']}, channels-last): "
-            "t(1 thread) / t(n threads)",
-            ["op", "pass", "threads", "speedup median (min-max)"],
-            rows,
-        )
-    )
+    tables = [(f"Scaling with H*W ({hw['shape']['label']} at sizes {sizes}; fastest layout)",
+               ["op", "pass", "R^2 of t = a + b*H*W", "median ms per size",
+                "ns per output element"], rows)]
+    rows = [[r["op"], r["pass"], r["threads"],
+             f"{r['speedup_median']:.2f} ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})"]
+            for r in threads["speedups"] if r["threads"] != 1]
+    tables.append((f"Thread scaling ({threads['shape']['label']}, channels-last): "
+                   "t(1 thread) / t(n threads)",
+                   ["op", "pass", "threads", "speedup median (min-max)"], rows))
     return tables
 
 
@@ -178,19 +242,11 @@ def _model_table(results) -> List[Table]:
         return []
     title = f"Mask R-CNN R50-FPN, CPU, one {section['image_size']}x{section['image_size']} image"
     if section.get("status") != "measured":
-        return [
-            (title, ["status", "detail"], [[section["status"], section.get("error", "")[:200]]])
-        ]
+        detail = section.get("error", "")[:200]
+        return [(title, ["status", "detail"], [[section["status"], detail]])]
     title += f" (DK: {section['dk_type']} S{section['scope_size']}, plain: {section['plain_type']})"
-    rows = [
-        [
-            r["task"],
-            f"{r['dk_median_ms']:.0f}",
-            f"{r['plain_median_ms']:.0f}",
-            f"{r['ratio_median']:.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f})",
-        ]
-        for r in section["comparisons"]
-    ]
+    rows = [[r["task"], f"{r['dk_median_ms']:.0f}", f"{r['plain_median_ms']:.0f}",
+             _ratio(r, digits=3)] for r in section["comparisons"]]
     return [(title, ["task", "DK median ms", "plain median ms", "DK/plain median (min-max)"], rows)]
 
 
@@ -199,9 +255,8 @@ def _cuda_tables(results) -> List[Table]:
     if not section:
         return []
     if section.get("status") != "measured":
-        return [
-            ("CUDA", ["status", "reason"], [[section.get("status"), section.get("reason", "")]])
-        ]
+        reason = section.get("reason", "")
+        return [("CUDA", ["status", "reason"], [[section.get("status"), reason]])]
     bandwidth = {}
     for row in section["timings"]:
         if row.get("bandwidth_fraction") is not None:
@@ -209,109 +264,56 @@ def _cuda_tables(results) -> List[Table]:
             bandwidth[key] = max(bandwidth.get(key, 0.0), row["bandwidth_fraction"])
     rows = []
     for r in section["comparisons"]:
-        key = (r["shape"]["label"], r["op"], r["pass"], r["dtype"])
-        rows.append(
-            [
-                r["dtype"],
-                r["shape"]["label"],
-                r["op"],
-                r["pass"],
-                _ms(r, "op"),
-                _ms(r, "baseline"),
-                _ratio(r),
-                f"{100 * bandwidth.get(key, 0):.0f}%",
-            ]
-        )
+        fraction = bandwidth.get((r["shape"]["label"], r["op"], r["pass"], r["dtype"]), 0)
+        rows.append([r["dtype"], r["shape"]["label"], r["op"], r["pass"], _ms(r, "op"),
+                     _ms(r, "baseline"), _ratio(r), f"{100 * fraction:.0f}%"])
     peak = section.get("peak_bandwidth_bytes_per_s")
-    title = (
-        f"CUDA {section['device_name']} (peak DRAM {peak / 1e12:.2f} TB/s, "
-        f"{section['peak_bandwidth_source']})"
-        if peak
-        else f"CUDA {section['device_name']}"
-    )
-    tables = [
-        (
-            title,
-            [
-                "dtype",
-                "shape",
-                "op",
-                "pass",
-                "op ms",
-                "baseline ms",
-                "ratio median (min-max)",
-                "DRAM BW / peak",
-            ],
-            rows,
-        )
-    ]
-    full = section.get("full_dk", [])
-    if full:
-        rows = [
-            [
-                r["dtype"],
-                r.get("pass", "-"),
-                _ms(r, "op") if "op_layout" in r else "-",
-                _ms(r, "baseline") if "op_layout" in r else "-",
-                _ratio(r) if "op_layout" in r else r.get("error", "")[:80],
-            ]
-            for r in full
-        ]
-        tables.append(
-            (
-                "CUDA full DK (groups 1) vs cuDNN conv2d",
-                ["dtype", "pass", "full DK ms", "conv2d ms", "ratio median (min-max)"],
-                rows,
-            )
-        )
+    title = f"CUDA {section['device_name']}"
+    if peak:
+        title += f" (peak DRAM {peak / 1e12:.2f} TB/s, {section['peak_bandwidth_source']})"
+    headers = ["dtype", "shape", "op", "pass", "op ms", "baseline ms", "ratio median (min-max)",
+               "DRAM BW / peak"]
+    tables = [(title, headers, rows)]
+    if section.get("errors"):
+        tables.append(("CUDA baselines that could not run", ["error"],
+                       [[error[:160]] for error in section["errors"]]))
+    if section.get("full_dk"):
+        rows = [[r["dtype"], r["pass"], _ms(r, "op"), _ms(r, "baseline"), _ratio(r)]
+                for r in section["full_dk"]]
+        tables.append(("CUDA full DK (groups 1) vs cuDNN conv2d",
+                       ["dtype", "pass", "full DK ms", "conv2d ms", "ratio median (min-max)"],
+                       rows))
     return tables
 
 
 def _targets_table(results) -> List[Table]:
-    rows = [
-        [
-            t["name"],
-            t["target"],
-            t["measured_text"],
-            t["status"] + (" (info)" if t["informational"] else ""),
-        ]
-        for t in results.get("targets", ())
-    ]
+    rows = [[t["name"], t["target"], t["measured_text"],
+             t["status"] + (" (info)" if t["informational"] else "")]
+            for t in results.get("targets", ())]
     return [("Targets (judged on the median; range = per-round min-max)",
              ["target", "wanted", "measured", "status"], rows)]
 
 
 def build_tables(results) -> List[Table]:
-    tables = []
-    for builder in (
-        _ops_table,
-        _full_dk_table,
-        _memory_tables,
-        _scaling_tables,
-        _model_table,
-        _cuda_tables,
-        _targets_table,
-    ):
-        tables += builder(results)
-    return tables
+    builders = (_ops_table, _full_dk_table, _memory_tables, _scaling_tables, _model_table,
+                _cuda_tables, _targets_table)
+    return [table for builder in builders for table in builder(results)]
 
 
 def _machine_lines(results) -> List[str]:
     m = results["machine"]
     lines = [
-        f"machine: {m['cpu_model']} ({', '.join(m['cpu_flags'])}), {m['logical_cores']} logical cores, "
-        f"{m['usable_cores']} usable, torch {m['torch']} ({m['torch_cpu_capability']}), "
+        f"machine: {m['cpu_model']} ({', '.join(m['cpu_flags'])}), {m['logical_cores']} logical "
+        f"cores, {m['usable_cores']} usable, torch {m['torch']} ({m['torch_cpu_capability']}), "
         f"torchvision {m['torchvision']}, threads {m['torch_threads']}",
         f"date {m['date_utc']} UTC, git {m['git_commit']}, load average at start "
         f"{' '.join(f'{v:.2f}' for v in m['load_average_at_start'])}",
         f"DK ops: {m['dk_ops']}",
     ]
     if m.get("cuda_device"):
-        lines.append(
-            f"CUDA: {m['cuda_device']} (CUDA {m['cuda_version']}, cuDNN {m['cudnn_version']})"
-        )
-    config = results.get("config", {})
-    lines.append("command: " + config.get("command", ""))
+        lines.append(f"CUDA: {m['cuda_device']} (CUDA {m['cuda_version']}, "
+                     f"cuDNN {m['cudnn_version']})")
+    lines.append("command: " + results.get("config", {}).get("command", ""))
     return lines
 
 

@@ -12,11 +12,11 @@ import math
 import pytest
 import torch
 
+from benchmarks import SECTIONS, main, parse_args
 from benchmarks.cases import headline_shape, op_shapes
-from benchmarks.cli import SECTIONS, main, parse_args
-from benchmarks.cuda import peak_bandwidth
 from benchmarks.measure import compare, linear_fit, measure_memory, time_interleaved
-from benchmarks.targets import TARGETS, evaluate_targets
+from benchmarks.report import TARGETS, evaluate_targets
+from benchmarks.sections import peak_bandwidth
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -231,8 +231,8 @@ def test_linear_fit_and_cli_defaults():
 
 def test_cuda_section_on_a_stand_in_device(monkeypatch):
     """No GPU here: the CPU stands in for the CUDA device so that the section's code runs."""
-    from benchmarks import cuda as cuda_section
-    from benchmarks.cli import progress_factory
+    from benchmarks import progress_factory
+    from benchmarks import sections as cuda_section
 
     monkeypatch.setattr(cuda_section, "benchmark_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
