@@ -98,6 +98,23 @@ def test_grouped_deform_kernel_counts_every_input_channel_of_the_group():
     assert dkc == outputs * 9 * 2 * 5 + reads * 4
 
 
+def test_handles_read_arguments_by_schema_name_and_reject_a_bool_group_count():
+    import pytest
+
+    from dk_detectron2.layers.ops import arguments_by_name
+    from dk_detectron2.tools.flops import deform_kernel2d_flop_jit
+
+    op = torch.ops.dk_detectron2.deform_kernel_conv2d.default
+    named = arguments_by_name(op, list(range(9)))
+    assert named["weight"] == 3 and named["rotation_groups"] == 8  # the schema's order
+    x, weight, out = _Value((1, 4, 5, 5)), _Value((4, 1, 4, 4)), [_Value((1, 4, 5, 5))]
+    geometry = [_Value(constant=[3, 3])] + [_Value(constant=[1, 1])] * 3
+    for groups in (True, 0, 1.0):
+        with pytest.raises(ValueError, match="rotation_groups is not a constant int"):
+            deform_kernel2d_flop_jit([x, _Value((1, 18, 5, 5)), weight, *geometry,
+                                      _Value(constant=groups)], out)
+
+
 def test_nd_linear_sample_count_is_four_macs_per_sample():
     counts = _count(_Call(nd_linear_sample), (torch.randn(7, 4, 4), torch.rand(9, 2) * 3))
     assert counts == {"nd_linear_sample": 9 * 7 * 4}

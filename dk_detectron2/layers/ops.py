@@ -35,7 +35,7 @@ except ImportError:  # a torch without them: the eager tests (exact for real ten
 from . import _extension  # noqa: F401  (loads dk_detectron2._C, which defines the operators)
 from .geometry import IntPair, is_int, output_size, pair, pair_list
 
-__all__ = ["deform_kernel2d", "deform_kernel_conv2d", "nd_linear_sample"]
+__all__ = ["deform_kernel2d", "deform_kernel_conv2d", "nd_linear_sample", "arguments_by_name"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _OPS = torch.ops.dk_detectron2
@@ -261,6 +261,22 @@ def nd_linear_sample(input: torch.Tensor, coord: torch.Tensor) -> torch.Tensor:
     if coord.shape[1] != 2:
         raise ValueError(f"coord must be [P, 2] (y, x), got shape {tuple(coord.shape)}")
     return _OPS.nd_linear_sample(input, coord)
+
+
+def arguments_by_name(op, args, kwargs=None) -> dict:
+    """A call's arguments keyed by the operator schema's argument names.
+
+    Args:
+        op: an operator overload, e.g. ``torch.ops.dk_detectron2.deform_kernel2d.default``.
+        args: its positional arguments, in schema order (values of any kind: tensors in a
+            dispatch mode, ``torch._C.Value``\ s in an fvcore handle).
+        kwargs: its keyword arguments, if any.
+    Returns:
+        ``{name: value}``, e.g. ``["rotation_groups"]`` of a ``deform_kernel2d`` call.
+    """
+    arguments = {a.name: value for a, value in zip(op._schema.arguments, args)}
+    arguments.update(kwargs or {})
+    return arguments
 
 
 # ------------------------------------------------------------------------------------------------

@@ -42,7 +42,11 @@ Handles set on an analysis with ``set_op_handle`` still take precedence;
 import importlib
 from typing import Any, Dict, List
 
+import torch
 from fvcore.nn.jit_handles import Handle, generic_activation_jit, get_shape
+
+from ..layers.geometry import is_int
+from ..layers.ops import arguments_by_name
 
 try:
     from math import prod
@@ -74,12 +78,19 @@ def _shape(value: Any, name: str) -> List[int]:
     return list(shape)
 
 
-def _conv_like_macs(inputs: List[Any], outputs: List[Any], weight_index: int) -> Dict[str, int]:
+def _arguments(op_name: str, inputs: List[Any]) -> Dict[str, Any]:
+    """The traced call's input values keyed by the operator schema's argument names
+    (``op_name``: ``"namespace::name"``; fvcore passes the inputs positionally)."""
+    namespace, name = op_name.split("::")
+    return arguments_by_name(getattr(getattr(torch.ops, namespace), name).default, inputs)
+
+
+def _conv_like_macs(arguments: Dict[str, Any], outputs: List[Any]) -> Dict[str, int]:
     """Shared terms of the deformable-kernel ops: output taps and input reads."""
     batch, out_channels, out_h, out_w = _shape(outputs[0], "output")
-    in_channels = _shape(inputs[0], "input")[1]
-    per_group, scope_h, scope_w = _shape(inputs[weight_index], "weight")[1:]
-    rotation = _shape(inputs[weight_index - 1], "rotation")[1]
+    in_channels = _shape(arguments["input"], "input")[1]
+    per_group, scope_h, scope_w = _shape(arguments["weight"], "weight")[1:]
+    rotation = _shape(arguments["rotation"], "rotation")[1]
     return {
         "outputs": batch * out_channels * out_h * out_w,
         "per_group": per_group,
@@ -90,22 +101,25 @@ def _conv_like_macs(inputs: List[Any], outputs: List[Any], weight_index: int) ->
 
 def _taps(rotation_channels: int, rotation_groups: Any) -> int:
     groups = rotation_groups.toIValue() if hasattr(rotation_groups, "toIValue") else rotation_groups
-    if not isinstance(groups, int) or groups < 1:
+    if not is_int(groups) or groups < 1:
         raise ValueError(f"cannot count flops: rotation_groups is not a constant int ({groups!r})")
     return rotation_channels // (2 * groups)
 
 
 def deform_kernel2d_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
-    """``dk_detectron2::deform_kernel2d(input, rotation, weight, k, s, p, d, groups)``."""
-    terms = _conv_like_macs(inputs, outputs, weight_index=2)
-    taps = _taps(terms["rotation_channels"], inputs[7])
+    """``dk_detectron2::deform_kernel2d(input, rotation, weight, k, s, p, d, rotation_groups)``."""
+    arguments = _arguments("dk_detectron2::deform_kernel2d", inputs)
+    terms = _conv_like_macs(arguments, outputs)
+    taps = _taps(terms["rotation_channels"], arguments["rotation_groups"])
     return terms["outputs"] * taps * terms["per_group"] * (1 + KERNEL_BILINEAR_MACS)
 
 
 def deform_kernel_conv2d_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
-    """``dk_detectron2::deform_kernel_conv2d(input, offset, rotation, weight, k, s, p, d, groups)``."""
-    terms = _conv_like_macs(inputs, outputs, weight_index=3)
-    taps = _taps(terms["rotation_channels"], inputs[8])
+    """``dk_detectron2::deform_kernel_conv2d(input, offset, rotation, weight, k, s, p, d,
+    rotation_groups)``."""
+    arguments = _arguments("dk_detectron2::deform_kernel_conv2d", inputs)
+    terms = _conv_like_macs(arguments, outputs)
+    taps = _taps(terms["rotation_channels"], arguments["rotation_groups"])
     kernel = terms["outputs"] * taps * terms["per_group"] * (1 + KERNEL_BILINEAR_MACS)
     return kernel + terms["in_reads"] * taps * IMAGE_BILINEAR_MACS
 
@@ -117,12 +131,13 @@ def nd_linear_sample_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
 
 def deform_conv2d_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     """``torchvision::deform_conv2d(input, weight, offset, mask, bias, stride_h, stride_w, pad_h,
-    pad_w, dil_h, dil_w, n_weight_grps, n_offset_grps, use_mask)``."""
+    pad_w, dilation_h, dilation_w, groups, offset_groups, use_mask)``."""
+    arguments = _arguments("torchvision::deform_conv2d", inputs)
     batch, out_channels, out_h, out_w = _shape(outputs[0], "output")
-    in_channels = _shape(inputs[0], "input")[1]
-    per_group, kernel_h, kernel_w = _shape(inputs[1], "weight")[1:]
+    in_channels = _shape(arguments["input"], "input")[1]
+    per_group, kernel_h, kernel_w = _shape(arguments["weight"], "weight")[1:]
     taps = kernel_h * kernel_w
-    use_mask = inputs[13].toIValue() if len(inputs) > 13 else False
+    use_mask = arguments["use_mask"].toIValue() if "use_mask" in arguments else False
     reads = batch * in_channels * out_h * out_w * taps
     conv = batch * out_channels * out_h * out_w * taps * per_group
     return conv + reads * (IMAGE_BILINEAR_MACS + int(bool(use_mask)))

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..layers.geometry import base_grid
+from ..layers.ops import arguments_by_name
 
 __all__ = [
     "SamplingCall",
@@ -91,13 +92,6 @@ _CALL_READERS = {
 }
 
 
-def _arguments_by_name(func, args, kwargs) -> dict:
-    """The call's arguments keyed by the operator schema's names (positional or keyword)."""
-    arguments = {a.name: value for a, value in zip(func._schema.arguments, args)}
-    arguments.update(kwargs or {})
-    return arguments
-
-
 class _CaptureMode(TorchDispatchMode):
     def __init__(self, calls: List[SamplingCall]):
         super().__init__()
@@ -106,7 +100,7 @@ class _CaptureMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         reader = _CALL_READERS.get(func._schema.name)
         if reader is not None:
-            self.calls.append(reader(_arguments_by_name(func, args, kwargs)))
+            self.calls.append(reader(arguments_by_name(func, args, kwargs)))
         return func(*args, **(kwargs or {}))
 
 
