@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from dk_detectron2.tools.erf import (
-    BackboneLevel,
+from dk_detectron2.tools.erf_measure import (
     average_effective_receptive_field,
     effective_receptive_field,
     erf_statistics,
 )
+from dk_detectron2.tools.loaders import BackboneLevel
 
 
 def _conv_stack(*layers):
