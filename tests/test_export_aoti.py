@@ -94,9 +94,15 @@ def test_package_runs_with_only_the_operator_library(small_package, tmp_path):
 def test_cpp_program_runs_the_package(small_package, tmp_path):
     module, package = small_package
     binary = str(tmp_path / "run_package")
+    venv_python = os.path.join(ROOT, ".venv", "bin", "python")
+    env = dict(os.environ)
+    env.pop("PYTHON", None)
+    if os.path.realpath(sys.executable) != os.path.realpath(venv_python):
+        env["PYTHON"] = sys.executable  # otherwise the script's default, the repo's .venv
     build = subprocess.run(["bash", os.path.join(ROOT, "examples", "aoti_cpp", "build.sh"), binary],
-                           capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
+                           capture_output=True, text=True, env=env)
     assert build.returncode == 0, build.stderr[-3000:]
+    assert f"using Python: {env.get('PYTHON', venv_python)}" in build.stderr
     height, width = 12, 20
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")  # the package loads libtorch
     env = {**os.environ, "LD_LIBRARY_PATH": torch_lib}

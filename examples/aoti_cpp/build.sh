@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
-# Builds run_package against the libtorch of the current Python environment's torch (the version
-# the package was compiled with) and libpython (needed by dk_detectron2's operator library).
-#   bash examples/aoti_cpp/build.sh [output binary]
+# Builds run_package against the libtorch of a Python environment's torch (the version the
+# package was compiled with) and libpython (needed by dk_detectron2's operator library).
+#   [PYTHON=/path/to/python] bash examples/aoti_cpp/build.sh [output binary]
+# The Python is $PYTHON if set, else the repository's .venv/bin/python if there is one, else
+# `python` from PATH; the script says which on stderr.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
 out="${1:-$here/run_package}"
-PY="${PYTHON:-python}"
+if [[ -n "${PYTHON:-}" ]]; then
+  PY="$PYTHON"
+elif [[ -x "$repo/.venv/bin/python" ]]; then
+  PY="$repo/.venv/bin/python"
+else
+  PY="python"
+fi
+echo "using Python: $PY" >&2
 torch_dir=$("$PY" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
 py_lib=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')
 py_ver=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
