@@ -134,12 +134,13 @@ def test_atomic_write_removes_the_temporaries_of_dead_writers_only(tmp_path):
 _STALLED_SAVE = textwrap.dedent("""
     import os, sys, time, torch
     from dk_detectron2.checkpoint import DKCheckpointer
+    torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     checkpointer = DKCheckpointer(model, sys.argv[1])
     checkpointer.save("first")
     fsync = os.fsync
-    def stalling_fsync(fd):  # the second save stalls after writing, before its rename
-        if "second.pth.tmp." in os.readlink(f"/proc/self/fd/{fd}"):
+    def stalling_fsync(fd):  # the second save stalls after writing sys.argv[2], before its rename
+        if sys.argv[2] + ".tmp." in os.readlink(f"/proc/self/fd/{fd}"):
             print("stalled", flush=True)
             time.sleep(600)
         return fsync(fd)
@@ -150,19 +151,33 @@ _STALLED_SAVE = textwrap.dedent("""
 """)
 
 
-def test_a_process_killed_inside_a_save_leaves_the_previous_checkpoint(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _STALLED_SAVE, str(tmp_path)], stdout=subprocess.PIPE, text=True
-    )
+def _kill_when_stalled(args):
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "stalled"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+@pytest.mark.parametrize("stalled_file", ["second.pth", "last_checkpoint"])
+def test_a_process_killed_inside_a_save_leaves_the_previous_checkpoint(tmp_path, stalled_file):
+    """Killed while writing the checkpoint, or after it while tagging it in last_checkpoint: the
+    tag still names the first checkpoint, which loads with the first save's weights."""
+    _kill_when_stalled(["-c", _STALLED_SAVE, str(tmp_path), stalled_file])
     assert (tmp_path / "last_checkpoint").read_text() == "first.pth"
-    assert not (tmp_path / "second.pth").exists()
+    assert any(name.startswith(f"{stalled_file}.tmp.") for name in os.listdir(tmp_path))
+    if stalled_file == "second.pth":
+        assert not (tmp_path / "second.pth").exists()
+    else:  # the checkpoint itself is whole, only not tagged
+        second = torch.load(tmp_path / "second.pth", weights_only=False)["model"]["weight"]
+        assert torch.equal(second, torch.full_like(second, 7))
+    torch.manual_seed(0)
+    first = torch.nn.Linear(3, 2).state_dict()
     model = torch.nn.Linear(3, 2)
     checkpointer = DKCheckpointer(model, str(tmp_path))
     assert checkpointer.get_checkpoint_file() == str(tmp_path / "first.pth")
     checkpointer.resume_or_load("", resume=True)
-    assert not torch.equal(model.weight, torch.full_like(model.weight, 7))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, first[name]), name
+
