@@ -1,6 +1,7 @@
 """The pieces of exact resume and atomic checkpoints, fast: the resumable train stream, per-step
 seeding, and saves that a kill cannot half-write. (End to end with kills: test_fault_tolerance.)"""
 
+import json
 import os
 import signal
 import subprocess
@@ -181,3 +182,49 @@ def test_a_process_killed_inside_a_save_leaves_the_previous_checkpoint(tmp_path,
     for name, value in model.state_dict().items():
         assert torch.equal(value, first[name]), name
 
+
+_STALLED_METRICS = textwrap.dedent("""
+    import sys
+    from detectron2.utils.events import EventStorage, JSONWriter
+    writer = JSONWriter(sys.argv[1])
+    with EventStorage() as storage:
+        for iteration in range(2):
+            storage.iter = iteration
+            storage.put_scalar("loss", iteration + 0.5, smoothing_hint=False)
+            writer.write()
+        writer._file_handle.write('{"iteration": 2, "lo')  # as a kill inside a write leaves it
+        writer._file_handle.flush()
+        print("stalled", flush=True)
+        import time; time.sleep(600)
+""")
+
+
+def test_a_process_killed_while_appending_to_metrics_json_leaves_its_records(tmp_path):
+    """Detectron2's JSONWriter appends a line per record; a process killed inside a write can
+    leave half a line. DKTrainer removes it before appending (remove_torn_last_line), so the next
+    records are not glued to it and every earlier record still reads."""
+    from detectron2.utils.events import EventStorage, JSONWriter
+
+    from dk_detectron2.engine.exact_resume import remove_torn_last_line
+
+    path = tmp_path / "metrics.json"
+    _kill_when_stalled(["-c", _STALLED_METRICS, str(path)])
+    assert path.read_text().endswith('{"iteration": 2, "lo')
+    assert remove_torn_last_line(str(path)) == len('{"iteration": 2, "lo')
+    assert remove_torn_last_line(str(path)) == 0  # whole now: unchanged
+    writer = JSONWriter(str(path))
+    with EventStorage(2) as storage:
+        storage.put_scalar("loss", 2.5, smoothing_hint=False)
+        writer.write()
+    writer.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert records == [{"iteration": i, "loss": i + 0.5} for i in range(3)]
+
+
+def test_remove_torn_last_line_without_a_whole_record_or_a_file(tmp_path):
+    from dk_detectron2.engine.exact_resume import remove_torn_last_line
+
+    path = tmp_path / "metrics.json"
+    assert remove_torn_last_line(str(path)) == 0 and not path.exists()
+    path.write_text('{"iteration": 0, "loss"' + " " * 100000)  # longer than a read chunk
+    assert remove_torn_last_line(str(path)) == 100023 and path.read_text() == ""

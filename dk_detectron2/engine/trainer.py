@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..checkpoint import DKCheckpointer, atomic_write
 from ..solver import build_dk_optimizer
 from .ddp import device_aware_ddp, share_rank0_buffers
-from .exact_resume import ExactResume, run_seed
+from .exact_resume import ExactResume, remove_torn_last_line, run_seed
 from .hooks import GeneratorWarmup
 from .resumable_loader import ResumableBatches, build_resumable_train_loader
 from .visualize import save_prediction_images
@@ -63,6 +63,13 @@ class DKTrainer(DefaultTrainer):
         if isinstance(batches, ResumableBatches):
             hooks.insert(0, ExactResume(batches))  # seeds each step before any other hook runs
         return hooks
+
+    def build_writers(self):
+        """Detectron2's writers, after removing a half-written last record from
+        ``OUTPUT_DIR/metrics.json`` (left by a process killed while appending it), so that the
+        records of a resumed run are not glued to it."""
+        remove_torn_last_line(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))
+        return super().build_writers()
 
     @classmethod
     def build_train_loader(cls, cfg):
