@@ -5,8 +5,12 @@ to stderr when it happens):
 
 - ``stall-iteration:N``: rank 0 sleeps at the start of iteration N (inside the training step);
 - ``stall-save:NAME``: the save of ``NAME.pth`` sleeps after writing, before its rename;
+- ``stall-metrics:N``: rank 0 writes the first half of ``metrics.json``'s record of iteration N
+  (flushed to disk) and sleeps, as a process killed while appending it would leave the file;
 - ``stall-evaluation``: rank 0 sleeps inside the evaluation, after inference;
-- ``raise:RANK:N`` / ``kill:RANK:N``: rank RANK raises / SIGKILLs itself at iteration N;
+- ``raise:RANK:N`` / ``kill:RANK:N``: rank RANK raises / SIGKILLs itself at iteration N, while
+  the other ranks sleep in that iteration, outside any collective (inside one, gloo would notice
+  the lost peer by itself: only the launcher's teardown ends a worker busy elsewhere);
 - ``detectron2-resume``: not a fault but a broken variant: Detectron2's train loader, without
   the exact-resume state (what ``--resume`` does in plain Detectron2);
 - ``no-allreduce``: a broken variant: models are not wrapped in DDP, so gradients are not
@@ -14,9 +18,14 @@ to stderr when it happens):
 
 Datasets (under ``$DK_TEST_DATASETS``): ``dk_shapes_tiny_train`` (8 images, 64 px),
 ``dk_shapes_tiny_val`` (4 images), ``dk_shapes_one`` (1 image, so that every process of a
-multi-process run sees the same picture) and ``dk_shapes_two`` (2 images, one object each). Registration is at module level so that the workers
-spawned by ``launch`` (which re-import this file) have them too.
+multi-process run sees the same picture) and ``dk_shapes_two`` (2 images, one object each).
+Registration is at module level so that the workers spawned by ``launch`` (which re-import this
+file) have them too.
+
+The writers (console, ``metrics.json``, TensorBoard) write after every iteration, not every 20
+as in Detectron2, so that a comparison of ``metrics.json`` sees every iteration's values.
 """
+import json
 import os
 import signal
 import sys
@@ -73,6 +82,36 @@ def _install_fault(fault):
             return fsync(fd)
 
         os.fsync = stalling_fsync
+    elif kind == "stall-metrics":
+        from detectron2.utils.events import JSONWriter
+
+        write = JSONWriter.write
+
+        class TearingFile:
+            """metrics.json's handle, writing half of the record of iteration ``where``."""
+
+            def __init__(self, handle):
+                self.handle = handle
+
+            def write(self, text):
+                if json.loads(text)["iteration"] == int(where):
+                    self.handle.write(text[: len(text) // 2])
+                    self.handle.flush()
+                    os.fsync(self.handle.fileno())
+                    _announce_and_stall(f"stalled in metrics.json's record of iteration {where}")
+                return self.handle.write(text)
+
+            def __getattr__(self, name):
+                return getattr(self.handle, name)
+
+        def tearing_write(self):
+            handle, self._file_handle = self._file_handle, TearingFile(self._file_handle)
+            try:
+                return write(self)
+            finally:
+                self._file_handle = handle
+
+        JSONWriter.write = tearing_write
     elif kind == "stall-evaluation":
         evaluate = COCOEvaluator.evaluate
 
@@ -90,6 +129,8 @@ def _install_fault(fault):
         run_step = train_loop.SimpleTrainer.run_step
 
         def faulty_run_step(self):
+            if self.iter == iteration and comm.get_rank() != rank and kind != "stall-iteration":
+                time.sleep(600)  # busy elsewhere than in a collective when rank `rank` fails
             if self.iter == iteration and comm.get_rank() == rank:
                 if kind == "stall-iteration":
                     _announce_and_stall(f"stalled in iteration {iteration}")
@@ -105,6 +146,22 @@ def _install_fault(fault):
         raise ValueError(f"unknown DK_TEST_FAULT {fault!r}")
 
 
+def _write_every_iteration():
+    from detectron2.engine.hooks import PeriodicWriter
+
+    build_hooks = train_net.Trainer.build_hooks
+
+    def build_hooks_writing_every_iteration(self):
+        hooks = build_hooks(self)
+        for hook in hooks:
+            if isinstance(hook, PeriodicWriter):
+                hook._period = 1
+        return hooks
+
+    train_net.Trainer.build_hooks = build_hooks_writing_every_iteration
+
+
+_write_every_iteration()
 if os.environ.get("DK_TEST_FAULT"):
     _install_fault(os.environ["DK_TEST_FAULT"])
 
