@@ -166,6 +166,60 @@ def test_whole_mask_rcnn_stops_at_the_proposal_selection_in_torch_export(tmp_pat
     assert "find_top_rpn_proposals" in str(info.value) or "proposal_utils" in str(info.value)
 
 
+@pytest.mark.slow
+def test_whole_mask_rcnn_stops_at_the_proposal_selection_in_dynamo_onnx_export(tmp_path):
+    """The dynamo ONNX exporter's step 1 is torch.export (non-strict, then strict): it stops at
+    the same place, Detectron2's ``if not valid_mask.all()`` in find_top_rpn_proposals."""
+    pytest.importorskip("onnxscript")
+    from dk_detectron2.export.onnx_translations import dk_onnx_translation_table
+    from dk_detectron2.export.torchscript import detector_adapter
+
+    model = _tiny_model(tmp_path)
+    sample = _samples()[0]
+    adapter = detector_adapter(model, sample)
+    with pytest.raises(Exception) as info, torch.no_grad():
+        torch.onnx.export(adapter, (sample["image"],), dynamo=True,
+                          custom_translation_table=dk_onnx_translation_table())
+    message = str(info.value)
+    assert "Failed to export the model with torch.export" in message
+    assert "data-dependent" in message
+    assert "find_top_rpn_proposals" in message and "valid_mask.all()" in message
+
+
+@pytest.mark.slow
+def test_whole_mask_rcnn_stops_only_at_the_dk_operators_in_legacy_onnx_export(tmp_path):
+    """Detectron2's route (``TracingAdapter`` + the legacy TorchScript-based ``torch.onnx.export``)
+    stops at the first DK operator, which has no ONNX symbolic; with a placeholder symbolic (a
+    custom-domain node) the rest of the Mask R-CNN exports, so the DK operators are the only
+    blocker on that route."""
+    onnx = pytest.importorskip("onnx")
+    from torch.onnx import register_custom_op_symbolic, unregister_custom_op_symbolic
+
+    from dk_detectron2.export.torchscript import detector_adapter
+
+    model = _tiny_model(tmp_path)
+    sample = _samples()[0]
+    adapter = detector_adapter(model, sample)
+    path = str(tmp_path / "legacy.onnx")
+    with pytest.raises(Exception, match="unrecognized namespace "
+                                        "dk_detectron2::deform_kernel_conv2d"), torch.no_grad():
+        torch.onnx.export(adapter, (sample["image"],), path, dynamo=False, opset_version=17)
+
+    def placeholder(g, input, offset, rotation, weight, *geometry):
+        return g.op("dk_detectron2::DeformKernelConv2d", input, offset, rotation, weight)
+
+    register_custom_op_symbolic("dk_detectron2::deform_kernel_conv2d", placeholder, 17)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(adapter, (sample["image"],), path, dynamo=False, opset_version=17)
+    finally:
+        unregister_custom_op_symbolic("dk_detectron2::deform_kernel_conv2d", 17)
+    nodes = onnx.load(path).graph.node
+    custom = {(node.domain, node.op_type) for node in nodes if node.domain not in ("", "ai.onnx")}
+    assert custom == {("dk_detectron2", "DeformKernelConv2d")}
+    assert any(node.op_type == "RoiAlign" for node in nodes)  # the heads made it in
+
+
 def test_fake_kernels_trace_data_dependent_image_sizes():
     """A detector reads image sizes from tensors; the DK fake kernels must not guard on them."""
     from dk_detectron2.layers import DeformKernel2d, DeformKernelConv2d
