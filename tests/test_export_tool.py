@@ -28,6 +28,32 @@ def test_command_line_exports_verifies_and_reports(tmp_path):
     assert report["eager_seconds"] > 0 and report["exported_seconds"] > 0
 
 
+@pytest.mark.parametrize(
+    "name,artefact",
+    [("export", "trunk.pt2"), ("onnx", "trunk.onnx"), ("torchscript_script", "model_scripted.ts")],
+)
+def test_command_line_exports_the_other_formats(name, artefact, tmp_path, capsys):
+    if name == "onnx":
+        pytest.importorskip("onnxruntime")
+    dataset = f"dk_shapes_export_tool_{name}"
+    register_shapes_dataset(dataset, str(tmp_path / "data"), "val",
+                            ShapesSpec(num_images=2, image_size=96, max_objects=2))
+    config = tiny_dk_config(tmp_path, "deform_kernel")
+    output = tmp_path / "export"
+    report = main(["--config-file", config, "--weights", "", "--format", name,
+                   "--output", str(output), "--samples", "2", "--repeats", "1",
+                   "--dataset", dataset, "--opts", "INPUT.MIN_SIZE_TEST", "96"])
+    assert (output / artefact).is_file()
+    saved = json.loads((output / f"export_{name}.json").read_text())
+    assert saved["format"] == name and saved["samples"] == 2 and saved["fixed_batch"] is None
+    assert report["shapes_equal"] == 1.0 and report["max_rel"] <= 1e-4
+    printed = capsys.readouterr().out
+    assert f"format {name} (" in printed and "median time per image" in printed
+    if name != "torchscript_script":  # trunk formats: also one batch of both samples
+        assert saved["part"] == "trunk" and saved["batched"]["max_rel"] <= 1e-4
+        assert "one batch of all samples" in printed
+
+
 def test_command_line_rejects_an_unknown_format(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--config-file", "x.yaml", "--format", "tflite"])
