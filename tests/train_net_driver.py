@@ -23,7 +23,9 @@ Registration is at module level so that the workers spawned by ``launch`` (which
 file) have them too.
 
 The writers (console, ``metrics.json``, TensorBoard) write after every iteration, not every 20
-as in Detectron2, so that a comparison of ``metrics.json`` sees every iteration's values.
+as in Detectron2, so that a comparison of ``metrics.json`` sees every iteration's values. With
+``$DK_TEST_SAVE_INITIAL`` set, rank 0 saves the parameters that training starts from (after
+loading and the DDP broadcast) into ``OUTPUT_DIR/initial_parameters.pth``.
 """
 import json
 import os
@@ -161,7 +163,25 @@ def _write_every_iteration():
     train_net.Trainer.build_hooks = build_hooks_writing_every_iteration
 
 
+def _save_initial_parameters():
+    import torch
+    from detectron2.utils import comm
+
+    train = train_net.Trainer.train
+
+    def train_saving_initial_parameters(self):
+        if comm.is_main_process():
+            model = getattr(self.model, "module", self.model)
+            torch.save({k: v.detach().clone() for k, v in model.named_parameters()},
+                       os.path.join(self.cfg.OUTPUT_DIR, "initial_parameters.pth"))
+        return train(self)
+
+    train_net.Trainer.train = train_saving_initial_parameters
+
+
 _write_every_iteration()
+if os.environ.get("DK_TEST_SAVE_INITIAL"):
+    _save_initial_parameters()
 if os.environ.get("DK_TEST_FAULT"):
     _install_fault(os.environ["DK_TEST_FAULT"])
 
