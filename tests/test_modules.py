@@ -70,8 +70,10 @@ def test_every_name_builds_runs_forward_and_backward(name, stride):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_grouped_and_full_convs(name):
-    """Groups 1 and 2: a fresh module convolves with its rigid kernel, and after its generators
-    are perturbed it still matches the float64 reference of its op."""
+    """Groups 1 and 2 (grouped and full convolutions): the output has the convolution's shape, a
+    fresh module (generators at zero) with a rigid kernel equals ``F.conv2d`` with that kernel,
+    and every trainable parameter receives a gradient. (The operators with non-zero rotations are
+    compared with the float64 reference in tests/test_ops.py.)"""
     torch.manual_seed(0)
     for groups in (1, 2):
         module = build_dk_conv(name, 4, 6, 3, padding=1, groups=groups, scope_size=4, num_experts=3)
