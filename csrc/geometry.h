@@ -90,6 +90,30 @@ inline std::vector<ChannelSegment> channel_segments(const DKGeometry& g) {
   return segments;
 }
 
+// The scope-space GEMM's view of the weight [C_out, C_in/groups, Sh, Sw]:
+// [C_out, Sh*Sw*C_in/groups] in the columns' (cell, channel) order.
+inline at::Tensor weight_as_columns(const at::Tensor& weight) {
+  return weight.permute({0, 2, 3, 1}).reshape({weight.size(0), -1}).contiguous();
+}
+
+// The scope-space backward's result, {grad_input, [grad_offset,] grad_rotation, grad_weight}, each
+// in its input's dtype, from gradients accumulated in the op-math type; grad_columns is the
+// weight's gradient in weight_as_columns' layout.
+inline std::vector<at::Tensor> scope_space_gradients(
+    const at::Tensor& grad_input, const at::Tensor& grad_offset, const at::Tensor& grad_rotation,
+    const at::Tensor& grad_columns, const at::Tensor& input, const at::Tensor& offset,
+    const at::Tensor& rotation, const at::Tensor& weight) {
+  std::vector<at::Tensor> grads{grad_input.to(input.scalar_type())};
+  if (offset.defined()) grads.push_back(grad_offset.to(offset.scalar_type()));
+  grads.push_back(grad_rotation.to(rotation.scalar_type()));
+  grads.push_back(
+      grad_columns.view({weight.size(0), weight.size(2), weight.size(3), weight.size(1)})
+          .permute({0, 3, 1, 2})
+          .to(weight.scalar_type())
+          .contiguous());
+  return grads;
+}
+
 inline void check_rotation(const at::Tensor& rotation, const DKGeometry& g) {
   TORCH_CHECK(rotation.dim() == 4 && rotation.size(0) == g.batch &&
                   rotation.size(1) == g.rotation_groups * g.taps() * 2 &&

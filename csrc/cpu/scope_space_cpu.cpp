@@ -36,6 +36,25 @@ int64_t tile_rows(const DKGeometry& g, int64_t element_size) {
   return std::max<int64_t>(32, budget / std::max<int64_t>(depth, 1));
 }
 
+// Calls f(b, pos, k) for each tap k = kh * Kw + kw of row r (global position b * Ho * Wo + pos)
+// that reads something in rotation group `group`, with `tap` filled by sample_tap.
+template <typename scalar_t, bool kOffset, typename F>
+DK_ALWAYS_INLINE void for_each_tap(const DKTensors<scalar_t>& t, int64_t r, int64_t group,
+                                   TapSample<at::opmath_type<scalar_t>>& tap, F&& f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const DKGeometry& g = t.g;
+  const int64_t plane = g.out_height * g.out_width;
+  const int64_t b = r / plane, pos = r % plane;
+  const int64_t oy = pos / g.out_width, ox = pos % g.out_width;
+  for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+    for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+      if (sample_tap<scalar_t, acc_t, kOffset>(t, b, oy, ox, group, kh, kw, tap)) {
+        f(b, pos, kh * g.kernel_w + kw);
+      }
+    }
+  }
+}
+
 // Columns of rows [r0, r1) for convolution group q and rotation group `group`:
 // cols[(row - r0), s * Cq + c], Cq = C_in / groups.
 template <typename scalar_t, bool kOffset>
@@ -44,36 +63,31 @@ void build_columns(const DKTensors<scalar_t>& t, int64_t r0, int64_t r1, int64_t
   using acc_t = at::opmath_type<scalar_t>;
   const DKGeometry& g = t.g;
   const int64_t Cin = g.in_channels, Cq = Cin / g.groups, depth = g.scope_cells() * Cq;
-  const int64_t plane = g.out_height * g.out_width;
   constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
   at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
     // Float columns accumulate in place; half-precision ones in a float row, then converted.
     std::vector<acc_t> row_buffer(kInPlace ? 0 : depth);
     TapSample<acc_t> tap;
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / plane, pos = r % plane;
-      const int64_t oy = pos / g.out_width, ox = pos % g.out_width;
-      const scalar_t* image = t.input + b * g.height * g.width * Cin + q * Cq;
       scalar_t* dst = cols + (r - r0) * depth;
       acc_t* row = kInPlace ? reinterpret_cast<acc_t*>(dst) : row_buffer.data();
       std::fill(row, row + depth, acc_t(0));
-      for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-        for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
-          if (!sample_tap<scalar_t, acc_t, kOffset>(t, b, oy, ox, group, kh, kw, tap)) continue;
-          const auto u = corner_rows(row, tap.scope, Cq, 0);
-          const auto a = corner_weights(tap.scope);
-          if (kOffset) {
-            const auto x = corner_rows(image, tap.image, Cin, 0);
-            const auto bw = corner_weights(tap.image);
-            DK_SIMD
-            for (int64_t c = 0; c < Cq; ++c) corner_spread(u, a, c, corner_read(x, bw, c));
-          } else {
-            const scalar_t* x = image + tap.pixel * Cin;
-            DK_SIMD
-            for (int64_t c = 0; c < Cq; ++c) corner_spread(u, a, c, acc_t(x[c]));
-          }
+      for_each_tap<scalar_t, kOffset>(t, r, group, tap, [&](int64_t b, int64_t, int64_t)
+                                                            DK_ALWAYS_INLINE_LAMBDA {
+        const scalar_t* image = t.input + b * g.height * g.width * Cin + q * Cq;
+        const auto u = corner_rows(row, tap.scope, Cq, 0);
+        const auto a = corner_weights(tap.scope);
+        if (kOffset) {
+          const auto x = corner_rows(image, tap.image, Cin, 0);
+          const auto bw = corner_weights(tap.image);
+          DK_SIMD
+          for (int64_t c = 0; c < Cq; ++c) corner_spread(u, a, c, corner_read(x, bw, c));
+        } else {
+          const scalar_t* x = image + tap.pixel * Cin;
+          DK_SIMD
+          for (int64_t c = 0; c < Cq; ++c) corner_spread(u, a, c, acc_t(x[c]));
         }
-      }
+      });
       if (!kInPlace) {
         for (int64_t i = 0; i < depth; ++i) dst[i] = static_cast<scalar_t>(row[i]);
       }
@@ -96,41 +110,36 @@ void columns_backward_params(const DKTensors<scalar_t>& t, int64_t r0, int64_t r
   at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
     TapSample<acc_t> tap;
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / plane, pos = r % plane;
-      const int64_t oy = pos / g.out_width, ox = pos % g.out_width;
-      const scalar_t* image = t.input + b * g.height * g.width * Cin + q * Cq;
       const scalar_t* gc = grad_cols + (r - r0) * depth;
-      for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-        for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
-          if (!sample_tap<scalar_t, acc_t, kOffset>(t, b, oy, ox, group, kh, kw, tap)) continue;
-          const int64_t k = kh * g.kernel_w + kw;
-          const BilinearCorners<acc_t>& s = tap.scope;
-          const auto gr = corner_rows(gc, s, Cq, 0);
-          const auto a = corner_weights(s);
-          std::array<acc_t, 4> d{};  // sum_c grad_cols[s_j, c] * value[c]
-          if (kOffset) {
-            const BilinearCorners<acc_t>& m = tap.image;
-            const auto x = corner_rows(image, m, Cin, 0);
-            const auto bw = corner_weights(m);
-            std::array<acc_t, 4> e{};  // sum_c grad_value[c] * x[image corner j, c]
-            for (int64_t c = 0; c < Cq; ++c) {
-              corner_accumulate(d, gr, c, corner_read(x, bw, c));
-              corner_accumulate(e, x, c, corner_read(gr, a, c));
-            }
-            acc_t* goff = grad_offset + (b * g.taps() * 2 + k * 2) * plane + pos;
-            goff[0] += corner_dot(m.dweight_dy, e);
-            goff[plane] += corner_dot(m.dweight_dx, e);
-          } else {
-            const scalar_t* x = image + tap.pixel * Cin;
-            for (int64_t c = 0; c < Cq; ++c) corner_accumulate(d, gr, c, acc_t(x[c]));
+      for_each_tap<scalar_t, kOffset>(t, r, group, tap, [&](int64_t b, int64_t pos, int64_t k)
+                                                            DK_ALWAYS_INLINE_LAMBDA {
+        const scalar_t* image = t.input + b * g.height * g.width * Cin + q * Cq;
+        const BilinearCorners<acc_t>& s = tap.scope;
+        const auto gr = corner_rows(gc, s, Cq, 0);
+        const auto a = corner_weights(s);
+        std::array<acc_t, 4> d{};  // sum_c grad_cols[s_j, c] * value[c]
+        if (kOffset) {
+          const BilinearCorners<acc_t>& m = tap.image;
+          const auto x = corner_rows(image, m, Cin, 0);
+          const auto bw = corner_weights(m);
+          std::array<acc_t, 4> e{};  // sum_c grad_value[c] * x[image corner j, c]
+          for (int64_t c = 0; c < Cq; ++c) {
+            corner_accumulate(d, gr, c, corner_read(x, bw, c));
+            corner_accumulate(e, x, c, corner_read(gr, a, c));
           }
-          acc_t* grot = grad_rotation +
-                        (b * g.rotation_groups * g.taps() * 2 + (group * g.taps() + k) * 2) *
-                            plane + pos;
-          grot[0] += corner_dot(s.dweight_dy, d);
-          grot[plane] += corner_dot(s.dweight_dx, d);
+          acc_t* goff = grad_offset + (b * g.taps() * 2 + k * 2) * plane + pos;
+          goff[0] += corner_dot(m.dweight_dy, e);
+          goff[plane] += corner_dot(m.dweight_dx, e);
+        } else {
+          const scalar_t* x = image + tap.pixel * Cin;
+          for (int64_t c = 0; c < Cq; ++c) corner_accumulate(d, gr, c, acc_t(x[c]));
         }
-      }
+        acc_t* grot = grad_rotation +
+                      (b * g.rotation_groups * g.taps() * 2 + (group * g.taps() + k) * 2) * plane +
+                      pos;
+        grot[0] += corner_dot(s.dweight_dy, d);
+        grot[plane] += corner_dot(s.dweight_dx, d);
+      });
     }
   });
 }
@@ -144,7 +153,6 @@ void columns_backward_input(const DKTensors<scalar_t>& t, int64_t r0, int64_t r1
   using acc_t = at::opmath_type<scalar_t>;
   const DKGeometry& g = t.g;
   const int64_t Cin = g.in_channels, Cq = Cin / g.groups, depth = g.scope_cells() * Cq;
-  const int64_t plane = g.out_height * g.out_width;
   const int64_t block = std::max<int64_t>(16, (Cq + 2 * at::get_num_threads() - 1) /
                                                   (2 * at::get_num_threads()));
   const int64_t blocks = (Cq + block - 1) / block;
@@ -153,26 +161,22 @@ void columns_backward_input(const DKTensors<scalar_t>& t, int64_t r0, int64_t r1
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c0 = blk * block, c1 = std::min(Cq, c0 + block);
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / plane, pos = r % plane;
-        const int64_t oy = pos / g.out_width, ox = pos % g.out_width;
-        acc_t* image_grad = grad_input + b * g.height * g.width * Cin + q * Cq;
         const scalar_t* gc = grad_cols + (r - r0) * depth;
-        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-          for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
-            if (!sample_tap<scalar_t, acc_t, kOffset>(t, b, oy, ox, group, kh, kw, tap)) continue;
-            const auto gr = corner_rows(gc, tap.scope, Cq, 0);
-            const auto a = corner_weights(tap.scope);
-            if (kOffset) {
-              const auto x = corner_rows(image_grad, tap.image, Cin, 0);
-              const auto bw = corner_weights(tap.image);
-              for (int64_t c = c0; c < c1; ++c) corner_spread(x, bw, c, corner_read(gr, a, c));
-            } else {
-              acc_t* x = image_grad + tap.pixel * Cin;
-              DK_SIMD
-              for (int64_t c = c0; c < c1; ++c) x[c] += corner_read(gr, a, c);
-            }
+        for_each_tap<scalar_t, kOffset>(t, r, group, tap, [&](int64_t b, int64_t, int64_t)
+                                                              DK_ALWAYS_INLINE_LAMBDA {
+          acc_t* image_grad = grad_input + b * g.height * g.width * Cin + q * Cq;
+          const auto gr = corner_rows(gc, tap.scope, Cq, 0);
+          const auto a = corner_weights(tap.scope);
+          if (kOffset) {
+            const auto x = corner_rows(image_grad, tap.image, Cin, 0);
+            const auto bw = corner_weights(tap.image);
+            for (int64_t c = c0; c < c1; ++c) corner_spread(x, bw, c, corner_read(gr, a, c));
+          } else {
+            acc_t* x = image_grad + tap.pixel * Cin;
+            DK_SIMD
+            for (int64_t c = c0; c < c1; ++c) x[c] += corner_read(gr, a, c);
           }
-        }
+        });
       }
     }
   });
@@ -183,12 +187,6 @@ DKTensors<scalar_t> tensors(const DKGeometry& g, const at::Tensor& input,
                             const at::Tensor& offset, const at::Tensor& rotation) {
   return {g, input.data_ptr<scalar_t>(), offset.defined() ? offset.data_ptr<scalar_t>() : nullptr,
           rotation.data_ptr<scalar_t>(), nullptr};
-}
-
-// at::zeros ignores a memory format in its options: channels-last buffers use empty + zero_.
-// weight [C_out, C_in/groups, Sh, Sw] -> [C_out, Sh*Sw*C_in/groups] in the columns' (s, c) order.
-at::Tensor weight_as_columns(const at::Tensor& weight) {
-  return weight.permute({0, 2, 3, 1}).reshape({weight.size(0), -1}).contiguous();
 }
 
 }  // namespace
@@ -235,6 +233,7 @@ std::vector<at::Tensor> scope_space_backward(const DKGeometry& g, const at::Tens
   const int64_t rows = g.batch * g.positions();
   const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
   const auto acc_options = input.options().dtype(acc_type);
+  // at::zeros ignores a memory format in its options: channels-last buffers use empty + zero_.
   at::Tensor grad_input = at::empty(input.sizes(), acc_options.memory_format(
                                                        at::MemoryFormat::ChannelsLast)).zero_();
   at::Tensor grad_rotation = at::zeros(rotation.sizes(), acc_options);
@@ -282,16 +281,8 @@ std::vector<at::Tensor> scope_space_backward(const DKGeometry& g, const at::Tens
       }
     });
   }
-  const at::Tensor grad_weight = grad_w.view({weight.size(0), weight.size(2), weight.size(3),
-                                              weight.size(1)})
-                                     .permute({0, 3, 1, 2})
-                                     .to(weight.scalar_type())
-                                     .contiguous();
-  std::vector<at::Tensor> grads{grad_input.to(input.scalar_type())};
-  if (has_offset) grads.push_back(grad_offset.to(offset.scalar_type()));
-  grads.push_back(grad_rotation.to(rotation.scalar_type()));
-  grads.push_back(grad_weight);
-  return grads;
+  return scope_space_gradients(grad_input, grad_offset, grad_rotation, grad_w, input, offset,
+                               rotation, weight);
 }
 
 }  // namespace cpu

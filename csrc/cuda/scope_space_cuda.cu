@@ -226,10 +226,6 @@ at::Tensor mm_opmath(const at::Tensor& a, const at::Tensor& b) {
   return at::mm(a, b, acc);
 }
 
-at::Tensor weight_as_columns(const at::Tensor& weight) {
-  return weight.permute({0, 2, 3, 1}).reshape({weight.size(0), -1}).contiguous();
-}
-
 template <typename scalar_t>
 void launch_build(const DKGeometry& g, const at::Tensor& input, const at::Tensor& offset,
                   const at::Tensor& rotation, int64_t r0, int64_t r1, const Segment& seg,
@@ -359,16 +355,8 @@ std::vector<at::Tensor> scope_space_backward_cuda(const DKGeometry& g,
       }
     });
   }
-  const at::Tensor grad_weight =
-      grad_w.view({weight.size(0), weight.size(2), weight.size(3), weight.size(1)})
-          .permute({0, 3, 1, 2})
-          .to(weight.scalar_type())
-          .contiguous();
-  std::vector<at::Tensor> grads{grad_input.to(input.scalar_type())};
-  if (has_offset) grads.push_back(grad_offset.to(offset.scalar_type()));
-  grads.push_back(grad_rotation.to(rotation.scalar_type()));
-  grads.push_back(grad_weight);
-  return grads;
+  return scope_space_gradients(grad_input, grad_offset, grad_rotation, grad_w, input, offset,
+                               rotation, weight);
 }
 
 }  // namespace cuda
