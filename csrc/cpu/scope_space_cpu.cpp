@@ -36,20 +36,20 @@ int64_t tile_rows(const DKGeometry& g, int64_t element_size) {
   return std::max<int64_t>(32, budget / std::max<int64_t>(depth, 1));
 }
 
-// Calls f(b, pos, k) for each tap k = kh * Kw + kw of row r (global position b * Ho * Wo + pos)
-// that reads something in rotation group `group`, with `tap` filled by sample_tap.
+// Row r of the columns is output position pos = r % (Ho * Wo) of image b = r / (Ho * Wo).
+// for_each_tap calls f(k) for each tap k = kh * Kw + kw of that position that reads something in
+// rotation group `group`, with `tap` filled by sample_tap.
 template <typename scalar_t, bool kOffset, typename F>
-DK_ALWAYS_INLINE void for_each_tap(const DKTensors<scalar_t>& t, int64_t r, int64_t group,
-                                   TapSample<at::opmath_type<scalar_t>>& tap, F&& f) {
+DK_ALWAYS_INLINE void for_each_tap(const DKTensors<scalar_t>& t, int64_t b, int64_t pos,
+                                   int64_t group, TapSample<at::opmath_type<scalar_t>>& tap,
+                                   F&& f) {
   using acc_t = at::opmath_type<scalar_t>;
   const DKGeometry& g = t.g;
-  const int64_t plane = g.out_height * g.out_width;
-  const int64_t b = r / plane, pos = r % plane;
   const int64_t oy = pos / g.out_width, ox = pos % g.out_width;
   for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
     for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
       if (sample_tap<scalar_t, acc_t, kOffset>(t, b, oy, ox, group, kh, kw, tap)) {
-        f(b, pos, kh * g.kernel_w + kw);
+        f(kh * g.kernel_w + kw);
       }
     }
   }
@@ -63,18 +63,20 @@ void build_columns(const DKTensors<scalar_t>& t, int64_t r0, int64_t r1, int64_t
   using acc_t = at::opmath_type<scalar_t>;
   const DKGeometry& g = t.g;
   const int64_t Cin = g.in_channels, Cq = Cin / g.groups, depth = g.scope_cells() * Cq;
+  const int64_t plane = g.out_height * g.out_width;
   constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
   at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
     // Float columns accumulate in place; half-precision ones in a float row, then converted.
     std::vector<acc_t> row_buffer(kInPlace ? 0 : depth);
     TapSample<acc_t> tap;
     for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / plane;
+      const scalar_t* image = t.input + b * g.height * g.width * Cin + q * Cq;
       scalar_t* dst = cols + (r - r0) * depth;
       acc_t* row = kInPlace ? reinterpret_cast<acc_t*>(dst) : row_buffer.data();
       std::fill(row, row + depth, acc_t(0));
-      for_each_tap<scalar_t, kOffset>(t, r, group, tap, [&](int64_t b, int64_t, int64_t)
-                                                            DK_ALWAYS_INLINE_LAMBDA {
-        const scalar_t* image = t.input + b * g.height * g.width * Cin + q * Cq;
+      for_each_tap<scalar_t, kOffset>(t, b, r % plane, group, tap, [&](int64_t)
+                                                                      DK_ALWAYS_INLINE_LAMBDA {
         const auto u = corner_rows(row, tap.scope, Cq, 0);
         const auto a = corner_weights(tap.scope);
         if (kOffset) {
@@ -110,10 +112,11 @@ void columns_backward_params(const DKTensors<scalar_t>& t, int64_t r0, int64_t r
   at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
     TapSample<acc_t> tap;
     for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / plane, pos = r % plane;
+      const scalar_t* image = t.input + b * g.height * g.width * Cin + q * Cq;
       const scalar_t* gc = grad_cols + (r - r0) * depth;
-      for_each_tap<scalar_t, kOffset>(t, r, group, tap, [&](int64_t b, int64_t pos, int64_t k)
-                                                            DK_ALWAYS_INLINE_LAMBDA {
-        const scalar_t* image = t.input + b * g.height * g.width * Cin + q * Cq;
+      for_each_tap<scalar_t, kOffset>(t, b, pos, group, tap, [&](int64_t k)
+                                                                  DK_ALWAYS_INLINE_LAMBDA {
         const BilinearCorners<acc_t>& s = tap.scope;
         const auto gr = corner_rows(gc, s, Cq, 0);
         const auto a = corner_weights(s);
@@ -153,6 +156,7 @@ void columns_backward_input(const DKTensors<scalar_t>& t, int64_t r0, int64_t r1
   using acc_t = at::opmath_type<scalar_t>;
   const DKGeometry& g = t.g;
   const int64_t Cin = g.in_channels, Cq = Cin / g.groups, depth = g.scope_cells() * Cq;
+  const int64_t plane = g.out_height * g.out_width;
   const int64_t block = std::max<int64_t>(16, (Cq + 2 * at::get_num_threads() - 1) /
                                                   (2 * at::get_num_threads()));
   const int64_t blocks = (Cq + block - 1) / block;
@@ -161,10 +165,11 @@ void columns_backward_input(const DKTensors<scalar_t>& t, int64_t r0, int64_t r1
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c0 = blk * block, c1 = std::min(Cq, c0 + block);
       for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / plane;
+        acc_t* image_grad = grad_input + b * g.height * g.width * Cin + q * Cq;
         const scalar_t* gc = grad_cols + (r - r0) * depth;
-        for_each_tap<scalar_t, kOffset>(t, r, group, tap, [&](int64_t b, int64_t, int64_t)
-                                                              DK_ALWAYS_INLINE_LAMBDA {
-          acc_t* image_grad = grad_input + b * g.height * g.width * Cin + q * Cq;
+        for_each_tap<scalar_t, kOffset>(t, b, r % plane, group, tap, [&](int64_t)
+                                                                        DK_ALWAYS_INLINE_LAMBDA {
           const auto gr = corner_rows(gc, tap.scope, Cq, 0);
           const auto a = corner_weights(tap.scope);
           if (kOffset) {
