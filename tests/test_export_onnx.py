@@ -119,3 +119,17 @@ def test_onnx_graph_uses_standard_ops_only(tmp_path):
     domains = {node.domain for node in graph.node}
     assert domains <= {"", "ai.onnx"}, domains
     assert "GatherElements" in {node.op_type for node in graph.node}
+
+
+
+def test_runner_without_spinning_tells_onnx_runtime(tmp_path):
+    """The export tool times ONNX Runtime in turns with eager PyTorch: its runner turns off the
+    intra-op threads' busy-wait, which would slow the eager calls between runs."""
+    from dk_detectron2.export.formats import export_format
+
+    module = torch.nn.Conv2d(2, 3, 3, padding=1).eval()
+    path = str(tmp_path / "conv.onnx")
+    export_onnx(module, (torch.randn(1, 2, 8, 8),), path, _dynamic(True))
+    key = "session.intra_op.allow_spinning"
+    for runner in (OnnxRuntimeRunner(path, spinning=False), export_format("onnx").load(path)):
+        assert runner.session.get_session_options().get_session_config_entry(key) == "0"

@@ -201,4 +201,5 @@ class onnx(_TrunkFormat):  # noqa: N801
     def load(self, path):
         from .onnx_model import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(path)
+        # the check times ONNX Runtime in turns with eager PyTorch in this process
+        return OnnxRuntimeRunner(path, spinning=False)

@@ -49,14 +49,20 @@ class OnnxRuntimeRunner:
         path: the ONNX file.
         providers: ONNX Runtime execution providers (default: the CPU one).
         threads: intra-op threads (0: ONNX Runtime's default).
+        spinning: whether ONNX Runtime's idle intra-op threads busy-wait for the next call
+            (its default: lower latency when the session has the cores to itself). Turn it off
+            when other work shares the process's cores between calls, as when the exported
+            model is timed in turns with eager PyTorch: spinning threads would slow that work.
     """
 
     def __init__(self, path: str, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: int = 0):
+                 threads: int = 0, spinning: bool = True):
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(path, options, providers=list(providers))
         self.input_names = [value.name for value in self.session.get_inputs()]
 
