@@ -299,6 +299,18 @@ def test_rotation_clip_range_and_none():
     assert RotationClip((3, 3), (4, 4), "none")(rotation, tap_dim=1) is rotation
 
 
+@pytest.mark.parametrize("mode", ["range", "scope"])
+def test_rotation_clip_gradient_passes_inside_the_interval_only(mode):
+    """The gradient of a clipped rotation is 1 inside its interval and 0 outside (exactly on a
+    bound torch's clamp shares it, as minimum and maximum do)."""
+    clip = RotationClip((1, 1), (3, 3), mode, (-1.0, 1.0))  # both modes: r in [-1, 1]
+    values = torch.tensor([-1.5, -1.001, -0.999, 0.0, 0.999, 1.001, 1.5], dtype=torch.float64)
+    rotation = values.view(-1, 1).expand(-1, 2).clone().requires_grad_(True)
+    clip(rotation, tap_dim=1).sum().backward()
+    expected = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(rotation.grad, expected.view(-1, 1).expand(-1, 2), rtol=0, atol=0)
+
+
 def test_deform_kernel_clips_predicted_rotation():
     torch.manual_seed(0)
     x = torch.randn(1, 2, 5, 5)

@@ -271,8 +271,8 @@ def _unsupported_ops(model, image, caplog):
 
 
 def test_dk_mask_rcnns_have_no_unsupported_operator_a_rigid_one_lacks(tmp_path, caplog):
-    """The clip of rotation_clip="scope" (the configs' default) and global DK's pooling use ops
-    fvcore ignores or counts: no warning beyond the rigid baseline's (Detectron2's own topk,
+    """The clip of rotation_clip="scope" (the configs' default) and the per-sample pooling of
+    global DK and CondConv use ops fvcore ignores or counts: no warning beyond the rigid baseline's (Detectron2's own topk,
     roi_align, pad, ...)."""
     from _tools_configs import tiny_dk_config
 
@@ -282,7 +282,7 @@ def test_dk_mask_rcnns_have_no_unsupported_operator_a_rigid_one_lacks(tmp_path, 
     rigid_cfg = setup_cfg(tiny_dk_config(tmp_path, "rigid_conv"), device="cpu")
     rigid = _unsupported_ops(load_model(rigid_cfg).eval(), image, caplog)
     assert rigid, "the rigid baseline should show Detectron2's own unsupported operators"
-    for dk_type in ("deform_kernel", "deform_kernel_conv", "global_deform_kernel"):
+    for dk_type in ("deform_kernel", "deform_kernel_conv", "global_deform_kernel", "cond_conv"):
         cfg = setup_cfg(tiny_dk_config(tmp_path, dk_type), device="cpu")
         assert cfg.MODEL.DK.ROTATION_CLIP == "scope"
         found = _unsupported_ops(load_model(cfg).eval(), image, caplog)

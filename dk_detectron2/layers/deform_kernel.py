@@ -18,11 +18,10 @@ import math
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .conv_base import KernelConvBase
-from .generators import GENERATOR_KINDS, build_generator, zero_init_
+from .generators import GENERATOR_KINDS, build_generator, global_average_pool, zero_init_
 from .geometry import IntPair, base_grid, check_int, pair, scope_base
 from .ops import deform_kernel2d, deform_kernel_conv2d, nd_linear_sample
 
@@ -257,9 +256,7 @@ class GlobalDeformKernel2d(_DeformKernelBase):
         """[B, C_out, C_in/groups, K, K]: the kernel each sample of ``x`` is convolved with."""
         batch = x.shape[0]
         taps = self.kernel_size[0] * self.kernel_size[1]
-        # Global average pooling as adaptive_avg_pool2d (the mean over H, W), which fvcore's
-        # FlopCountAnalysis counts (it has no handle for aten::mean and would warn).
-        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        pooled = global_average_pool(x)
         rotation = self.rotation_fc(pooled).reshape(batch, self.rotation_groups, taps * 2)
         rotation = self.rotation_clip(rotation, tap_dim=2).reshape(
             batch, self.rotation_groups, taps, 2

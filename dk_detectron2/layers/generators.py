@@ -12,9 +12,11 @@ layer is its rigid convolution. Kinds (``MODEL.DK.GENERATOR``):
 """
 from typing import Callable, Dict, Tuple
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GENERATOR_KINDS", "build_generator", "zero_init_"]
+__all__ = ["GENERATOR_KINDS", "build_generator", "global_average_pool", "zero_init_"]
 
 Pair = Tuple[int, int]
 
@@ -25,6 +27,13 @@ def zero_init_(module: nn.Module) -> nn.Module:
     if module.bias is not None:
         nn.init.zeros_(module.bias)
     return module
+
+
+def global_average_pool(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C]: the mean over H and W, what per-sample generators (global DK's
+    rotations, CondConv's routing) read. Written as ``adaptive_avg_pool2d``, which fvcore's
+    ``FlopCountAnalysis`` counts (it has no handle for ``aten::mean`` and would warn)."""
+    return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
 
 def _full(in_channels: int, out_channels: int, kernel_size: Pair, stride: Pair, padding: Pair,

@@ -18,7 +18,7 @@ from torch import nn
 from torchvision.ops import deform_conv2d
 
 from .conv_base import KernelConvBase
-from .generators import zero_init_
+from .generators import global_average_pool, zero_init_
 from .geometry import check_int
 
 __all__ = ["LearntOffsetDeformConv2d", "CondConv2d"]
@@ -124,7 +124,7 @@ class CondConv2d(KernelConvBase):
 
     def routing(self, x: torch.Tensor) -> torch.Tensor:
         """[B, E] expert weights of each sample."""
-        return torch.sigmoid(self.routing_fc(x.mean(dim=(2, 3))))
+        return torch.sigmoid(self.routing_fc(global_average_pool(x)))
 
     def rigid_weight(self) -> torch.Tensor:
         """The kernel under zero-initialised routing: ``0.5 * sum_e weight[e]``."""
