@@ -155,6 +155,8 @@ class BuildExt(BuildExtension.with_options(use_ninja=True)):
         os.close(fd)
         try:
             shutil.copy2(infile, temporary)
+            with open(temporary, "rb") as written:  # on disk before the name points at it
+                os.fsync(written.fileno())
             os.replace(temporary, outfile)
         except BaseException:
             if os.path.exists(temporary):
