@@ -107,6 +107,10 @@ def test_handles_read_arguments_by_schema_name_and_reject_a_bool_group_count():
     op = torch.ops.dk_detectron2.deform_kernel_conv2d.default
     named = arguments_by_name(op, list(range(9)))
     assert named["weight"] == 3 and named["rotation_groups"] == 8  # the schema's order
+    with pytest.raises(TypeError, match="op must be an operator overload with a schema"):
+        arguments_by_name(torch.nn.functional.conv2d, [])
+    with pytest.raises(ValueError, match="takes 9 arguments, got 10 positional"):
+        arguments_by_name(op, list(range(10)))
     x, weight, out = _Value((1, 4, 5, 5)), _Value((4, 1, 4, 4)), [_Value((1, 4, 5, 5))]
     geometry = [_Value(constant=[3, 3])] + [_Value(constant=[1, 1])] * 3
     for groups in (True, 0, 1.0):

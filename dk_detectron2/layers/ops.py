@@ -274,7 +274,17 @@ def arguments_by_name(op, args, kwargs=None) -> dict:
     Returns:
         ``{name: value}``, e.g. ``["rotation_groups"]`` of a ``deform_kernel2d`` call.
     """
-    arguments = {a.name: value for a, value in zip(op._schema.arguments, args)}
+    schema = getattr(op, "_schema", None)
+    if schema is None:
+        raise TypeError(
+            "op must be an operator overload with a schema (e.g. "
+            f"torch.ops.dk_detectron2.deform_kernel2d.default), got {type(op).__name__}"
+        )
+    if len(args) > len(schema.arguments):
+        raise ValueError(
+            f"{schema.name} takes {len(schema.arguments)} arguments, got {len(args)} positional"
+        )
+    arguments = {a.name: value for a, value in zip(schema.arguments, args)}
     arguments.update(kwargs or {})
     return arguments
 
