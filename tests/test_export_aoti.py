@@ -47,12 +47,12 @@ def small_package(tmp_path_factory):
 def test_export_and_verify_packages_a_tiny_dk_mask_rcnn_trunk(tmp_path):
     """The ``aoti`` format as the tool runs it: exported, compiled, reloaded from disk and
     compared with eager on three image sizes one at a time and on one padded batch of all."""
-    from test_export_model import _samples, _tiny_model
+    from _export_models import image_samples, tiny_export_model
 
     from dk_detectron2.tools.export import export_and_verify
 
-    model = _tiny_model(tmp_path, "deform_kernel_conv")
-    report = export_and_verify(model, _samples(), "aoti", str(tmp_path / "out"), repeats=1)
+    model = tiny_export_model(tmp_path, "deform_kernel_conv")
+    report = export_and_verify(model, image_samples(), "aoti", str(tmp_path / "out"), repeats=1)
     assert report["part"] == "trunk" and report["fixed_batch"] is None
     assert os.path.isfile(report["artefact"])
     assert report["shapes_equal"] == 1.0 and report["max_rel"] <= TOLERANCE
@@ -97,7 +97,9 @@ def test_cpp_program_runs_the_package(small_package, tmp_path):
     venv_python = os.path.join(ROOT, ".venv", "bin", "python")
     env = dict(os.environ)
     env.pop("PYTHON", None)
-    if os.path.realpath(sys.executable) != os.path.realpath(venv_python):
+    # Another environment than the repo's .venv (a venv's python is a link to its base
+    # interpreter, so the environment is told by its prefix, not by the interpreter's file).
+    if os.path.realpath(sys.prefix) != os.path.realpath(os.path.join(ROOT, ".venv")):
         env["PYTHON"] = sys.executable  # otherwise the script's default, the repo's .venv
     build = subprocess.run(["bash", os.path.join(ROOT, "examples", "aoti_cpp", "build.sh"), binary],
                            capture_output=True, text=True, env=env)

@@ -5,30 +5,12 @@ import os
 import pytest
 import torch
 
-from _tools_configs import tiny_dk_config
+from _export_models import image_samples, tiny_export_model
 from dk_detectron2.export.formats import export_format, export_format_names
 from dk_detectron2.export.trunk import DetectorTrunk, trunk_dynamic_shapes, trunk_images
 from dk_detectron2.export.verify import compare_outputs
-from dk_detectron2.tools.loaders import load_model, setup_cfg
 
 TOLERANCE = 1e-4  # relative, per output
-
-
-def _tiny_model(tmp_path, dk_type="deform_kernel_conv"):
-    """The tiny DK Mask R-CNN of the tools' tests with non-zero DK generators (seeded)."""
-    torch.manual_seed(0)
-    model = load_model(setup_cfg(tiny_dk_config(tmp_path, dk_type), device="cpu"))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "rotation_conv" in name or "offset_conv" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    return model
-
-
-def _samples(sizes=((96, 128), (128, 96), (96, 96))):
-    generator = torch.Generator().manual_seed(1)
-    return [{"image": torch.rand(3, h, w, generator=generator) * 255} for h, w in sizes]
 
 
 def _export_and_compare(model, samples, name, tmp_path):
@@ -53,8 +35,8 @@ def test_formats_are_registered():
 
 
 def test_torchscript_traces_the_whole_mask_rcnn(tmp_path):
-    model = _tiny_model(tmp_path)
-    samples = _samples(((96, 128), (128, 96)))  # traced on the first size, run on both
+    model = tiny_export_model(tmp_path)
+    samples = image_samples(((96, 128), (128, 96)))  # traced on the first size, run on both
     module, traced, results = _export_and_compare(model, samples, "torchscript", tmp_path)
     code = traced.inlined_graph if hasattr(traced, "inlined_graph") else traced.graph
     assert "dk_detectron2::deform_kernel_conv2d" in str(code)
@@ -70,8 +52,8 @@ def test_torchscript_traces_the_whole_mask_rcnn(tmp_path):
 def test_trace_detector_returns_the_adapter_and_its_trace(tmp_path):
     from dk_detectron2.export.torchscript import trace_detector
 
-    model = _tiny_model(tmp_path, "deform_kernel")
-    sample = _samples(((96, 128),))[0]
+    model = tiny_export_model(tmp_path, "deform_kernel")
+    sample = image_samples(((96, 128),))[0]
     adapter, traced = trace_detector(model, sample)
     traced.save(str(tmp_path / "model.ts"))
     reloaded = torch.jit.load(str(tmp_path / "model.ts"))
@@ -82,11 +64,11 @@ def test_trace_detector_returns_the_adapter_and_its_trace(tmp_path):
 
 
 def test_torch_export_of_the_trunk_has_dynamic_batch_and_size(tmp_path):
-    model = _tiny_model(tmp_path)
-    module, program, results = _export_and_compare(model, _samples(), "export", tmp_path)
+    model = tiny_export_model(tmp_path)
+    module, program, results = _export_and_compare(model, image_samples(), "export", tmp_path)
     for result in results:  # three image sizes, one image per call
         assert result["shapes_equal"] and result["max_rel"] <= TOLERANCE
-    batch = trunk_images(module, [s["image"] for s in _samples()])  # batch of 3 at 128 x 128
+    batch = trunk_images(module, [s["image"] for s in image_samples()])  # batch of 3 at 128 x 128
     with torch.no_grad():
         found = compare_outputs(module(batch), program(batch))
     assert found["shapes_equal"] and found["max_rel"] <= TOLERANCE
@@ -95,7 +77,7 @@ def test_torch_export_of_the_trunk_has_dynamic_batch_and_size(tmp_path):
 
 
 def test_trunk_images_pads_uint8_images_with_the_pixel_mean(tmp_path):
-    trunk = DetectorTrunk(_tiny_model(tmp_path))
+    trunk = DetectorTrunk(tiny_export_model(tmp_path))
     image = torch.full((3, 70, 100), 200, dtype=torch.uint8)
     batch = trunk_images(trunk, [image])
     assert batch.dtype == torch.float32 and batch.shape == (1, 3, 96, 128)
@@ -110,12 +92,12 @@ def test_trunk_rejects_a_model_without_a_backbone():
 
 @pytest.mark.slow
 def test_onnx_of_the_trunk_runs_in_onnx_runtime(tmp_path):
-    pytest.importorskip("onnxruntime")
-    model = _tiny_model(tmp_path)
-    module, runner, results = _export_and_compare(model, _samples(), "onnx", tmp_path)
+    import onnxruntime  # noqa: F401
+    model = tiny_export_model(tmp_path)
+    module, runner, results = _export_and_compare(model, image_samples(), "onnx", tmp_path)
     for result in results:
         assert result["shapes_equal"] and result["max_rel"] <= TOLERANCE
-    batch = trunk_images(module, [s["image"] for s in _samples()])
+    batch = trunk_images(module, [s["image"] for s in image_samples()])
     with torch.no_grad():
         found = compare_outputs(module(batch), runner(batch))
     assert found["shapes_equal"] and found["max_rel"] <= TOLERANCE
@@ -124,11 +106,11 @@ def test_onnx_of_the_trunk_runs_in_onnx_runtime(tmp_path):
 def test_onnx_of_a_global_dk_trunk_fixes_the_batch_at_one_image(tmp_path):
     """Global DK runs its per-sample kernels as one convolution of batch x groups groups, a
     constant in ONNX: its trunk exports with a batch of one image (height and width dynamic)."""
-    pytest.importorskip("onnxruntime")
+    import onnxruntime  # noqa: F401
     from dk_detectron2.tools.export import _summary, export_and_verify
 
-    model = _tiny_model(tmp_path, "global_deform_kernel")
-    samples = _samples()  # three sizes, one image per call
+    model = tiny_export_model(tmp_path, "global_deform_kernel")
+    samples = image_samples()  # three sizes, one image per call
     report = export_and_verify(model, samples, "onnx", str(tmp_path / "out"), repeats=1)
     assert report["fixed_batch"] == 1 and "batched" not in report
     assert report["shapes_equal"] == 1.0 and report["max_rel"] <= TOLERANCE
@@ -140,8 +122,9 @@ def test_onnx_of_a_global_dk_trunk_fixes_the_batch_at_one_image(tmp_path):
 
 
 def test_only_onnx_of_a_global_dk_model_fixes_the_batch(tmp_path):
-    local, global_dk = _tiny_model(tmp_path), _tiny_model(tmp_path, "global_deform_kernel")
-    samples = _samples()
+    local = tiny_export_model(tmp_path)
+    global_dk = tiny_export_model(tmp_path, "global_deform_kernel")
+    samples = image_samples()
     for name in ("export", "aoti", "onnx"):
         fmt = export_format(name)
         assert fmt.fixed_batch(fmt.module(local, samples)) is None
@@ -158,8 +141,8 @@ def test_whole_mask_rcnn_stops_at_the_proposal_selection_in_torch_export(tmp_pat
     backbone and the RPN head trace, Detectron2's proposal selection branches on tensor values."""
     from dk_detectron2.export.torchscript import detector_adapter
 
-    model = _tiny_model(tmp_path)
-    adapter = detector_adapter(model, _samples()[0])
+    model = tiny_export_model(tmp_path)
+    adapter = detector_adapter(model, image_samples()[0])
     with pytest.raises(Exception) as info:
         torch.export.export(adapter, tuple(adapter.flattened_inputs), strict=False)
     assert "data-dependent" in str(info.value)
@@ -170,12 +153,12 @@ def test_whole_mask_rcnn_stops_at_the_proposal_selection_in_torch_export(tmp_pat
 def test_whole_mask_rcnn_stops_at_the_proposal_selection_in_dynamo_onnx_export(tmp_path):
     """The dynamo ONNX exporter's step 1 is torch.export (non-strict, then strict): it stops at
     the same place, Detectron2's ``if not valid_mask.all()`` in find_top_rpn_proposals."""
-    pytest.importorskip("onnxscript")
+    import onnxscript  # noqa: F401
     from dk_detectron2.export.onnx_translations import dk_onnx_translation_table
     from dk_detectron2.export.torchscript import detector_adapter
 
-    model = _tiny_model(tmp_path)
-    sample = _samples()[0]
+    model = tiny_export_model(tmp_path)
+    sample = image_samples()[0]
     adapter = detector_adapter(model, sample)
     with pytest.raises(Exception) as info, torch.no_grad():
         torch.onnx.export(adapter, (sample["image"],), dynamo=True,
@@ -192,13 +175,13 @@ def test_whole_mask_rcnn_stops_only_at_the_dk_operators_in_legacy_onnx_export(tm
     stops at the first DK operator, which has no ONNX symbolic; with a placeholder symbolic (a
     custom-domain node) the rest of the Mask R-CNN exports, so the DK operators are the only
     blocker on that route."""
-    onnx = pytest.importorskip("onnx")
+    import onnx
     from torch.onnx import register_custom_op_symbolic, unregister_custom_op_symbolic
 
     from dk_detectron2.export.torchscript import detector_adapter
 
-    model = _tiny_model(tmp_path)
-    sample = _samples()[0]
+    model = tiny_export_model(tmp_path)
+    sample = image_samples()[0]
     adapter = detector_adapter(model, sample)
     path = str(tmp_path / "legacy.onnx")
     with pytest.raises(Exception, match="unrecognized namespace "
@@ -248,8 +231,8 @@ def test_export_and_verify_batches_samples_of_different_sizes(tmp_path):
     differ in size), and the report holds its differences next to the per-image ones."""
     from dk_detectron2.tools.export import export_and_verify
 
-    model = _tiny_model(tmp_path, "deform_kernel")
-    samples = _samples(((96, 128), (128, 96)))
+    model = tiny_export_model(tmp_path, "deform_kernel")
+    samples = image_samples(((96, 128), (128, 96)))
     report = export_and_verify(model, samples, "export", str(tmp_path / "out"), repeats=1)
     assert report["part"] == "trunk" and os.path.isfile(report["artefact"])
     assert report["shapes_equal"] == 1.0 and report["max_rel"] <= TOLERANCE

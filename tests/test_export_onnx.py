@@ -1,14 +1,13 @@
 """ONNX translations of the DK operators: layers exported with torch.onnx (dynamo) and run in
 ONNX Runtime agree with eager PyTorch, with dynamic batch and image size."""
+import onnxruntime  # noqa: F401  (pinned in requirements.txt: its absence is an error)
 import pytest
 import torch
 from torch import nn
 
-onnxruntime = pytest.importorskip("onnxruntime")
-
-from dk_detectron2.export.onnx_model import OnnxRuntimeRunner, export_onnx  # noqa: E402
-from dk_detectron2.export.verify import compare_outputs  # noqa: E402
-from dk_detectron2.layers import (  # noqa: E402
+from dk_detectron2.export.onnx_model import OnnxRuntimeRunner, export_onnx
+from dk_detectron2.export.verify import compare_outputs
+from dk_detectron2.layers import (
     DeformKernel2d,
     DeformKernelConv2d,
     GlobalDeformKernel2d,

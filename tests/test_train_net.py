@@ -15,28 +15,10 @@ sys.path.insert(0, TESTS)
 sys.path.insert(0, REPO)
 
 import train_net  # noqa: E402
+from _train_net_runs import driver_env, run_driver  # noqa: E402
 from train_net_driver import CONFIG, TINY_OPTS  # noqa: E402  (registers nothing without the env)
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def _env(datasets):
-    env = dict(os.environ, DK_TEST_DATASETS=str(datasets), OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([REPO] + env.get("PYTHONPATH", "").split(os.pathsep))
-    return env
-
-
-def run_driver(datasets, *args, check=True):
-    """Runs tests/train_net_driver.py (train_net.py + tiny datasets) in a fresh process."""
-    proc = subprocess.run(
-        [sys.executable, os.path.join(TESTS, "train_net_driver.py"), *args],
-        env=_env(datasets), cwd=REPO, capture_output=True, text=True, timeout=540,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train_net failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-5000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +170,7 @@ def test_embedded_job_script_runs(tmp_path):
     """scripts/run_embedded_job.sh end to end, shrunk by overrides (tiny model, 2 iterations)."""
     out = tmp_path / "job"
     opts = [o for o in TINY_OPTS]
-    env = _env(tmp_path / "unused")
+    env = driver_env(tmp_path / "unused")
     env["DETECTRON2_DATASETS"] = str(tmp_path / "datasets")
     env["PYTHON"] = sys.executable
     proc = subprocess.run(
