@@ -6,6 +6,8 @@ process):
   with ``--resume`` after each kill, ends with the uninterrupted run's weights (bit for bit),
   metrics (every iteration's record) and evaluation results; with 1 process and with 2 gloo
   processes; with 2 DataLoader workers; with ``SEED -1`` (a seed drawn at the start);
+- with an evaluation after each checkpoint, a run killed after a checkpoint (before or after
+  that evaluation) and resumed keeps the evaluation's results in ``metrics.json``, in one record;
 - a kill inside a save leaves the previous checkpoint and ``last_checkpoint`` intact;
 - a 2-process job whose worker raises or is killed exits non-zero within seconds with the default
   30-minute collective timeout, and one whose worker stops answering within ``--dist-timeout``;
@@ -145,15 +147,17 @@ def datasets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, datasets):
-    """``uninterrupted(num_processes)``: the final state of the run that was never stopped."""
+    """``uninterrupted(num_processes, opts=())``: the final state of the run that was never
+    stopped."""
     runs = {}
 
-    def final_state(num_processes):
-        if num_processes not in runs:
+    def final_state(num_processes, opts=()):
+        key = (num_processes, tuple(opts))
+        if key not in runs:
             out = tmp_path_factory.mktemp(f"uninterrupted_{num_processes}")
-            _run(datasets, _command(num_processes, out, resume=False))
-            runs[num_processes] = _final_state(out)
-        return runs[num_processes]
+            _run(datasets, _command(num_processes, out, resume=False, opts=opts))
+            runs[key] = _final_state(out)
+        return runs[key]
 
     return final_state
 
@@ -217,6 +221,51 @@ def test_a_run_with_dataloader_workers_resumes_from_a_later_checkpoint(tmp_path,
     _assert_same_run(_final_state(out), uninterrupted(1))
     print("2 DataLoader workers: killed in iteration 5, 1 resume from model_0000003; final weights "
           "bitwise equal to the run without workers, metrics and evaluation results equal")
+
+
+def _records(out, iteration):
+    """The records of ``iteration`` in ``out/metrics.json``."""
+    with open(out / "metrics.json") as f:
+        return [record for record in map(json.loads, f) if record["iteration"] == iteration]
+
+
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_evaluations_at_checkpoint_iterations_survive_a_resume(tmp_path, datasets, uninterrupted,
+                                                               num_processes):
+    """TEST.EVAL_PERIOD 2: iterations 1 and 3 end with a checkpoint, an evaluation and then their
+    metrics.json record, which holds the evaluation's results (bbox/AP...). The checkpoint's
+    history lacks them (saved before the evaluation), yet a resumed run keeps them:
+
+    - killed inside iteration 5 (iteration 3's record written): the record stays the file's only
+      record of iteration 3, not followed by one without the evaluation;
+    - killed inside iteration 3's evaluation (record lost): the resumed run evaluates at
+      iteration 3 before it goes on, and writes the record with the results."""
+    opts = ["TEST.EVAL_PERIOD", "2"]
+    expected = uninterrupted(num_processes, opts)
+    assert "bbox/AP" in expected[1][3] and "bbox/AP" in expected[1][1]
+
+    out = tmp_path / "killed_after_the_record"
+    _run_until_fault(datasets, _command(num_processes, out, False, opts), "stall-iteration:5")
+    assert _last_checkpoint(out) == "model_0000003.pth"
+    assert ["bbox/AP" in record for record in _records(out, 3)] == [True]
+    output = _run(datasets, _command(num_processes, out, True, opts))
+    assert "Starting training from iteration 4" in output
+    assert len(_records(out, 3)) == 1
+    _assert_same_run(_final_state(out), expected)
+
+    out = tmp_path / "killed_in_the_evaluation"
+    _run_until_fault(datasets, _command(num_processes, out, False, opts), "stall-evaluation:3")
+    assert _last_checkpoint(out) == "model_0000003.pth"
+    assert not _records(out, 3)
+    output = _run(datasets, _command(num_processes, out, True, opts))
+    assert "Starting training from iteration 4" in output
+    assert "metrics.json ends at iteration 2: finishing iteration 3" in output
+    assert len(_records(out, 3)) == 1
+    _assert_same_run(_final_state(out), expected)
+    print(f"{num_processes} process(es), TEST.EVAL_PERIOD 2: killed in iteration 5 and in "
+          "iteration 3's evaluation, each resumed from model_0000003; iteration 3's record (with "
+          "its bbox/AP) once in metrics.json, final weights bitwise equal, metrics and evaluation "
+          "results equal")
 
 
 def _resume_in_another_folder(datasets, reference, out, checkpoint, opts=(), env=None):

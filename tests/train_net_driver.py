@@ -7,7 +7,9 @@ to stderr when it happens):
 - ``stall-save:NAME``: the save of ``NAME.pth`` sleeps after writing, before its rename;
 - ``stall-metrics:N``: rank 0 writes the first half of ``metrics.json``'s record of iteration N
   (flushed to disk) and sleeps, as a process killed while appending it would leave the file;
-- ``stall-evaluation``: rank 0 sleeps inside the evaluation, after inference;
+- ``stall-evaluation[:N]``: rank 0 sleeps inside the evaluation, after inference (with ``:N``,
+  only in the evaluation logged at iteration N: one of ``TEST.EVAL_PERIOD``'s, or ``MAX_ITER``
+  for the final one);
 - ``raise:RANK:N`` / ``kill:RANK:N``: rank RANK raises / SIGKILLs itself at iteration N, while
   the other ranks sleep in that iteration, outside any collective (inside one, gloo would notice
   the lost peer by itself: only the launcher's teardown ends a worker busy elsewhere);
@@ -115,11 +117,14 @@ def _install_fault(fault):
 
         JSONWriter.write = tearing_write
     elif kind == "stall-evaluation":
+        from detectron2.utils.events import get_event_storage
+
         evaluate = COCOEvaluator.evaluate
 
         def stalling_evaluate(self, *args, **kwargs):
-            if comm.is_main_process():
-                _announce_and_stall("stalled in the evaluation")
+            if comm.is_main_process() and (not where or get_event_storage().iter == int(where)):
+                _announce_and_stall("stalled in the evaluation"
+                                    + (f" of iteration {where}" if where else ""))
             return evaluate(self, *args, **kwargs)
 
         COCOEvaluator.evaluate = stalling_evaluate

@@ -15,13 +15,19 @@ removes:
   results at the iteration the uninterrupted run logs them.
 - **Logged metrics.** Detectron2's writers log medians over the last 20 values of each scalar;
   the tail of each scalar's history (and its global average and count) is saved, so the first
-  logged values after a resume are the ones the uninterrupted run logs. Detectron2 saves a
-  checkpoint before it writes the iteration's ``metrics.json`` record: a run killed in between
-  would lose that record, so a resumed run writes it again (from the restored state, the same
-  values) when the uninterrupted run wrote one at that iteration. A record that a killed process
-  left half-written at the end of ``metrics.json`` is removed before the file is appended to
-  (:func:`remove_torn_last_line`).
+  logged values after a resume are the ones the uninterrupted run logs.
+- **The end of the checkpoint's iteration.** At an iteration, Detectron2 saves the checkpoint,
+  then evaluates (every ``TEST.EVAL_PERIOD``), then writes the iteration's ``metrics.json``
+  record. A run killed after the save loses what came after it; the resumed run starts at the
+  next iteration. When ``metrics.json`` ends before the checkpoint's iteration (the record was
+  lost), the resumed run first evaluates at that iteration if the uninterrupted run did (the
+  checkpoint holds the weights it evaluated), then writes the record (from the restored state
+  and that evaluation: the same values). When the record is there, it is left as it is (it holds
+  the evaluation's results, which the checkpoint's history lacks). A record that a killed
+  process left half-written at the end of ``metrics.json`` is removed before the file is read or
+  appended to (:func:`remove_torn_last_line`).
 """
+import json
 import logging
 import os
 from typing import Dict
@@ -30,13 +36,13 @@ import numpy as np
 import torch
 import random
 from detectron2.engine import HookBase
-from detectron2.engine.hooks import PeriodicWriter
+from detectron2.engine.hooks import EvalHook, PeriodicWriter
 from detectron2.utils import comm
 from detectron2.utils.events import HistoryBuffer, JSONWriter
 
 from .resumable_loader import ResumableBatches, seed_for
 
-__all__ = ["ExactResume", "remove_torn_last_line", "run_seed"]
+__all__ = ["ExactResume", "last_record_iteration", "remove_torn_last_line", "run_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +75,30 @@ def remove_torn_last_line(path: str) -> int:
     logger.warning(f"{path} ended with a half-written record (a process killed while writing "
                    f"it): removed its {size - end} bytes")
     return size - end
+
+
+def last_record_iteration(path: str) -> int:
+    """The ``iteration`` of the last record of ``path`` (a ``metrics.json``), -1 when the file is
+    absent or empty. A half-written last record must have been removed
+    (:func:`remove_torn_last_line`); a last line that is not such a record counts as none (-1)."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return -1
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        start, line = end, b""
+        while start > 0:
+            start = max(start - 65536, 0)
+            f.seek(start)
+            lines = f.read(end - start).rstrip(b"\n").rsplit(b"\n", 1)
+            if len(lines) == 2 or start == 0:
+                line = lines[-1]
+                break
+    try:
+        return int(json.loads(line)["iteration"])
+    except (ValueError, KeyError, TypeError):
+        return -1
 
 
 def run_seed(cfg) -> int:
@@ -111,24 +141,56 @@ class ExactResume(HookBase):
         storage._latest_scalars.update(self._saved_history.get("latest", {}))
         storage._smoothing_hints.update(self._saved_history.get("smoothing_hints", {}))
         if self._saved_history and self.trainer.start_iter > 0:
-            self._write_record_of_checkpoint(self.trainer.start_iter - 1)
+            self._finish_checkpoint_iteration(self.trainer.start_iter - 1)
         self._saved_history = {}
 
-    def _write_record_of_checkpoint(self, iteration):
-        """Writes the ``metrics.json`` record of the checkpoint's ``iteration`` again, if the
-        uninterrupted run wrote one there: the run that saved the checkpoint may have been killed
-        before writing it. The restored history gives the same values (timings aside: the
-        console writer's ``eta_seconds`` is not in it); a reader takes the last record of an
-        iteration, as with the iterations that a resumed run repeats."""
-        for hook in self.trainer._hooks:
-            if not isinstance(hook, PeriodicWriter):
-                continue
-            if (iteration + 1) % hook._period and iteration != self.trainer.max_iter - 1:
-                continue
-            for writer in hook._writers:
-                if isinstance(writer, JSONWriter):
-                    writer._last_write = iteration - 1  # only this iteration's scalars
-                    writer.write()
+    def _finish_checkpoint_iteration(self, iteration):
+        """Does what the run that saved the checkpoint of ``iteration`` did after the save, if
+        ``metrics.json`` shows that it was lost: the evaluation (when ``iteration`` is one of the
+        EvalHook's) and the iteration's record (when the writers write one there). The record is
+        written from the restored history and that evaluation, so it holds the uninterrupted
+        run's values (timings aside: the console writer's ``eta_seconds`` is not in the history).
+        A record that is in the file is not written again: the checkpoint's history lacks the
+        evaluation that followed the save, so the record written again would lack its results.
+
+        Every process calls it (the evaluation is a collective); the main process, which has the
+        writers, decides for all."""
+        writers = [(hook, writer) for hook in self.trainer._hooks
+                   if isinstance(hook, PeriodicWriter)
+                   for writer in hook._writers if isinstance(writer, JSONWriter)]
+        paths = [getattr(writer._file_handle, "name", None) for _, writer in writers]
+        # None: no metrics.json, so no way to tell what was lost (nothing is redone).
+        last = max((last_record_iteration(p) for p in paths if p), default=None)
+        if comm.get_world_size() > 1:
+            last = comm.all_gather(last)[0]
+        if last is None or last >= iteration:
+            lost = False
+        else:
+            lost = True
+            logger.warning(f"metrics.json ends at iteration {last}: finishing iteration "
+                           f"{iteration} of the checkpoint (its evaluation and record)")
+        if lost and iteration + 1 < self.trainer.max_iter:  # the final evaluation comes later
+            storage = self.trainer.storage
+            for hook in self.trainer._hooks:
+                if (isinstance(hook, EvalHook) and hook._period > 0
+                        and (iteration + 1) % hook._period == 0):
+                    resumed_at, storage.iter = storage.iter, iteration  # logged at iteration
+                    try:
+                        hook._do_eval()
+                    finally:
+                        storage.iter = resumed_at
+        for hook, writer in writers:
+            # The last iteration that the uninterrupted run's writer had written at the save.
+            if iteration == self.trainer.max_iter - 1:
+                written = iteration
+            else:
+                written = iteration - (iteration + 1) % hook._period
+            if lost and written == iteration:
+                writer._last_write = iteration - 1  # only this iteration's scalars
+                writer.write()
+            # What was written before the kill is in the file (all of it, if a write followed
+            # the checkpoint's iteration): the next write adds only what comes after.
+            writer._last_write = written if lost else iteration
 
     def before_step(self):
         seed = seed_for(self.seed, comm.get_rank(), self.trainer.iter, 1)
