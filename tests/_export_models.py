@@ -1,9 +1,21 @@
 """The tiny DK Mask R-CNN and the image samples that the export tests share
-(tests/test_export_model.py, tests/test_export_aoti.py)."""
+(tests/test_export_model.py, tests/test_export_aoti.py), and the seeded non-zero generators the
+layer tests give a DK module (tests/test_export_onnx.py, tests/test_export_script.py)."""
 import torch
 
 from _tools_configs import tiny_dk_config
 from dk_detectron2.tools.loaders import load_model, setup_cfg
+
+
+def with_random_generators(module: torch.nn.Module, std: float = 0.4) -> torch.nn.Module:
+    """``module`` in eval mode with seeded random rotation and offset generators (fresh
+    generators are zero, which would make every DK layer its rigid convolution)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if "rotation" in name or "offset" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    return module.eval()
 
 
 def tiny_export_model(tmp_path, dk_type="deform_kernel_conv"):

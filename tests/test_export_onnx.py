@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from _export_models import with_random_generators
 from dk_detectron2.export.onnx_model import OnnxRuntimeRunner, export_onnx
 from dk_detectron2.export.verify import compare_outputs
 from dk_detectron2.layers import (
@@ -15,16 +16,6 @@ from dk_detectron2.layers import (
 )
 
 TOLERANCE = 1e-4  # max |onnx - eager| / max |eager|, per output
-
-
-def _with_random_generators(module: nn.Module, std: float = 0.4) -> nn.Module:
-    """Non-zero rotations and offsets (fresh generators are zero), seeded."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            if "rotation" in name or "offset" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
-    return module.eval()
 
 
 def _dynamic(batch=True):
@@ -68,7 +59,7 @@ def _check(module, shapes, tmp_path, batch=True):
 def test_deform_kernel_layer_in_onnx_runtime(kwargs, tmp_path):
     options = dict(kernel_size=3, padding=1)
     options.update(kwargs)
-    module = _with_random_generators(DeformKernel2d(**options))
+    module = with_random_generators(DeformKernel2d(**options))
     channels = options["in_channels"]
     _check(module, [(2, channels, 11, 9), (3, channels, 7, 16), (1, channels, 5, 5)], tmp_path)
 
@@ -77,7 +68,7 @@ def test_deform_kernel_layer_in_onnx_runtime(kwargs, tmp_path):
 def test_deform_kernel_conv_layer_in_onnx_runtime(groups, stride, tmp_path):
     module = DeformKernelConv2d(6, 6, 3, stride=stride, padding=1, groups=groups, scope_size=5,
                                 rotation_groups=2)
-    module = _with_random_generators(module, std=1.5)  # offsets reach past the image border
+    module = with_random_generators(module, std=1.5)  # offsets reach past the image border
     _check(module, [(2, 6, 10, 9), (3, 6, 13, 6)], tmp_path)
 
 
@@ -85,7 +76,7 @@ def test_global_deform_kernel_layer_in_onnx_runtime(tmp_path):
     # The per-sample kernels run as one convolution with batch x groups groups: ONNX's Conv
     # takes the group count as an attribute, so the batch is fixed at export, the size is not.
     module = GlobalDeformKernel2d(6, 6, 3, padding=1, groups=6, scope_size=5, rotation_groups=2)
-    module = _with_random_generators(module, std=1.0)
+    module = with_random_generators(module, std=1.0)
     _check(module, [(2, 6, 11, 9), (2, 6, 6, 14)], tmp_path, batch=False)
 
 
@@ -111,14 +102,13 @@ def test_nd_linear_sample_follows_the_bilinear_rule_in_onnx_runtime(tmp_path):
 def test_onnx_graph_uses_standard_ops_only(tmp_path):
     import onnx
 
-    module = _with_random_generators(DeformKernelConv2d(4, 4, 3, padding=1, groups=4, scope_size=5))
+    module = with_random_generators(DeformKernelConv2d(4, 4, 3, padding=1, groups=4, scope_size=5))
     path = str(tmp_path / "dkc.onnx")
     export_onnx(module, (torch.randn(2, 4, 8, 8),), path, _dynamic())
     graph = onnx.load(path).graph
     domains = {node.domain for node in graph.node}
     assert domains <= {"", "ai.onnx"}, domains
     assert "GatherElements" in {node.op_type for node in graph.node}
-
 
 
 def test_runner_without_spinning_tells_onnx_runtime(tmp_path):

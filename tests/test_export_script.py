@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from _tools_configs import tiny_dk_config
+from _export_models import with_random_generators
 from dk_detectron2.export.torchscript import (
     MASK_RCNN_FIELDS,
     DetectorCall,
@@ -33,15 +34,6 @@ def _reloaded(scripted: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     torch.jit.save(scripted, buffer)
     buffer.seek(0)
     return torch.jit.load(buffer)
-
-
-def _with_random_generators(module: torch.nn.Module, std: float = 0.4) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            if "rotation" in name or "offset" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
-    return module.eval()
 
 
 def test_pair_list_scripts_and_matches_eager():
@@ -88,7 +80,7 @@ def test_scripted_operator_wrappers_equal_eager():
     ids=["dk", "dk-grouped-range", "dkc", "dkc-separable-norm", "global-dk", "global-dk-grouped"],
 )
 def test_scripted_dk_layers_equal_eager_after_reload(module):
-    module = _with_random_generators(module)
+    module = with_random_generators(module)
     scripted = _reloaded(torch.jit.script(module))
     generator = torch.Generator().manual_seed(1)
     channels = module.in_channels
@@ -124,7 +116,7 @@ def test_scripted_layer_checks_its_input_and_eager_keeps_its_message():
 def test_scripted_dk_resnet_backbone_equals_eager(tmp_path):
     torch.manual_seed(0)
     cfg = setup_cfg(tiny_dk_config(tmp_path, "deform_kernel_conv"), device="cpu")
-    backbone = _with_random_generators(load_model(cfg).backbone, std=0.05)
+    backbone = with_random_generators(load_model(cfg).backbone, std=0.05)
     scripted = _reloaded(torch.jit.script(backbone))
     x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -136,7 +128,7 @@ def _tiny_model(tmp_path, dk_type):
     """The tiny Mask R-CNN of the export tests, with non-zero DK generators (seeded)."""
     torch.manual_seed(0)
     model = load_model(setup_cfg(tiny_dk_config(tmp_path, dk_type), device="cpu"))
-    return _with_random_generators(model, std=0.05)
+    return with_random_generators(model, std=0.05)
 
 
 @pytest.mark.parametrize("dk_type", ["deform_kernel", "deform_kernel_conv", "global_deform_kernel"])
