@@ -2,21 +2,13 @@
 import torch
 from torch import nn
 
+from _export_models import with_random_generators
 from dk_detectron2.layers import DeformKernel2d, DeformKernelConv2d, deform_kernel_conv2d
-
-
-def _random_generators(module: nn.Module, std: float) -> nn.Module:
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            if "rotation_conv" in name or "offset_conv" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
-    return module.eval()
 
 
 def test_original_tuple_rotation_clip_is_the_range_mode():
     """Original ``rotation_clip=(low, high)``: every rotation clamped to [low, high]."""
-    module = _random_generators(DeformKernel2d(
+    module = with_random_generators(DeformKernel2d(
         4, 4, 3, 1, 1, groups=4, scope_size=4, rotation_clip="range",
         rotation_clip_range=(-0.5, 0.75)), std=1.0)
     x = torch.randn(2, 4, 7, 6)
@@ -29,7 +21,7 @@ def test_original_tuple_rotation_clip_is_the_range_mode():
 def test_original_offset_clip_recipe_clamps_the_image_offset_and_scripts():
     """Original ``DeformKernelConv2d(offset_clip=dict(min=low, max=high))``: ours wraps the
     offset generator in ``nn.Hardtanh(low, high)``."""
-    module = _random_generators(DeformKernelConv2d(4, 4, 3, 1, 1, groups=4, scope_size=4), 2.0)
+    module = with_random_generators(DeformKernelConv2d(4, 4, 3, 1, 1, groups=4, scope_size=4), 2.0)
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         offset = module.offset_conv(x)
