@@ -163,10 +163,8 @@ class ExactResume(HookBase):
         last = max((last_record_iteration(p) for p in paths if p), default=None)
         if comm.get_world_size() > 1:
             last = comm.all_gather(last)[0]
-        if last is None or last >= iteration:
-            lost = False
-        else:
-            lost = True
+        lost = last is not None and last < iteration
+        if lost:
             logger.warning(f"metrics.json ends at iteration {last}: finishing iteration "
                            f"{iteration} of the checkpoint (its evaluation and record)")
         if lost and iteration + 1 < self.trainer.max_iter:  # the final evaluation comes later
