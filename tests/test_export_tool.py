@@ -7,8 +7,11 @@ import torch
 
 from _tools_configs import tiny_dk_config
 from dk_detectron2.data import ShapesSpec, register_shapes_dataset
+from dk_detectron2.export.formats import EXPORT_FORMATS
 from dk_detectron2.export.verify import compare_outputs, flatten_outputs, median_seconds
-from dk_detectron2.tools.export import main
+from dk_detectron2.tools.export import export_and_verify, main
+
+INF, NAN = float("inf"), float("nan")
 
 
 def test_command_line_exports_verifies_and_reports(tmp_path):
@@ -64,7 +67,8 @@ def test_compare_outputs_reports_differences_and_shape_changes():
     eager = (torch.tensor([[1.0, -4.0]]), torch.tensor([2, 3]), {"s": torch.tensor([0.5])})
     close = (torch.tensor([[1.0, -4.5]]), torch.tensor([2, 3]), {"s": torch.tensor([0.5])})
     found = compare_outputs(eager, close)
-    assert found == {"max_abs": 0.5, "max_rel": 0.125, "integers_equal": 1.0, "shapes_equal": 1.0}
+    assert found == {"max_abs": 0.5, "max_rel": 0.125, "integers_equal": 1.0, "shapes_equal": 1.0,
+                     "finite_equal": 1.0}
     other_class = (eager[0], torch.tensor([2, 4]), eager[2])
     assert compare_outputs(eager, other_class)["integers_equal"] == 0.0
     fewer = (torch.zeros(0, 2), eager[1], eager[2])  # e.g. fewer detections
@@ -88,3 +92,77 @@ def test_command_line_rejects_counts_below_one(flag, capsys):
     with pytest.raises(SystemExit):
         main(["--config-file", "x.yaml", "--format", "export", flag, "0"])
     assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("eager_value, exported_value", [
+    (1.0, NAN), (NAN, 1.0), (1.0, INF), (-2.0, -INF), (INF, 1.0), (INF, -INF), (INF, NAN),
+])
+def test_compare_outputs_counts_a_non_finite_mismatch_as_the_worst(eager_value, exported_value):
+    """NaN - x is NaN and max(0, NaN) is 0: a NaN must not read as a perfect match."""
+    eager = (torch.tensor([[1.0, -4.0, eager_value]]), torch.tensor([2, 3]))
+    exported = (torch.tensor([[1.0, -4.0, exported_value]]), torch.tensor([2, 3]))
+    found = compare_outputs(eager, exported)
+    assert found["finite_equal"] == 0.0
+    assert found["max_abs"] == INF and found["max_rel"] == INF
+    assert not found["max_rel"] <= 1e-4  # what the export tests check
+
+
+def test_compare_outputs_accepts_the_same_non_finite_values_and_compares_the_rest():
+    eager = torch.tensor([NAN, INF, -INF, 2.0, -4.0])
+    found = compare_outputs(eager, torch.tensor([NAN, INF, -INF, 2.0, -4.5]))
+    assert found["finite_equal"] == 1.0
+    assert found["max_abs"] == 0.5 and found["max_rel"] == 0.125
+    assert compare_outputs(torch.tensor([NAN]), torch.tensor([NAN]))["max_rel"] == 0.0
+
+
+class _PlantedNaN:
+    """An export format whose reloaded artefact is the module itself, with a NaN planted in its
+    output from the second call on (the first call is exact: the worst must not be the first)."""
+
+    part, suffix = "model", "planted.txt"
+
+    def fixed_batch(self, module):
+        return None
+
+    def module(self, model, samples):
+        return model
+
+    def calls(self, module, samples):
+        return [(sample["image"],) for sample in samples]
+
+    def example(self, module, samples):
+        return self.calls(module, samples)[0]
+
+    def export(self, module, example, path):
+        with open(path, "w") as f:
+            f.write("planted")
+
+    def load(self, path):
+        seen = []
+
+        def run(image):
+            out = _Scale()(image).clone()
+            if seen:
+                out.view(-1)[0] = NAN
+            seen.append(1)
+            return out
+
+        return run
+
+
+class _Scale(torch.nn.Module):
+    def forward(self, image):
+        return image.float() * 0.5
+
+
+def test_export_and_verify_reports_a_nan_in_any_call_as_a_failure(tmp_path):
+    name = "planted_nan_test_format"
+    EXPORT_FORMATS._do_register(name, _PlantedNaN)
+    try:
+        samples = [{"image": torch.arange(12.0).view(3, 2, 2) + i} for i in range(3)]
+        report = export_and_verify(_Scale(), samples, name, str(tmp_path), repeats=1)
+    finally:
+        EXPORT_FORMATS._obj_map.pop(name)
+    assert report["finite_equal"] == 0.0
+    assert report["max_rel"] == INF and report["max_abs"] == INF
+    assert report["shapes_equal"] == 1.0

@@ -1,11 +1,12 @@
 """Comparing an exported artefact with eager PyTorch: largest differences and speed."""
+import math
 import statistics
 import time
 from typing import Callable, Dict, List, Sequence
 
 import torch
 
-__all__ = ["flatten_outputs", "compare_outputs", "median_seconds"]
+__all__ = ["flatten_outputs", "compare_outputs", "merge_comparisons", "median_seconds"]
 
 
 def flatten_outputs(outputs) -> List[torch.Tensor]:
@@ -26,28 +27,63 @@ def compare_outputs(eager, exported) -> Dict[str, float]:
     Returns ``{"max_abs": largest |eager - exported| over the floating outputs, "max_rel": the
     largest of each floating output's max |difference| / max |eager| (the absolute difference
     for an all-zero output), "integers_equal": 1.0 if every integer output is equal else 0.0,
-    "shapes_equal": 1.0 or 0.0}``.
-    Shapes that differ (e.g. a different number of detections) make the differences infinite.
+    "shapes_equal": 1.0 or 0.0, "finite_equal": 1.0 if every floating output holds its
+    non-finite values (NaN, +inf, -inf) at the same places as eager's, with the same values,
+    else 0.0}``.
+    The differences are taken over the places where both are finite; a non-finite value on one
+    side only (or another non-finite value: NaN against inf, inf against -inf) makes
+    ``max_abs`` and ``max_rel`` infinite, so that no tolerance accepts it. Shapes that differ
+    (e.g. a different number of detections) make the differences infinite too.
     """
     eager, exported = flatten_outputs(eager), flatten_outputs(exported)
-    result = {"max_abs": 0.0, "max_rel": 0.0, "integers_equal": 1.0, "shapes_equal": 1.0}
+    result = {"max_abs": 0.0, "max_rel": 0.0, "integers_equal": 1.0, "shapes_equal": 1.0,
+              "finite_equal": 1.0}
     if len(eager) != len(exported):
         raise ValueError(f"eager gives {len(eager)} outputs, the export {len(exported)}")
     for reference, value in zip(eager, exported):
         value = value.to(reference.device)
         if reference.shape != value.shape:
-            result.update(max_abs=float("inf"), max_rel=float("inf"), shapes_equal=0.0)
+            result = merge_comparisons(result, {"max_abs": float("inf"), "max_rel": float("inf"),
+                                                "shapes_equal": 0.0})
             continue
         if not reference.is_floating_point():
             result["integers_equal"] *= float(torch.equal(reference, value.to(reference.dtype)))
             continue
         if reference.numel() == 0:
             continue
-        difference = float((reference.double() - value.double()).abs().max())
-        scale = float(reference.double().abs().max())
-        result["max_abs"] = max(result["max_abs"], difference)
-        result["max_rel"] = max(result["max_rel"], difference / scale if scale > 0 else difference)
+        reference, value = reference.double(), value.double()
+        finite = reference.isfinite()
+        # the same non-finite values (NaN, +inf, -inf) at the same places (NaN != NaN, hence
+        # the comparison after nan_to_num, which maps them to 0, +max, -max)
+        same_non_finite = torch.equal(finite, value.isfinite()) and torch.equal(
+            reference[~finite].nan_to_num(), value[~finite].nan_to_num())
+        if not same_non_finite:
+            result = merge_comparisons(result, {"max_abs": float("inf"), "max_rel": float("inf"),
+                                                "finite_equal": 0.0})
+            continue
+        if not bool(finite.any()):
+            continue
+        difference = float((reference[finite] - value[finite]).abs().max())
+        scale = float(reference[finite].abs().max())
+        result = merge_comparisons(result, {
+            "max_abs": difference, "max_rel": difference / scale if scale > 0 else difference})
     return result
+
+
+def merge_comparisons(worst: Dict[str, float], found: Dict[str, float]) -> Dict[str, float]:
+    """The worse of two :func:`compare_outputs` results, key by key (keys of either): the larger
+    difference (``max_*``; NaN counts as the worst, infinite) and the smaller flag (``*_equal``;
+    0.0 = some output differs). A key that only one side has keeps that side's value."""
+    merged = dict(worst)
+    for key, value in found.items():
+        if key not in merged:
+            merged[key] = value
+        elif key.endswith("equal"):
+            merged[key] = min(merged[key], value)
+        else:
+            values = [float("inf") if math.isnan(v) else v for v in (merged[key], value)]
+            merged[key] = max(values)
+    return merged
 
 
 def median_seconds(functions: Sequence[Callable], calls: Sequence[tuple], warmup: int = 1,

@@ -61,7 +61,9 @@ def export_and_verify(model: torch.nn.Module, samples: Sequence[Dict], format_na
     it with eager on ``samples`` (inputs as Detectron2's test loader gives them).
 
     Returns ``{"format", "part", "artefact", "fixed_batch": the batch size the artefact is fixed
-    to (``None``: any), "max_abs", "max_rel", "integers_equal", "shapes_equal", "batched": the
+    to (``None``: any), "max_abs", "max_rel", "integers_equal", "shapes_equal", "finite_equal"
+    (the worst over the samples; a NaN or inf where eager has none, or the reverse, makes
+    ``max_abs`` and ``max_rel`` infinite and ``finite_equal`` 0.0), "batched": the
     same differences for one call on all samples (trunk formats whose batch is not fixed),
     "eager_seconds", "exported_seconds": median time per image over ``repeats`` passes}``.
     ``max_rel`` is, per output tensor, max |exported - eager| / max |eager| (the largest over the
@@ -69,7 +71,7 @@ def export_and_verify(model: torch.nn.Module, samples: Sequence[Dict], format_na
     """
     from dk_detectron2.export.formats import export_format
     from dk_detectron2.export.trunk import trunk_images
-    from dk_detectron2.export.verify import compare_outputs, median_seconds
+    from dk_detectron2.export.verify import compare_outputs, median_seconds, merge_comparisons
 
     if not samples:
         raise ValueError("samples must hold at least one input dict, got none")
@@ -86,12 +88,10 @@ def export_and_verify(model: torch.nn.Module, samples: Sequence[Dict], format_na
     calls = fmt.calls(module, samples)
     report: Dict[str, object] = {"format": format_name, "part": fmt.part, "artefact": path,
                                  "fixed_batch": fixed_batch}
-    worst = {"max_abs": 0.0, "max_rel": 0.0, "integers_equal": 1.0, "shapes_equal": 1.0}
+    worst: Dict[str, float] = {}
     with torch.no_grad():
-        for args in calls:
-            found = compare_outputs(module(*args), exported(*args))
-            worst = {key: (min if key.endswith("equal") else max)(worst[key], found[key])
-                     for key in worst}
+        for args in calls:  # NaN-aware: a non-finite mismatch in any call is the worst
+            worst = merge_comparisons(worst, compare_outputs(module(*args), exported(*args)))
         if fmt.part == "trunk" and len(calls) > 1 and fixed_batch is None:
             # one batch padded to the largest sample, as Detectron2 batches images of several sizes
             batch = (trunk_images(module, [sample["image"] for sample in samples]),)
@@ -107,7 +107,8 @@ def _summary(report: Dict[str, object]) -> str:
         f"format {report['format']} ({report['part']}): {report['artefact']}",
         f"  max |exported - eager| = {report['max_abs']:.3g} (relative {report['max_rel']:.3g}), "
         f"integer outputs equal: {bool(report['integers_equal'])}, "
-        f"shapes equal: {bool(report['shapes_equal'])}",
+        f"shapes equal: {bool(report['shapes_equal'])}, "
+        f"same NaN/inf as eager: {bool(report['finite_equal'])}",
     ]
     if report.get("fixed_batch") is not None and report["part"] == "trunk":
         lines.append(f"  batch fixed at {report['fixed_batch']} (the model holds "
