@@ -63,6 +63,8 @@ class DKBottleneckBlock(BottleneckBlock):
         depthwise: True: ``conv2`` is depthwise (groups = bottleneck_channels); False: it has
             ``num_groups`` groups.
         dk_options: :class:`DKOptions` for the registry (scope size, rotation groups, ...).
+        kernel_size: K of ``conv2`` (odd; 3 in every standard ResNet, 5 for a rigid control with
+            the support of a 5x5 DK scope).
         Others as ``BottleneckBlock``.
     """
 
@@ -80,6 +82,7 @@ class DKBottleneckBlock(BottleneckBlock):
         conv_type: str = "deform_kernel",
         depthwise: bool = True,
         dk_options: Optional[DKOptions] = None,
+        kernel_size: int = KERNEL_SIZE,
     ):
         groups = bottleneck_channels if depthwise else num_groups
         super().__init__(
@@ -97,9 +100,9 @@ class DKBottleneckBlock(BottleneckBlock):
             conv_type,
             bottleneck_channels,
             bottleneck_channels,
-            KERNEL_SIZE,
+            kernel_size,
             stride=1 if stride_in_1x1 else stride,
-            padding=dilation,
+            padding=dilation * (kernel_size // 2),
             dilation=dilation,
             groups=groups,
             bias=False,
@@ -144,28 +147,28 @@ class DKBasicBlock(BasicBlock):
         conv_type: str = "deform_kernel",
         depthwise: bool = True,
         dk_options: Optional[DKOptions] = None,
+        kernel_size: int = KERNEL_SIZE,
     ):
         super().__init__(in_channels, out_channels, stride=stride, norm=norm)
         self.conv_type = conv_type
-        self.conv1 = self._make_conv(
-            in_channels, out_channels, stride, norm, num_groups, conv_type, depthwise, dk_options
-        )
-        self.conv2 = self._make_conv(
-            out_channels, out_channels, 1, norm, num_groups, conv_type, depthwise, dk_options
-        )
+        conv = dict(norm=norm, num_groups=num_groups, conv_type=conv_type, depthwise=depthwise,
+                    options=dk_options, kernel_size=kernel_size)
+        self.conv1 = self._make_conv(in_channels, out_channels, stride, **conv)
+        self.conv2 = self._make_conv(out_channels, out_channels, 1, **conv)
 
     @staticmethod
     def _make_conv(
-        in_channels, out_channels, stride, norm, num_groups, conv_type, depthwise, options
+        in_channels, out_channels, stride, *, norm, num_groups, conv_type, depthwise, options,
+        kernel_size,
     ):
         def conv3x3(channels_in, channels_out, groups, norm_layer):
             conv = build_dk_conv(
                 conv_type,
                 channels_in,
                 channels_out,
-                KERNEL_SIZE,
+                kernel_size,
                 stride=stride,
-                padding=1,
+                padding=kernel_size // 2,
                 groups=groups,
                 bias=False,
                 norm=norm_layer,
@@ -207,6 +210,7 @@ def make_resnet_dk_stages(
     res2_out_channels: int = 256,
     stride_in_1x1: bool = False,
     res5_dilation: int = 1,
+    kernel_size: int = KERNEL_SIZE,
 ) -> List[List[CNNBlockBase]]:
     """The four stages (res2..res5) of a DK ResNet, for ``detectron2.modeling.ResNet``.
 
@@ -215,7 +219,8 @@ def make_resnet_dk_stages(
     ``base_type`` (MODEL.DK.BASE_TYPE), ``depthwise`` (MODEL.DK.DEPTHWISE), ``dk_options``
     (MODEL.DK.SCOPE_SIZE, ROTATION_GROUPS, ROTATION_CLIP, ROTATION_CLIP_RANGE, NUM_EXPERTS) and
     MODEL.RESNETS.{NORM, NUM_GROUPS, WIDTH_PER_GROUP, STEM_OUT_CHANNELS, RES2_OUT_CHANNELS,
-    STRIDE_IN_1X1, RES5_DILATION}.
+    STRIDE_IN_1X1, RES5_DILATION}. ``kernel_size`` (odd, default 3) is K of the registry convs;
+    the configs keep 3, the classification models' rigid 5x5 control sets 5.
 
     Returns:
         list of 4 lists of blocks (:class:`DKBottleneckBlock` for depth >= 50, else
@@ -235,9 +240,12 @@ def make_resnet_dk_stages(
     _check_type("MODEL.DK.TYPE", dk_type)
     _check_type("MODEL.DK.BASE_TYPE", base_type)
     # DKOptions checked its own fields; what depends on the architecture is checked here.
-    if options.scope_size < KERNEL_SIZE:
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 \
+            or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be an odd positive int, got {kernel_size!r}")
+    if options.scope_size < kernel_size:
         raise ValueError(
-            f"MODEL.DK.SCOPE_SIZE must be >= the kernel size {KERNEL_SIZE}, got {options.scope_size!r}"
+            f"MODEL.DK.SCOPE_SIZE must be >= the kernel size {kernel_size}, got {options.scope_size!r}"
         )
     if res5_dilation not in (1, 2):
         raise ValueError(f"MODEL.RESNETS.RES5_DILATION must be 1 or 2, got {res5_dilation}")
@@ -277,6 +285,7 @@ def make_resnet_dk_stages(
             conv_type=conv_type,
             depthwise=depthwise,
             dk_options=options,
+            kernel_size=kernel_size,
         )
         if basic:
             block_class = DKBasicBlock

@@ -1,0 +1,146 @@
+"""MobileNet-V2 with Deformable Kernels in its depthwise convs, as timm models.
+
+timm's ``EfficientNet`` builds the network exactly as timm's ``mobilenetv2_100``; then the 3x3
+depthwise conv (``conv_dw``) of every inverted-residual block in ``dk_stages`` is replaced by a
+``DK_CONV_REGISTRY`` conv of the same geometry (groups = channels). Every other module, name and
+initialisation is timm's, so a ``mobilenetv2_100`` checkpoint loads into ``dk_mobilenetv2_100``
+through the 3x3 -> scope conversion (:mod:`.checkpoint_filter`).
+
+Registered names: ``dk_mobilenetv2_100`` (width 1.0) and ``dk_mobilenetv2_050`` (width 0.5, for
+small data and CPUs; its rigid twin is timm's ``mobilenetv2_050``). Keyword arguments:
+``dk_type`` (a ``DK_CONV_REGISTRY`` name, default ``"deform_kernel"``), ``dk_stages`` (indices of
+timm's ``blocks`` stages; default 2-6, the blocks at stride 8 and beyond, as res3-res5 of the
+ResNets), ``scope_size``, ``rotation_groups``, ``rotation_clip``, ``rotation_clip_range``,
+``generator``, ``num_experts`` (defaults of ``add_dk_config``), and timm's ``EfficientNet``
+arguments (``num_classes``, ``drop_rate``, ``drop_path_rate``, ...).
+"""
+from functools import partial
+from typing import Sequence, Tuple
+
+from timm.layers import get_act_layer
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._efficientnet_builder import decode_arch_def, resolve_bn_args, round_channels
+from timm.models.efficientnet import EfficientNet
+from torch import nn
+
+from ..layers.registry import DKOptions, build_dk_conv
+from .checkpoint_filter import checkpoint_filter_fn
+from .pretrained_cfgs import classification_cfg
+
+__all__ = ["DKMobileNetV2"]
+
+# MobileNet-V2's stages in timm's block notation (Sandler et al. 2018, Table 2).
+ARCH_DEF = (
+    ("ds_r1_k3_s1_c16",),
+    ("ir_r2_k3_s2_e6_c24",),
+    ("ir_r3_k3_s2_e6_c32",),
+    ("ir_r4_k3_s2_e6_c64",),
+    ("ir_r3_k3_s1_e6_c96",),
+    ("ir_r3_k3_s2_e6_c160",),
+    ("ir_r1_k3_s1_e6_c320",),
+)
+DEFAULT_DK_STAGES = (2, 3, 4, 5, 6)
+
+
+class DKMobileNetV2(EfficientNet):
+    """timm's MobileNet-V2 (an ``EfficientNet`` with MobileNet-V2's blocks) whose depthwise convs
+    in ``dk_stages`` are ``dk_type`` convs. Input [B, 3, H, W] -> logits [B, num_classes]."""
+
+    def __init__(
+        self,
+        *,
+        dk_type: str = "deform_kernel",
+        dk_stages: Sequence[int] = DEFAULT_DK_STAGES,
+        scope_size: int = DKOptions.scope_size,
+        rotation_groups: int = DKOptions.rotation_groups,
+        rotation_clip: str = DKOptions.rotation_clip,
+        rotation_clip_range: Tuple[float, float] = DKOptions.rotation_clip_range,
+        generator: str = DKOptions.generator,
+        num_experts: int = DKOptions.num_experts,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        stages = [int(s) for s in dk_stages]
+        bad = [s for s in stages if not 0 <= s < len(self.blocks)]
+        if bad:
+            raise ValueError(
+                f"dk_stages must be indices of the {len(self.blocks)} block stages "
+                f"(0-{len(self.blocks) - 1}), got {list(dk_stages)}"
+            )
+        options = DKOptions(
+            scope_size=scope_size,
+            rotation_groups=rotation_groups,
+            rotation_clip=rotation_clip,
+            rotation_clip_range=tuple(rotation_clip_range),
+            generator=generator,
+            num_experts=num_experts,
+        )
+        self.dk_type = dk_type
+        self.dk_stages = tuple(stages)
+        for stage in stages:
+            for block in self.blocks[stage]:
+                block.conv_dw = _registry_depthwise(dk_type, block.conv_dw, options)
+
+
+def _registry_depthwise(name: str, conv: nn.Conv2d, options: DKOptions) -> nn.Module:
+    """A ``DK_CONV_REGISTRY`` conv with the geometry of the depthwise ``conv``, He-initialised as
+    timm initialises ``conv`` (normal, std sqrt(2 / fan_out))."""
+    if not isinstance(conv, nn.Conv2d) or conv.groups != conv.in_channels:
+        raise TypeError(f"expected a depthwise nn.Conv2d, got {conv!r}")
+    replacement = build_dk_conv(
+        name,
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        options=options,
+    )
+    if hasattr(replacement, "c2_msra_fill_"):
+        replacement.c2_msra_fill_()
+    return replacement
+
+
+def _create(variant: str, pretrained: bool, channel_multiplier: float, **kwargs) -> DKMobileNetV2:
+    round_chs_fn = partial(round_channels, multiplier=channel_multiplier)
+    act_layer = get_act_layer(kwargs.pop("act_layer", "relu6"))
+    model_kwargs = dict(
+        block_args=decode_arch_def([list(stage) for stage in ARCH_DEF]),
+        num_features=max(1280, round_chs_fn(1280)),
+        stem_size=32,
+        round_chs_fn=round_chs_fn,
+        norm_layer=kwargs.pop("norm_layer", None) or partial(nn.BatchNorm2d, **resolve_bn_args(kwargs)),
+        act_layer=act_layer,
+        **kwargs,
+    )
+    return build_model_with_cfg(
+        DKMobileNetV2,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True),
+        **model_kwargs,
+    )
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        name: classification_cfg(first_conv="conv_stem", classifier="classifier", pool_size=(7, 7))
+        for name in ("dk_mobilenetv2_100", "dk_mobilenetv2_050")
+    }
+)
+
+
+@register_model
+def dk_mobilenetv2_100(pretrained: bool = False, **kwargs) -> DKMobileNetV2:
+    """MobileNet-V2 (width 1.0) with Deformable Kernels in the depthwise convs of stages 2-6."""
+    return _create("dk_mobilenetv2_100", pretrained, 1.0, **kwargs)
+
+
+@register_model
+def dk_mobilenetv2_050(pretrained: bool = False, **kwargs) -> DKMobileNetV2:
+    """MobileNet-V2 (width 0.5) with Deformable Kernels in the depthwise convs of stages 2-6."""
+    return _create("dk_mobilenetv2_050", pretrained, 0.5, **kwargs)
