@@ -1,4 +1,5 @@
 """The checkpoint conversion command line, ``python -m dk_detectron2.checkpoint``."""
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -41,6 +42,30 @@ def test_cli_converts_the_chosen_stages_and_reports_errors(tmp_path, capsys):
     torch.testing.assert_close(
         sample_scope(model["res5.1.conv2.weight"], 3), state_dict["layer4.1.conv2.weight"]
     )
+
+
+def test_cli_leaves_the_previous_output_when_the_save_fails(tmp_path, monkeypatch):
+    """A save that dies half-way (disk full, a kill) must not leave a truncated checkpoint where
+    a good one was: the output is written atomically."""
+    source, target = tmp_path / "resnet.pth", tmp_path / "resnet_dk.pth"
+    torch.save(_small_torchvision_state_dict(), source)
+    target.write_bytes(b"the previous good checkpoint")
+    save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            with open(f, "wb") as handle:
+                handle.write(b"half a checkpoint")
+        else:
+            f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        convert_main(["--input", str(source), "--output", str(target), "--scope-size", "4"])
+    monkeypatch.setattr(torch, "save", save)
+    assert target.read_bytes() == b"the previous good checkpoint"
+    assert sorted(os.listdir(tmp_path)) == ["resnet.pth", "resnet_dk.pth"]
 
 
 def test_cli_runs_as_a_module(tmp_path, monkeypatch, capsys):

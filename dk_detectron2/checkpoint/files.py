@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .atomic import atomic_write
 from .conversion import ConversionResult, convert_state_dict
 from .source_formats import detect_source_format, rename_to_detectron2
 
@@ -100,7 +101,9 @@ def convert_checkpoint_file(
     """Converts ``input_path`` and writes a Detectron2 checkpoint to ``output_path``.
 
     ``target_shapes`` (model name -> shape) overrides the block rule of
-    :func:`block_scope_shapes`. Nothing is written if the checkpoint does not fit.
+    :func:`block_scope_shapes`. Nothing is written if the checkpoint does not fit; the file is
+    written atomically (:func:`~dk_detectron2.checkpoint.atomic.atomic_write`): complete, or the
+    previous ``output_path`` left as it was.
     """
     checkpoint = load_checkpoint_file(input_path)
     if source_format == "auto":
@@ -115,12 +118,11 @@ def convert_checkpoint_file(
     result = convert_state_dict(
         state_dict, target_shapes, source_format=source_format, match_by_suffix=match_by_suffix
     )
-    torch.save(
-        {
-            "model": result.state_dict,
-            "__author__": "dk_detectron2.checkpoint",
-            "matching_heuristics": True,
-        },
-        output_path,
-    )
+    converted = {
+        "model": result.state_dict,
+        "__author__": "dk_detectron2.checkpoint",
+        "matching_heuristics": True,
+    }
+    # a process killed while saving leaves the previous file (if any), never a truncated one
+    atomic_write(output_path, lambda f: torch.save(converted, f))
     return result
