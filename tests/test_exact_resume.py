@@ -4,6 +4,7 @@ seeding, and saves that a kill cannot half-write. (End to end with kills: test_f
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ import torch
 import torch.utils.data as torchdata
 
 from dk_detectron2.checkpoint import DKCheckpointer, atomic_write
+from dk_detectron2.checkpoint.atomic import temporary_path
 from dk_detectron2.engine.resumable_loader import ResumableBatches, build_resumable_train_loader
 
 
@@ -115,21 +117,32 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
 
 
 def test_atomic_write_removes_the_temporaries_of_dead_writers_only(tmp_path):
-    """Left by killed writers: of this target and of another (a checkpoint name that is never
-    saved again); a live writer's temporary file stays."""
+    """Left by this host's killed writers: of this target and of another (a checkpoint name that
+    is never saved again). A live writer's temporary file stays; so do another host's (its
+    process ids mean nothing here: on a shared folder it may be writing now) and a user's file
+    that merely ends in ``.tmp.<digits>``."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ours = lambda target, pid: f"{target}.tmp.dk_detectron2.{socket.gethostname()}.{pid}"  # noqa
     try:
-        for name in (f"f.bin.tmp.{dead.pid}", f"model_0000003.pth.tmp.{dead.pid}",
-                     f"g.bin.tmp.{live.pid}"):
+        dead_ones = [ours("f.bin", dead.pid), ours("model_0000003.pth", dead.pid)]
+        kept = [ours("g.bin", live.pid), f"f.bin.tmp.dk_detectron2.other-host.{dead.pid}",
+                f"notes.txt.tmp.{dead.pid}", f"f.bin.tmp.{dead.pid}"]
+        for name in dead_ones + kept:
             (tmp_path / name).write_bytes(b"partial")
         atomic_write(str(tmp_path / "f.bin"), lambda f: f.write(b"new"))
         assert (tmp_path / "f.bin").read_bytes() == b"new"
-        assert sorted(os.listdir(tmp_path)) == ["f.bin", f"g.bin.tmp.{live.pid}"]
+        assert sorted(os.listdir(tmp_path)) == sorted(["f.bin"] + kept)
     finally:
         live.kill()
         live.wait()
+
+
+def test_temporary_names_carry_the_package_the_host_and_the_process():
+    name = temporary_path("/out/model_final.pth")
+    assert name == (f"/out/model_final.pth.tmp.dk_detectron2.{socket.gethostname()}."
+                    f"{os.getpid()}")
 
 
 _STALLED_SAVE = textwrap.dedent("""
