@@ -28,7 +28,7 @@ class _Call(nn.Module):
 
 
 def _count(module, inputs):
-    analysis = add_dk_flop_handles(FlopCountAnalysis(module, inputs))
+    analysis = add_dk_flop_handles(FlopCountAnalysis(module, inputs), torchvision=True)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     counts = analysis.by_operator()
     assert not analysis.unsupported_ops(), analysis.unsupported_ops()
@@ -36,12 +36,10 @@ def _count(module, inputs):
 
 
 def test_handles_are_registered_under_the_traced_op_names():
-    assert set(dk_flop_handles()) == {
-        "dk_detectron2::deform_kernel2d",
-        "dk_detectron2::deform_kernel_conv2d",
-        "dk_detectron2::nd_linear_sample",
-        "torchvision::deform_conv2d",
-    }
+    ours = {"dk_detectron2::deform_kernel2d", "dk_detectron2::deform_kernel_conv2d",
+            "dk_detectron2::nd_linear_sample"}
+    assert set(dk_flop_handles()) == ours
+    assert set(dk_flop_handles(torchvision=True)) == ours | {"torchvision::deform_conv2d"}
 
 
 def test_deform_kernel2d_count_equals_the_hand_count():
@@ -309,3 +307,38 @@ def test_rotation_clip_and_global_pooling_trace_to_ops_fvcore_handles():
         assert not skipped & {"aten::minimum", "aten::maximum", "aten::mean"}, skipped
     assert "aten::clamp" in _IGNORED_OPS
     assert "adaptive_avg_pool2d" in analysis.by_operator()  # global DK's pooling is counted
+
+
+_TORCHVISION_DCN_FLOPS = """
+import sys, torch, torchvision
+from fvcore.nn import FlopCountAnalysis
+torch.manual_seed(0)
+dcn, x = torchvision.ops.DeformConv2d(4, 4, 3, padding=1).eval(), torch.randn(1, 4, 6, 6)
+offset = torch.zeros(1, 18, 6, 6)
+def total():
+    analysis = FlopCountAnalysis(dcn, (x, offset))
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return analysis.total()
+before = total()
+import dk_detectron2
+after_import = total()
+from dk_detectron2.tools.flops import register_default_handles
+register_default_handles(torchvision=True)
+print(before, after_import, total())
+"""
+
+
+def test_importing_the_package_leaves_torchvision_deform_conv2d_counts_alone():
+    """``import dk_detectron2`` registers the handles of its own operators only: an unrelated
+    model with torchvision's DeformConv2d counts the same before and after; the torchvision
+    handle comes with an explicit ``register_default_handles(torchvision=True)``."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _TORCHVISION_DCN_FLOPS], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    before, after_import, registered = map(int, result.stdout.split())
+    assert after_import == before
+    conv, reads = 36 * 4 * 9 * 4, 36 * 4 * 9  # B C_out Ho Wo taps C_in, B C_in Ho Wo taps
+    assert registered == conv + reads * 4

@@ -49,7 +49,7 @@ def count_flops(model: nn.Module, inputs: Iterable[List[Dict]]) -> Dict[str, obj
     totals: List[float] = []
     table = ""
     for index, batch in enumerate(inputs):
-        analysis = add_dk_flop_handles(FlopCountAnalysis(model, batch))
+        analysis = add_dk_flop_handles(FlopCountAnalysis(model, batch), torchvision=True)
         if index > 0:
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         else:
@@ -70,7 +70,9 @@ def count_activations(model: nn.Module, inputs: Iterable[List[Dict]]) -> Dict[st
     counts: Counter = Counter()
     totals: List[float] = []
     for batch in inputs:
-        count = activation_count_operators(model, batch, supported_ops=dk_activation_handles())
+        # torchvision=True: the DK model may hold the LearntOffsetDeformConv2d rival
+        handles = dk_activation_handles(torchvision=True)
+        count = activation_count_operators(model, batch, supported_ops=handles)
         counts.update(count)
         totals.append(float(sum(count.values())))
     if not totals:

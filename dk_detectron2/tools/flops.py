@@ -2,8 +2,8 @@
 
 fvcore (and Detectron2's ``FlopCountAnalysis``, ``tools/analyze_model.py``) counts a traced model
 op by op; it skips operators it has no handle for, with a warning. This module provides the
-handles of ``torch.ops.dk_detectron2.*`` and of ``torchvision::deform_conv2d`` (used by the
-``LearntOffsetDeformConv2d`` rival).
+handles of ``torch.ops.dk_detectron2.*`` and, on request, of ``torchvision::deform_conv2d`` (used by
+the ``LearntOffsetDeformConv2d`` rival).
 
 Counting convention (fvcore's): one "flop" is one multiply-add (MAC). For every output element
 and every kernel tap:
@@ -26,14 +26,22 @@ sample point, shared by every channel of a rotation group), bias additions, clip
 counted by fvcore's own handle (one per input element). So a DK model's analysis reports no
 unsupported operator that the same model with rigid convolutions would not.
 
-``import dk_detectron2`` calls :func:`register_default_handles`, which adds these handles to
-fvcore's default tables: every ``FlopCountAnalysis`` / ``ActivationCountAnalysis`` made afterwards
-(fvcore's, Detectron2's subclass, ``flop_count``, Detectron2's ``tools/analyze_model.py``) counts
-the DK operators with no "unsupported operator" warning::
+``import dk_detectron2`` calls :func:`register_default_handles`, which adds the handles of the
+package's own operators (``dk_detectron2::*``) to fvcore's default tables: every
+``FlopCountAnalysis`` / ``ActivationCountAnalysis`` made afterwards (fvcore's, Detectron2's
+subclass, ``flop_count``, Detectron2's ``tools/analyze_model.py``) counts the DK operators with no
+"unsupported operator" warning::
 
     import dk_detectron2
     from detectron2.utils.analysis import FlopCountAnalysis
     print(FlopCountAnalysis(model, inputs).total())
+
+The import leaves every other operator's counting alone: a model without DK operators counts the
+same before and after it. The ``torchvision::deform_conv2d`` handle, which fvcore lacks and which
+would change the count of any model using torchvision's ``DeformConv2d``, is added only when asked:
+``register_default_handles(torchvision=True)`` (fvcore's defaults, from then on) or
+``add_dk_flop_handles(analysis, torchvision=True)`` (one analysis; what
+``python -m dk_detectron2.tools.analyze_model`` does, for the ``LearntOffsetDeformConv2d`` rival).
 
 Handles set on an analysis with ``set_op_handle`` still take precedence;
 :func:`add_dk_flop_handles` sets ours explicitly (e.g. on an analysis made with other defaults).
@@ -143,36 +151,45 @@ def deform_conv2d_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     return conv + reads * (IMAGE_BILINEAR_MACS + int(bool(use_mask)))
 
 
+# The package's own operators: registered in fvcore's defaults by `import dk_detectron2`.
 _FLOP_HANDLES: Dict[str, Handle] = {
     "dk_detectron2::deform_kernel2d": deform_kernel2d_flop_jit,
     "dk_detectron2::deform_kernel_conv2d": deform_kernel_conv2d_flop_jit,
     "dk_detectron2::nd_linear_sample": nd_linear_sample_flop_jit,
+}
+# Another library's operator: only on request (torchvision=True below).
+_TORCHVISION_FLOP_HANDLES: Dict[str, Handle] = {
     "torchvision::deform_conv2d": deform_conv2d_flop_jit,
 }
 
 
-def dk_flop_handles() -> Dict[str, Handle]:
-    """``{traced op name: fvcore flop handle}`` for the DK operators (a new dict each call)."""
-    return dict(_FLOP_HANDLES)
+def dk_flop_handles(torchvision: bool = False) -> Dict[str, Handle]:
+    """``{traced op name: fvcore flop handle}`` for the DK operators (a new dict each call), and
+    for ``torchvision::deform_conv2d`` with ``torchvision=True``."""
+    return {**_FLOP_HANDLES, **(_TORCHVISION_FLOP_HANDLES if torchvision else {})}
 
 
-def dk_activation_handles() -> Dict[str, Handle]:
-    """``{traced op name: fvcore activation handle}``: the elements of each op's output."""
-    return {name: generic_activation_jit() for name in _FLOP_HANDLES}
+def dk_activation_handles(torchvision: bool = False) -> Dict[str, Handle]:
+    """``{traced op name: fvcore activation handle}``: the elements of each op's output (the
+    operators of :func:`dk_flop_handles`)."""
+    return {name: generic_activation_jit() for name in dk_flop_handles(torchvision)}
 
 
-def add_dk_flop_handles(analysis):
-    """Registers the DK flop handles on an fvcore/Detectron2 ``FlopCountAnalysis``; returns it."""
-    return analysis.set_op_handle(**dk_flop_handles())
+def add_dk_flop_handles(analysis, torchvision: bool = False):
+    """Registers the DK flop handles (and the ``torchvision::deform_conv2d`` one with
+    ``torchvision=True``) on an fvcore/Detectron2 ``FlopCountAnalysis``; returns it."""
+    return analysis.set_op_handle(**dk_flop_handles(torchvision))
 
 
-def add_dk_activation_handles(analysis):
+def add_dk_activation_handles(analysis, torchvision: bool = False):
     """Registers the DK activation handles on an fvcore ``ActivationCountAnalysis``; returns it."""
-    return analysis.set_op_handle(**dk_activation_handles())
+    return analysis.set_op_handle(**dk_activation_handles(torchvision))
 
 
-def register_default_handles() -> None:
-    """Adds the DK flop and activation handles to fvcore's default handle tables (idempotent).
+def register_default_handles(torchvision: bool = False) -> None:
+    """Adds the DK flop and activation handles to fvcore's default handle tables (idempotent);
+    with ``torchvision=True`` also the ``torchvision::deform_conv2d`` ones (``import
+    dk_detectron2`` does not: it must not change how other models count).
 
     fvcore's ``FlopCountAnalysis`` and ``ActivationCountAnalysis`` copy their module's default
     table (``_DEFAULT_SUPPORTED_OPS``) into every new analysis; Detectron2's ``FlopCountAnalysis``
@@ -181,7 +198,7 @@ def register_default_handles() -> None:
     # fvcore.nn re-exports functions named like these modules: import the modules themselves.
     flop_defaults = importlib.import_module("fvcore.nn.flop_count")._DEFAULT_SUPPORTED_OPS
     activation_defaults = importlib.import_module("fvcore.nn.activation_count")._DEFAULT_SUPPORTED_OPS
-    for name, handle in _FLOP_HANDLES.items():
+    for name, handle in dk_flop_handles(torchvision).items():
         flop_defaults.setdefault(name, handle)
-    for name, handle in dk_activation_handles().items():
+    for name, handle in dk_activation_handles(torchvision).items():
         activation_defaults.setdefault(name, handle)
