@@ -1,10 +1,14 @@
-"""bfloat16 and float16 on the CPU: forward and backward within a rounding of the float64
-reference, and sums (outputs, weight gradients) accumulated in float32."""
+"""bfloat16 and float16 on the CPU: forward and backward of every operator (deform_kernel2d,
+deform_kernel_conv2d, nd_linear_sample) within a rounding of the float64 reference, and sums
+(outputs, weight gradients) accumulated in float32."""
 import pytest
 import torch
 
-from dk_detectron2.layers import deform_kernel2d, deform_kernel_conv2d
-from dk_detectron2.layers.reference import deform_kernel_conv2d_reference
+from dk_detectron2.layers import deform_kernel2d, deform_kernel_conv2d, nd_linear_sample
+from dk_detectron2.layers.reference import (
+    deform_kernel_conv2d_reference,
+    nd_linear_sample_reference,
+)
 
 from _op_cases import make_case
 
@@ -72,6 +76,50 @@ def test_half_precision_forward_and_backward_on_cpu(dtype, grouped, with_offset)
     # tensor's scale).
     scaled = _half_precision_errors(dtype, grouped, with_offset, scale_error=1.04)
     assert scaled["output"] and scaled["input"] and scaled["weight"], scaled
+
+
+def _nd_linear_sample_errors(dtype, scale_error=1.0):
+    """Elements of the half-precision ``nd_linear_sample`` output and gradients (times
+    ``scale_error``) outside their tolerance against the float64 reference on the same (rounded)
+    values; {name: count}. Tolerances as above, each from its own terms: eps x (2 |exact| + a
+    tenth of the largest magnitude of the terms), the magnitudes being the reference on |scopes|
+    (output, input gradient: sums of |value| x bilinear weight) and, for the coordinate
+    gradient, per point the sum over channels of |grad_out| x 4 x the channel's largest |scope|.
+    """
+    eps = torch.finfo(dtype).eps
+    gen = torch.Generator().manual_seed(3)
+    scopes = torch.randn(8, 5, 5, generator=gen, dtype=torch.float64).to(dtype)
+    coord = (torch.rand(64, 2, generator=gen, dtype=torch.float64) * 6 - 1).to(dtype)
+    grad_out = torch.randn(64, 8, generator=gen, dtype=torch.float64).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (scopes, coord)]
+    out = nd_linear_sample(*leaves)
+    assert out.dtype == dtype
+    out.backward(grad_out)
+    exact = [t.double().requires_grad_() for t in (scopes, coord)]
+    expected = nd_linear_sample_reference(*exact)
+    expected.backward(grad_out.double())
+    magnitude = scopes.double().abs().requires_grad_()
+    bound = nd_linear_sample_reference(magnitude, coord.double())
+    bound.backward(grad_out.double().abs())
+    per_point = grad_out.double().abs() @ (magnitude.detach().flatten(1).max(1).values * 4)
+    magnitudes = {"output": bound.detach(), "input": magnitude.grad,
+                  "coord": per_point.unsqueeze(1).expand(-1, 2)}
+    found = {"output": (out, expected.detach()), "input": (leaves[0].grad, exact[0].grad),
+             "coord": (leaves[1].grad, exact[1].grad)}
+    errors = {}
+    for name, (value, reference) in found.items():
+        tolerance = eps * (2 * reference.abs() + 0.1 * magnitudes[name].max())
+        errors[name] = int(((value.double() * scale_error - reference).abs() > tolerance).sum())
+    return errors
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_nd_linear_sample_forward_and_backward_on_cpu(dtype):
+    errors = _nd_linear_sample_errors(dtype)
+    assert not any(errors.values()), errors
+    # tight enough to see a 4 % scale error in the output and in each gradient
+    scaled = _nd_linear_sample_errors(dtype, scale_error=1.04)
+    assert all(scaled.values()), scaled
 
 
 @pytest.mark.parametrize("dtype, kernel, channels", [
