@@ -4,7 +4,7 @@ The machines these benchmarks run on are shared and noisy, so every figure is a 
 callables timed *in the same run*. :func:`time_interleaved` runs a set of callables round-robin
 (round r runs every callable once), so a burst of load from a neighbour slows all of them alike.
 :func:`compare` takes both sides of a ratio from the same rounds, the same number of samples each,
-and reports the ratio of medians with the range of the per-round ratios.
+and reports the median of the per-round ratios with their range.
 """
 
 import contextlib
@@ -121,13 +121,14 @@ def time_interleaved(
 
 def ratio(op: Measurement, baseline: Measurement) -> Dict[str, float]:
     """op / baseline over the rounds both ran (the first n samples of each, n the smaller count):
-    the ratio of the medians, and the smallest and largest per-round ratio."""
+    the median of the per-round ratios (both sides of a round ran one after the other, so a
+    burst of load falls on both), and the smallest and largest per-round ratio. The ratio of the
+    two sides' medians would pair samples of different rounds."""
     n = min(len(op.times_s), len(baseline.times_s))
-    mine, theirs = op.times_s[:n], baseline.times_s[:n]
-    per_round = [a / b for a, b in zip(mine, theirs)]
+    per_round = [a / b for a, b in zip(op.times_s[:n], baseline.times_s[:n])]
     return {
         "samples": n,
-        "ratio_median": statistics.median(mine) / statistics.median(theirs),
+        "ratio_median": statistics.median(per_round),
         "ratio_min": min(per_round),
         "ratio_max": max(per_round),
     }

@@ -17,7 +17,6 @@ difference; ``--model-full-heads`` measures the config as it is.
 
 import glob
 import os
-import traceback
 
 import torch
 
@@ -152,19 +151,17 @@ def _training_fn(model, inputs):
 def model(args, progress):
     size = args.model_size
     result = {"image_size": size, "status": "measured"}
+    config_path = find_config(args.model_config)
+    heads = {} if args.model_full_heads else QUICK_HEADS if args.quick else LIGHT_HEADS
     try:
-        config_path = find_config(args.model_config)
-        heads = {} if args.model_full_heads else QUICK_HEADS if args.quick else LIGHT_HEADS
         dk_cfg = build_config(config_path, None, heads)
         plain_cfg = build_config(config_path, PLAIN_TYPE, heads)
         models = {"dk": build_benchmark_model(dk_cfg), "plain": build_benchmark_model(plain_cfg)}
-    except Exception as error:  # the backbone or config may not exist yet in this checkout
-        result.update(
-            status="unavailable",
-            error=f"{type(error).__name__}: {error}",
-            traceback=traceback.format_exc(limit=4),
-        )
-        return result
+    except Exception as error:  # a model that does not build fails the benchmark, saying why
+        raise RuntimeError(
+            f"the Mask R-CNN benchmark models (config {config_path or _ZOO_CONFIG}) could not "
+            f"be built: {type(error).__name__}: {error}"
+        ) from error
     result.update(
         config=config_path or f"detectron2 model zoo {_ZOO_CONFIG} + build_resnet_dk_fpn_backbone",
         dk_type=dk_cfg.MODEL.DK.TYPE,

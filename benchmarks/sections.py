@@ -342,7 +342,8 @@ def cuda(args, progress):
     peak, peak_source = peak_bandwidth(device)
     result = {"status": "measured", "device_name": torch.cuda.get_device_name(device),
               "peak_bandwidth_bytes_per_s": peak, "peak_bandwidth_source": peak_source,
-              "timings": [], "comparisons": [], "errors": [], "full_dk": []}
+              "timings": [], "comparisons": [], "errors": [], "full_dk": [],
+              "full_dk_timings": []}
     stages = _stages(args.quick)
     bar = progress(total=len(stages) * len(DTYPES) * args.repeats + len(DTYPES), desc="ops (CUDA)")
     dk_ops = [op for op, _, _ in CUDA_COMPARISONS]
@@ -367,6 +368,9 @@ def cuda(args, progress):
     for dtype_name, dtype in DTYPES.items():
         shape, measured = _time_full_dk(args, device, dtype)
         bar.update(1)
+        # the per-round samples, so that benchmarks.recompute can rebuild the ratios
+        result["full_dk_timings"] += measurement_rows(measured, shape=shape.to_dict(),
+                                                      device="cuda", dtype=dtype_name)
         result["full_dk"] += _compare_passes(shape, "deform_kernel2d", "conv2d", measured,
                                              LAYOUTS, dtype=dtype_name, status="measured")
     bar.close()

@@ -14,7 +14,9 @@ import torch
 
 from benchmarks import SECTIONS, main, parse_args
 from benchmarks.cases import headline_shape, op_shapes
-from benchmarks.measure import compare, linear_fit, measure_memory, time_interleaved
+from benchmarks.measure import Measurement, compare, linear_fit, measure_memory, ratio, \
+    time_interleaved
+from benchmarks.recompute import recompute
 from benchmarks.report import TARGETS, evaluate_targets
 from benchmarks.sections import peak_bandwidth
 
@@ -151,15 +153,14 @@ def test_targets_pass_and_miss_on_known_ratios():
 
 
 def test_compare_uses_the_same_rounds_on_both_sides():
-    from benchmarks.measure import Measurement
-
     # The op ran 7 rounds, the baseline 3: the ratio uses the op's first 3 rounds only, in which
-    # the op's fastest late outlier (round 6) does not count.
+    # the op's fastest late outlier (round 6) does not count. Per-round ratios 2.0/200, 2.2/210,
+    # 2.1/190: their median is round 1's (the medians' ratio 2.1/200 pairs other rounds).
     op = {"nchw": Measurement("op", [2.0, 2.2, 2.1, 2.0, 2.0, 2.0, 0.5])}
     baseline = {"nchw": Measurement("base", [200.0, 210.0, 190.0])}
     row = compare(op, baseline)
     assert row["samples"] == 3
-    assert row["ratio_median"] == pytest.approx(2.1 / 200.0)
+    assert row["ratio_median"] == pytest.approx(2.2 / 210.0)
     assert row["ratio_min"] == pytest.approx(2.0 / 200.0)
     assert row["ratio_max"] == pytest.approx(2.1 / 190.0)
     assert row["op_min_ms"] == pytest.approx(2000.0)
@@ -251,3 +252,45 @@ def test_cuda_section_on_a_stand_in_device(monkeypatch):
         "MISS",
     )
     assert targets["CUDA float32 deform_kernel2d fwd DRAM bandwidth / peak"]["measured"] > 0
+
+
+def test_the_ratio_is_the_median_of_the_per_round_ratios():
+    """The committed Mask R-CNN inference samples (ms, three rounds): per-round ratios 1.023, 1.180,
+    1.180, so the ratio is 1.18 (a miss of <= 1.15), not the medians' ratio 1.06."""
+    dk = Measurement("dk", [0.4212338, 0.4861748, 0.4358971])
+    plain = Measurement("plain", [0.4118109, 0.4119620, 0.3693531])
+    found = ratio(dk, plain)
+    assert found["ratio_median"] == pytest.approx(1.180, abs=1e-3)
+    assert (found["ratio_min"], found["ratio_max"]) == pytest.approx((1.023, 1.180), abs=1e-3)
+
+
+def test_a_model_that_does_not_build_fails_the_benchmark(monkeypatch):
+    from benchmarks import model as model_section
+
+    def broken(cfg):
+        raise KeyError("no backbone named build_resnet_dk_fpn_backbone")
+
+    monkeypatch.setattr(model_section, "build_benchmark_model", broken)
+    args = parse_args(["--quick", "--model", "--no-progress"])
+    with pytest.raises(RuntimeError, match="could not be built: KeyError: .*no backbone named"):
+        model_section.model(args, lambda total, desc: None)
+
+
+def test_the_committed_figures_follow_from_the_committed_samples():
+    """benchmarks/results.json: every ratio, speedup and verdict equals what
+    ``python -m benchmarks.recompute`` derives from the per-round samples stored beside them."""
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "results.json")
+    with open(path) as f:
+        committed = json.load(f)
+    recomputed = recompute(committed)
+    # the same arithmetic on the same samples (JSON keeps floats exactly): equal, not close
+    for section in ("ops", "full_dk", "model"):
+        assert committed[section]["comparisons"] == recomputed[section]["comparisons"], section
+    threads = committed["scaling"]["threads"]["speedups"]
+    assert threads == recomputed["scaling"]["threads"]["speedups"]
+    assert [(t["name"], t["status"], t["measured_text"]) for t in committed["targets"]] == \
+        [(t["name"], t["status"], t["measured_text"]) for t in recomputed["targets"]]
+    inference = next(t for t in committed["targets"] if t["metric"] == "model/inference")
+    assert inference["status"] == "MISS" and inference["measured_text"].startswith("1.18x")
