@@ -1,5 +1,6 @@
 """A Detectron2 checkpointer that loads standard ResNet checkpoints into DK models, refuses
 checkpoints that do not fit, and saves atomically."""
+import argparse
 import os
 from typing import List
 
@@ -16,6 +17,13 @@ from .conversion import (
     format_stage_report,
 )
 from .source_formats import detect_source_format
+from .timm_format import (
+    backbone_tensors_left,
+    format_handover_report,
+    read_timm_checkpoint,
+    split_classifier,
+)
+from ..solver import generator_parameter_names
 
 __all__ = ["CheckpointFileError", "CheckpointMismatchError", "DKCheckpointer"]
 
@@ -39,8 +47,10 @@ class DKCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` that converts 3x3 kernels into DK scopes on load.
 
     ``MODEL.WEIGHTS`` may name a Detectron2 / Caffe2 model-zoo ``.pkl`` (e.g. ``R-50.pkl``), a
-    Detectron2 ``.pth`` or a torchvision ResNet state dict (``layer1.0.conv2.weight`` ...). Names
-    are mapped to the model's with Detectron2's machinery; every ``[O, I, K, K]`` kernel whose
+    Detectron2 ``.pth``, a torchvision ResNet state dict (``layer1.0.conv2.weight`` ...) or a
+    checkpoint of the timm ResNets of :mod:`dk_detectron2.classification` (timm's training
+    checkpoint ``model_best.pth.tar`` or a plain state dict; see below). Names are mapped to the
+    model's with Detectron2's machinery; every ``[O, I, K, K]`` kernel whose
     parameter is a larger ``[O, I, S, S]`` DK scope is replaced by the scope that reproduces it at
     zero rotation (:func:`dk_detectron2.checkpoint.kernel_to_scope`), so the loaded DK model
     starts out computing what the checkpoint's model computed. One INFO line per stage reports
@@ -63,6 +73,14 @@ class DKCheckpointer(DetectionCheckpointer):
       checkpoint whose 3x3 kernels become scopes still loads: the generators of those layers
       keep their zero-rotation initialisation;
     - a file that cannot be read raises :class:`CheckpointFileError` naming it;
+    - timm checkpoints (``resnet50_dw``, ``dk_resnet50_dw``, ``dkdcn_resnet50_dw``, the R18 and
+      ``_050`` ones): the model weights (``"state_dict"``; not the EMA's) are loaded, the rest of
+      timm's training state (optimizer, ``args``) is dropped; DK scopes and generators are
+      carried over unchanged (rigid kernels converted as above); one INFO line per backbone stage
+      says what was loaded, the classifier ``head.fc`` is reported as not used by the detector,
+      and a backbone tensor the checkpoint does not load (another depth, width or
+      ``MODEL.DK.DEPTHWISE``) raises :class:`CheckpointMismatchError` naming it (with
+      ``skip_mismatched``, a warning);
     - :meth:`save` and the ``last_checkpoint`` tag are atomic
       (:func:`~dk_detectron2.checkpoint.atomic_write`): a process killed while saving leaves the
       previous checkpoint and tag intact.
@@ -107,14 +125,21 @@ class DKCheckpointer(DetectionCheckpointer):
         atomic_write(os.path.join(self._local_save_dir(), "last_checkpoint"),
                      lambda f: f.write(last_filename_basename.encode()))
 
+    def _torch_load(self, f):
+        # timm's CheckpointSaver stores its argparse.Namespace of flags ("args"): allow it beside
+        # tensors under torch.load's weights_only default.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return super()._torch_load(f)
+
     def _load_file(self, filename):
         try:
-            return super()._load_file(filename)
+            loaded = super()._load_file(filename)
         except Exception as error:
             raise CheckpointFileError(
                 f"cannot read the checkpoint {filename}: {type(error).__name__}: {error} "
                 "(the file is truncated or corrupt, or not a checkpoint)"
             ) from error
+        return read_timm_checkpoint(loaded)
 
     def _load_model(self, checkpoint):
         source_format = detect_source_format(checkpoint)
@@ -129,7 +154,9 @@ class DKCheckpointer(DetectionCheckpointer):
             skip_mismatched=self.skip_mismatched,
         )
         self._refuse_resampled_scopes(result)
-        if result.converted:
+        if source_format == "timm_dk":
+            self._report_handover(result, checkpoint.get("timm") or {})
+        elif result.converted:
             # One line per stage; the per-layer table only at DEBUG level.
             for line in format_stage_report(result):
                 self.logger.info(f"[DKCheckpointer] {source_format} checkpoint, {line}")
@@ -146,6 +173,43 @@ class DKCheckpointer(DetectionCheckpointer):
             unexpected_keys=incompatible.unexpected_keys,
             incorrect_shapes=list(incompatible.incorrect_shapes) + result.skipped,
         )
+
+    def _report_handover(self, result, timm_info: dict) -> None:
+        """A timm classification checkpoint: the classifier reported as not used, one line per
+        backbone stage, and no backbone tensor left as initialised (see the class docstring)."""
+        origin = ", ".join(f"{key} {timm_info[key]}" for key in ("arch", "epoch")
+                           if timm_info.get(key) is not None)
+        prefix = f"[DKCheckpointer] timm checkpoint{f' ({origin})' if origin else ''}"
+        if timm_info.get("unused"):
+            self.logger.info(f"{prefix}: loading its 'state_dict'; not used: "
+                             f"{', '.join(timm_info['unused'])}")
+        classifier = split_classifier(result)
+        if classifier:
+            shown = ", ".join(f"{name} {list(shape)}" for name, shape in classifier)
+            self.logger.info(f"{prefix}: the classifier ({shown}) is not used by the detector")
+        model_state = self.model.state_dict()
+        generators = generator_parameter_names(self.model)
+        scopes = {f"{name}.weight" for name, module in self.model.named_modules()
+                  if getattr(module, "scope_size", None) is not None}
+        for line in format_handover_report(result, model_state, generators, scopes):
+            self.logger.info(f"{prefix}, {line}")
+        for line in format_stage_report(result):
+            self.logger.info(f"{prefix}, {line}")
+        if result.unmatched:
+            self.logger.warning(f"{prefix}: {len(result.unmatched)} tensor(s) not used by the "
+                                f"detector: {_first(result.unmatched)}")
+        left = backbone_tensors_left(result, model_state, generators)
+        if not left:
+            return
+        message = (f"the timm checkpoint{f' ({origin})' if origin else ''} does not fit this "
+                   f"backbone (another depth, width or MODEL.DK.DEPTHWISE?): {len(left)} backbone "
+                   f"tensor(s) would be left as initialised: {_first(left)}")
+        if not self.skip_mismatched:
+            raise CheckpointMismatchError(
+                message + ". Set MODEL.ALLOW_PARTIAL_WEIGHTS True to load what fits and keep the "
+                "rest as initialised."
+            )
+        self.logger.warning(f"[DKCheckpointer] {message}")
 
     def _resampled_scopes(self, result) -> List[LayerConversion]:
         """The converted layers whose checkpoint tensor is not a kernel of the layer's

@@ -10,6 +10,10 @@ the model's prefix (``backbone.bottom_up.``); Detectron2's suffix matching adds 
 - ``"caffe2"``: Caffe2 / Detectron1 blob names (``res2_0_branch2a_w`` ...; e.g. ``MSRA/R-50.pkl``),
   renamed by Detectron2's ``convert_c2_detectron_names``.
 - ``"torchvision"``: ``torchvision.models.ResNet`` state dicts (``layer1.0.conv2.weight`` ...).
+- ``"timm_dk"``: checkpoints of the classification models of :mod:`dk_detectron2.classification`
+  (timm's training checkpoint or a plain state dict): Detectron2 names already (the models are
+  built from the backbone's pieces), plus timm's classifier ``head.fc.*``, which the loader
+  reports as not used by the detector (:mod:`.timm_format`).
 """
 import re
 from typing import Any, Dict, Mapping
@@ -69,6 +73,13 @@ def torchvision(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
     return {_torchvision_key(key): value for key, value in state_dict.items()}
 
 
+@SOURCE_FORMAT_REGISTRY.register()
+def timm_dk(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    """The timm DK ResNets (``dk_resnet50_dw`` ...): Detectron2 names already; unchanged (the
+    classifier ``head.fc.*`` matches nothing in a detector and is reported by the loader)."""
+    return dict(state_dict)
+
+
 def rename_to_detectron2(state_dict: Mapping[str, Any], source_format: str) -> Dict[str, Any]:
     """Renames ``state_dict`` from ``source_format`` (a :data:`SOURCE_FORMAT_REGISTRY` name)."""
     if source_format not in SOURCE_FORMAT_REGISTRY:
@@ -78,6 +89,8 @@ def rename_to_detectron2(state_dict: Mapping[str, Any], source_format: str) -> D
 
 
 _TORCHVISION_MARKERS = re.compile(r"^(module\.)?(layer\d+\.\d+\.(conv|bn)\d\.|bn1\.)")
+_TIMM_DK_STEM = re.compile(r"^(module\.)?stem\.conv1\.")
+_TIMM_DK_HEAD = re.compile(r"^(module\.)?head\.fc\.")
 
 
 def detect_source_format(checkpoint: Mapping[str, Any]) -> str:
@@ -88,12 +101,23 @@ def detect_source_format(checkpoint: Mapping[str, Any]) -> str:
             (the state dict) and optionally ``"__author__"``.
 
     Returns:
-        ``"caffe2"`` for Caffe2 / Detectron1 files (``__author__ == "Caffe2"``), ``"torchvision"``
-        when the keys follow torchvision's ResNet (``layer1.0.conv1.weight``, ``bn1.weight``), else
+        ``"caffe2"`` for Caffe2 / Detectron1 files (``__author__ == "Caffe2"``), ``"timm_dk"``
+        for timm's training checkpoints (``__author__ == "timm"``, set by the loader for a file
+        with a ``"state_dict"``) and for state dicts of the timm DK ResNets (``stem.conv1.*`` and
+        the classifier ``head.fc.*``, without a model prefix), ``"torchvision"`` when the keys
+        follow torchvision's ResNet (``layer1.0.conv1.weight``, ``bn1.weight``), else
         ``"detectron2"``.
     """
-    if checkpoint.get("__author__") == "Caffe2":
+    author = checkpoint.get("__author__")
+    if author == "Caffe2":
         return "caffe2"
-    if any(_TORCHVISION_MARKERS.match(key) for key in checkpoint["model"]):
+    if author == "timm":
+        return "timm_dk"
+    keys = list(checkpoint["model"])
+    if author is None and any(_TIMM_DK_STEM.match(key) for key in keys) and any(
+        _TIMM_DK_HEAD.match(key) for key in keys
+    ):
+        return "timm_dk"
+    if any(_TORCHVISION_MARKERS.match(key) for key in keys):
         return "torchvision"
     return "detectron2"

@@ -19,44 +19,28 @@ import torch
 from torch import nn
 
 from ..checkpoint.conversion import CheckpointShapeError, convert_state_dict, format_stage_report
+from ..checkpoint.timm_format import unwrap_checkpoint
 from ..solver import generator_parameter_names
 
 __all__ = ["checkpoint_filter_fn", "unwrap_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
-# Entries of a training checkpoint that hold a model state dict, in order of preference: timm's
-# CheckpointSaver writes "state_dict" (and "state_dict_ema" with --model-ema), Detectron2 "model".
-_STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema")
-
-
-def unwrap_checkpoint(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
-    """The model state dict of a loaded checkpoint: a plain state dict, timm's training checkpoint
-    (``{"state_dict": ..., "arch": ..., "epoch": ...}``) or Detectron2's (``{"model": ...}``); a
-    ``module.`` prefix (DistributedDataParallel) is removed."""
-    if not isinstance(checkpoint, Mapping):
-        raise TypeError(f"checkpoint must be a mapping, got {type(checkpoint).__name__}")
-    state_dict = checkpoint
-    for key in _STATE_DICT_KEYS:
-        if isinstance(checkpoint.get(key), Mapping):
-            state_dict = checkpoint[key]
-            break
-    if state_dict and all(name.startswith("module.") for name in state_dict):
-        state_dict = {name[len("module."):]: value for name, value in state_dict.items()}
-    return dict(state_dict)
-
 
 def _classifier_prefixes(model: nn.Module) -> tuple:
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
-    return tuple(f"{name}." for name in ((classifier,) if isinstance(classifier, str) else classifier))
+    names = (classifier,) if isinstance(classifier, str) else classifier
+    return tuple(f"{name}." for name in names)
 
 
 def checkpoint_filter_fn(state_dict: Mapping, model: nn.Module) -> Dict[str, torch.Tensor]:
     """timm's ``filter_fn``: ``state_dict`` (a checkpoint of this model, of its rigid twin, or of a
     DK model with the same scope size) -> a state dict ``model.load_state_dict`` takes strictly.
 
-    A classifier of another number of classes is passed through unchanged (timm's
-    ``load_pretrained`` drops it when ``num_classes`` differs from the checkpoint's).
+    A classifier of another number of classes is passed through unchanged: timm's
+    ``load_pretrained`` drops it when ``num_classes`` differs from the ``pretrained_cfg``'s (1000
+    unless ``pretrained_cfg_overlay=dict(file=..., num_classes=N)`` says the checkpoint has N), and
+    ``load_checkpoint`` refuses it, naming the layer and both shapes.
 
     Raises:
         CheckpointShapeError: a tensor fits neither its parameter nor a DK scope of it (another
