@@ -24,13 +24,16 @@
 namespace dk_detectron2 {
 
 // The four corners touched by one sample point. Corners outside the grid (and every corner of
-// a point that reads zero) have weight 0 and index 0, so callers can read through them safely.
+// a point that reads zero) have weight 0, index 0 and inside false. A caller that tests `inside`
+// never addresses them, so a non-finite value at cell 0 cannot reach the sum through a weight 0
+// (0 * inf is NaN); the CUDA kernels do, the CPU kernels read through index 0 or a zero row.
 template <typename T>
 struct BilinearCorners {
   int64_t index[4];  // flat index y * width + x of corners (y0,x0) (y0,x0+1) (y0+1,x0) (y0+1,x0+1)
   T weight[4];       // interpolation weight of each corner
   T dweight_dy[4];   // derivative of each weight with respect to the point's y
   T dweight_dx[4];   // derivative of each weight with respect to the point's x
+  bool inside[4];    // the corner is a cell of the grid (index and weight are real)
 };
 
 // True when the point reads anything at all (the open range (-1, size) on both axes).
@@ -49,6 +52,7 @@ DK_UNROLL
     c.weight[i] = T(0);
     c.dweight_dy[i] = T(0);
     c.dweight_dx[i] = T(0);
+    c.inside[i] = false;
   }
   if (!bilinear_in_range(y, x, height, width)) return;
   const T yf = ::floor(y);
@@ -69,6 +73,7 @@ DK_UNROLL
       c.weight[i] = w[i];
       c.dweight_dy[i] = dy[i];
       c.dweight_dx[i] = dx[i];
+      c.inside[i] = true;
     }
   }
 }

@@ -6,6 +6,11 @@
 // Both read the scope weight[c, 0] bilinearly at (kh + r_y + (Sh-Kh)/2, kw + r_x + (Sw-Kw)/2)
 // with the rule of csrc/bilinear.h (bilinear_corners / base_grid_position), as the CPU kernels do.
 //
+// Non-finite values: a tap whose image point or scope point reads nothing (outside the image or
+// the scope, or a non-finite coordinate) is skipped, gradients included, and a corner outside the
+// grid is never addressed (its weight 0 would turn an inf or NaN at pixel 0 or scope cell 0 into
+// NaN). So a non-finite value reaches only the outputs and gradients of the taps that read it.
+//
 // Tensors as the kernels see them (the host code in deform_kernel_cuda.cu prepares them):
 //   input, grad_input      [B, C, H, W]   contiguous in `channels_last` ? NHWC : NCHW
 //   output, grad_output    [B, C, Ho, Wo] same memory format as input
@@ -48,10 +53,10 @@ struct ImageCorners {
   static constexpr int kCount = kOffset ? 4 : 1;
 };
 
-// Where tap (kh, kw) of output position (y, x) (s = y * Wo + x) reads the image of batch b. For
-// the integer tap only corner 0 is filled: weight 1 inside the image, 0 (index 0) outside.
+// Where tap (kh, kw) of output position (y, x) (s = y * Wo + x) reads the image of batch b; false
+// when it reads nothing (the tap is then skipped). For the integer tap only corner 0 is filled.
 template <bool kOffset, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void image_corners(const scalar_t* __restrict__ offset,
+__device__ __forceinline__ bool image_corners(const scalar_t* __restrict__ offset,
                                               const DKShape& k, int64_t b, int64_t kh,
                                               int64_t kw, int64_t y, int64_t x, int64_t s,
                                               BilinearCorners<acc_t>& corners) {
@@ -64,18 +69,22 @@ __device__ __forceinline__ void image_corners(const scalar_t* __restrict__ offse
     const acc_t py = static_cast<acc_t>(iy) + static_cast<acc_t>(o[0]);
     const acc_t px = static_cast<acc_t>(ix) + static_cast<acc_t>(o[positions]);
     bilinear_corners(py, px, k.height, k.width, corners);
+    return bilinear_in_range(py, px, k.height, k.width);
   } else {
     const bool inside = iy >= 0 && iy < k.height && ix >= 0 && ix < k.width;
     corners.index[0] = inside ? iy * k.width + ix : 0;
     corners.weight[0] = inside ? acc_t(1) : acc_t(0);
     corners.dweight_dy[0] = acc_t(0);
     corners.dweight_dx[0] = acc_t(0);
+    corners.inside[0] = inside;
+    return inside;
   }
 }
 
-// Where tap (kh, kw) of output position s reads the scope, for rotation group g of batch b.
+// Where tap (kh, kw) of output position s reads the scope, for rotation group g of batch b;
+// false when it reads nothing (the tap is then skipped).
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void scope_corners(const scalar_t* __restrict__ rotation,
+__device__ __forceinline__ bool scope_corners(const scalar_t* __restrict__ rotation,
                                               const DKShape& k, int64_t b, int64_t g,
                                               int64_t kh, int64_t kw, int64_t s,
                                               BilinearCorners<acc_t>& corners) {
@@ -88,6 +97,20 @@ __device__ __forceinline__ void scope_corners(const scalar_t* __restrict__ rotat
   const acc_t sx =
       base_grid_position<acc_t>(kw, k.kernel_w, k.scope_w) + static_cast<acc_t>(r[positions]);
   bilinear_corners(sy, sx, k.scope_h, k.scope_w, corners);
+  return bilinear_in_range(sy, sx, k.scope_h, k.scope_w);
+}
+
+// sum_i weight[i] * table[index[i] * stride] over the corners inside the grid (the others are
+// never addressed).
+template <int kCount, typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t read_corners(const scalar_t* __restrict__ table,
+                                              const BilinearCorners<acc_t>& corners) {
+  acc_t sum = 0;
+#pragma unroll
+  for (int i = 0; i < kCount; ++i) {
+    if (corners.inside[i]) sum += corners.weight[i] * static_cast<acc_t>(table[corners.index[i]]);
+  }
+  return sum;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -126,9 +149,9 @@ __global__ void dk_forward_kernel(const scalar_t* __restrict__ input,
     for (int64_t kh = 0; kh < k.kernel_h; ++kh) {
       for (int64_t kw = 0; kw < k.kernel_w; ++kw) {
         BilinearCorners<acc_t> img;
-        image_corners<kOffset>(offset, k, b, kh, kw, y, x, s, img);
+        if (!image_corners<kOffset>(offset, k, b, kh, kw, y, x, s, img)) continue;
         BilinearCorners<acc_t> sc;
-        scope_corners(rotation, k, b, g, kh, kw, s, sc);
+        if (!scope_corners(rotation, k, b, g, kh, kw, s, sc)) continue;
 #pragma unroll
         for (int j = 0; j < kChannelsPerThread; ++j) {
           if (j >= channels_here) break;
@@ -136,16 +159,12 @@ __global__ void dk_forward_kernel(const scalar_t* __restrict__ input,
           acc_t value = 0;
 #pragma unroll
           for (int i = 0; i < ImageCorners<kOffset>::kCount; ++i) {
+            if (!img.inside[i]) continue;
             const int64_t at = image_offset(b, c, img.index[i], k.channels, k.plane(),
                                             k.channels_last);
             value += img.weight[i] * static_cast<acc_t>(input[at]);
           }
-          const scalar_t* scope = weight + c * k.scope_cells();
-          acc_t kernel = 0;
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            kernel += sc.weight[i] * static_cast<acc_t>(scope[sc.index[i]]);
-          }
+          const acc_t kernel = read_corners<4>(weight + c * k.scope_cells(), sc);
           sum[j] += value * kernel;
         }
       }
@@ -202,17 +221,12 @@ __global__ void dk_grad_input_gather_kernel(const scalar_t* __restrict__ grad_ou
         if (x >= k.out_width) continue;
         const int64_t s = y * k.out_width + x;
         BilinearCorners<acc_t> sc;
-        scope_corners(rotation, k, b, g, kh, kw, s, sc);
+        if (!scope_corners(rotation, k, b, g, kh, kw, s, sc)) continue;
 #pragma unroll
         for (int j = 0; j < kChannelsPerThread; ++j) {
           if (j >= channels_here) break;
           const int64_t c = c_begin + j;
-          const scalar_t* scope = weight + c * k.scope_cells();
-          acc_t kernel = 0;
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            kernel += sc.weight[i] * static_cast<acc_t>(scope[sc.index[i]]);
-          }
+          const acc_t kernel = read_corners<4>(weight + c * k.scope_cells(), sc);
           const int64_t at = image_offset(b, c, s, k.channels, positions, k.channels_last);
           sum[j] += kernel * static_cast<acc_t>(grad_output[at]);
         }
@@ -244,7 +258,6 @@ __global__ void dk_grad_input_scatter_kernel(const scalar_t* __restrict__ grad_o
   DK_CUDA_KERNEL_LOOP(n, total) {
     const ImageIndex o = image_index(n, k.channels, positions, k.channels_last);
     const acc_t go = static_cast<acc_t>(grad_output[n]);
-    if (go == acc_t(0)) continue;
     const int64_t y = o.s / k.out_width;
     const int64_t x = o.s - y * k.out_width;
     const int64_t g = o.c / k.channels_per_rotation_group;
@@ -252,16 +265,13 @@ __global__ void dk_grad_input_scatter_kernel(const scalar_t* __restrict__ grad_o
     for (int64_t kh = 0; kh < k.kernel_h; ++kh) {
       for (int64_t kw = 0; kw < k.kernel_w; ++kw) {
         BilinearCorners<acc_t> img;
-        image_corners<true>(offset, k, o.b, kh, kw, y, x, o.s, img);
+        if (!image_corners<true>(offset, k, o.b, kh, kw, y, x, o.s, img)) continue;
         BilinearCorners<acc_t> sc;
-        scope_corners(rotation, k, o.b, g, kh, kw, o.s, sc);
-        acc_t kernel = 0;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) kernel += sc.weight[i] * static_cast<acc_t>(scope[sc.index[i]]);
-        const acc_t grad_value = go * kernel;
+        if (!scope_corners(rotation, k, o.b, g, kh, kw, o.s, sc)) continue;
+        const acc_t grad_value = go * read_corners<4>(scope, sc);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          if (img.weight[i] == acc_t(0)) continue;  // outside the image: nothing was read
+          if (!img.inside[i]) continue;  // outside the image: nothing was read
           const int64_t at = image_offset(o.b, o.c, img.index[i], k.channels, k.plane(),
                                           k.channels_last);
           atomicAdd(grad_input + at, grad_value * img.weight[i]);
@@ -298,19 +308,22 @@ __global__ void dk_grad_rotation_offset_kernel(const scalar_t* __restrict__ grad
     const int64_t y = s / k.out_width;
     const int64_t x = s - y * k.out_width;
     BilinearCorners<acc_t> img;
-    image_corners<kOffset>(offset, k, b, kh, kw, y, x, s, img);
+    const bool reads_image = image_corners<kOffset>(offset, k, b, kh, kw, y, x, s, img);
     acc_t grad_offset_y = 0, grad_offset_x = 0;
     for (int64_t g = 0; g < k.rotation_groups; ++g) {
       BilinearCorners<acc_t> sc;
-      scope_corners(rotation, k, b, g, kh, kw, s, sc);
+      // A skipped tap (nothing read in the image or the scope) has zero gradients.
+      const bool reads = reads_image && scope_corners(rotation, k, b, g, kh, kw, s, sc);
       acc_t grad_rotation_y = 0, grad_rotation_x = 0;
-      const int64_t c_end = (g + 1) * k.channels_per_rotation_group;
-      for (int64_t c = g * k.channels_per_rotation_group; c < c_end; ++c) {
+      const int64_t c_begin = g * k.channels_per_rotation_group;
+      const int64_t c_end = reads ? c_begin + k.channels_per_rotation_group : c_begin;
+      for (int64_t c = c_begin; c < c_end; ++c) {
         const acc_t go = static_cast<acc_t>(
             grad_output[image_offset(b, c, s, k.channels, positions, k.channels_last)]);
         acc_t value = 0, dvalue_dy = 0, dvalue_dx = 0;
 #pragma unroll
         for (int i = 0; i < ImageCorners<kOffset>::kCount; ++i) {
+          if (!img.inside[i]) continue;
           const acc_t v = static_cast<acc_t>(
               input[image_offset(b, c, img.index[i], k.channels, k.plane(), k.channels_last)]);
           value += img.weight[i] * v;
@@ -323,6 +336,7 @@ __global__ void dk_grad_rotation_offset_kernel(const scalar_t* __restrict__ grad
         acc_t kernel = 0, dkernel_dy = 0, dkernel_dx = 0;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
+          if (!sc.inside[i]) continue;
           const acc_t w = static_cast<acc_t>(scope[sc.index[i]]);
           kernel += sc.weight[i] * w;
           dkernel_dy += sc.dweight_dy[i] * w;
@@ -392,20 +406,22 @@ __global__ void dk_grad_weight_partial_kernel(const scalar_t* __restrict__ grad_
       for (int64_t kh = 0; kh < k.kernel_h; ++kh) {
         for (int64_t kw = 0; kw < k.kernel_w; ++kw) {
           BilinearCorners<acc_t> img;
-          image_corners<kOffset>(offset, k, b, kh, kw, y, x, s, img);
+          if (!image_corners<kOffset>(offset, k, b, kh, kw, y, x, s, img)) continue;
           acc_t value = 0;
 #pragma unroll
           for (int i = 0; i < ImageCorners<kOffset>::kCount; ++i) {
+            if (!img.inside[i]) continue;
             const int64_t at = image_offset(b, c, img.index[i], k.channels, k.plane(),
                                             k.channels_last);
             value += img.weight[i] * static_cast<acc_t>(input[at]);
           }
           const acc_t go_value = go * value;
-          if (go_value == acc_t(0)) continue;  // scope weights are finite: adds exact zeros
+          if (go_value == acc_t(0)) continue;  // bilinear weights are finite: adds exact zeros
           BilinearCorners<acc_t> sc;
-          scope_corners(rotation, k, b, g, kh, kw, s, sc);
+          if (!scope_corners(rotation, k, b, g, kh, kw, s, sc)) continue;
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
+            if (!sc.inside[i]) continue;  // no gradient for a cell the tap did not read
             const int64_t j = sc.index[i] - first_cell;
             if (j >= 0 && j < pass_cells) mine[j * threads] += go_value * sc.weight[i];
           }

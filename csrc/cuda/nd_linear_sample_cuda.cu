@@ -2,6 +2,9 @@
 // backward: input [M, Sh, Sw], coord [P, 2] (y, x) -> output [P, M] with
 // out[p, m] = bilinear(input[m], coord[p, 0], coord[p, 1]) under the rule of csrc/bilinear.h.
 // All tensors are made contiguous; values are accumulated in at::opmath_type<scalar_t>.
+// A corner outside the grid is never addressed (corners.inside): an inf or NaN in cell 0 reaches
+// only the points that really read it, and a non-finite gradient of a point reading nothing
+// reaches no cell.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
@@ -42,7 +45,9 @@ __global__ void nd_linear_sample_forward_kernel(const scalar_t* __restrict__ inp
     const scalar_t* plane = input + m * height * width;
     acc_t sum = 0;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) sum += corners.weight[i] * static_cast<acc_t>(plane[corners.index[i]]);
+    for (int i = 0; i < 4; ++i) {
+      if (corners.inside[i]) sum += corners.weight[i] * static_cast<acc_t>(plane[corners.index[i]]);
+    }
     output[n] = static_cast<scalar_t>(sum);
   }
 }
@@ -63,7 +68,7 @@ __global__ void nd_linear_sample_grad_input_kernel(const scalar_t* __restrict__ 
     coord_corners(coord, p, height, width, corners);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      if (corners.weight[i] == acc_t(0)) continue;  // outside the grid: nothing was read
+      if (!corners.inside[i]) continue;  // outside the grid: nothing was read
       atomicAdd(grad_input + m * height * width + corners.index[i], go * corners.weight[i]);
     }
   }
@@ -81,12 +86,16 @@ __global__ void nd_linear_sample_grad_coord_kernel(const scalar_t* __restrict__ 
   DK_CUDA_KERNEL_LOOP(p, points) {
     BilinearCorners<acc_t> corners;
     coord_corners(coord, p, height, width, corners);
+    // A point that reads nothing has zero gradient, whatever its grad_output holds.
+    const bool reads = corners.inside[0] || corners.inside[1] || corners.inside[2] ||
+                       corners.inside[3];
     acc_t grad_y = 0, grad_x = 0;
-    for (int64_t m = 0; m < maps; ++m) {
+    for (int64_t m = 0; reads && m < maps; ++m) {
       const scalar_t* plane = input + m * height * width;
       acc_t dvalue_dy = 0, dvalue_dx = 0;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
+        if (!corners.inside[i]) continue;
         const acc_t v = static_cast<acc_t>(plane[corners.index[i]]);
         dvalue_dy += corners.dweight_dy[i] * v;
         dvalue_dx += corners.dweight_dx[i] * v;

@@ -10,6 +10,11 @@
 // half before it reaches the float32 accumulators. The backward adjoint reduces each (row, tap)'s
 // rotation/offset gradient over channels in one thread, and scatters the input gradient with
 // atomics (nondeterministic: reported to torch.use_deterministic_algorithms).
+//
+// Non-finite values: a tap that reads nothing in the image or the scope is skipped, and a corner
+// outside the grid is never addressed (no pixel 0 / cell 0 read or written with weight 0), as in
+// the depthwise kernels. The GEMMs multiply every scope cell, so a non-finite weight still reaches
+// every output of its output channel, as on the CPU (and in any convolution).
 #include "scope_space_cuda.h"
 
 #include <ATen/ATen.h>
@@ -32,7 +37,8 @@ namespace {
 
 using Segment = ChannelSegment;
 
-// Where tap k of row r (a global output position) reads; false when it reads nothing.
+// Where tap k of row r (a global output position) reads; false when it reads nothing (the tap
+// is skipped). Corners outside the grid have inside false: callers never address them.
 template <typename scalar_t, typename acc_t, bool kOffset>
 __device__ __forceinline__ bool tap_corners(const DKGeometry& g, const scalar_t* rotation,
                                             const scalar_t* offset, int64_t r, int64_t group,
@@ -86,17 +92,19 @@ __global__ void build_columns_kernel(DKGeometry g, const scalar_t* input, const 
                                                  pixel)) {
         continue;
       }
-      acc_t v;
+      acc_t v = 0;
       if (kOffset) {
-        v = img.weight[0] * acc_t(image[img.index[0] * Cin]) +
-            img.weight[1] * acc_t(image[img.index[1] * Cin]) +
-            img.weight[2] * acc_t(image[img.index[2] * Cin]) +
-            img.weight[3] * acc_t(image[img.index[3] * Cin]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (img.inside[j]) v += img.weight[j] * acc_t(image[img.index[j] * Cin]);
+        }
       } else {
         v = acc_t(image[pixel * Cin]);
       }
 #pragma unroll
-      for (int j = 0; j < 4; ++j) row[scope.index[j] * Cq] += scope.weight[j] * v;
+      for (int j = 0; j < 4; ++j) {
+        if (scope.inside[j]) row[scope.index[j] * Cq] += scope.weight[j] * v;
+      }
     }
   }
 }
@@ -126,25 +134,30 @@ __global__ void columns_backward_params_kernel(DKGeometry g, const scalar_t* inp
     const acc_t* gc = grad_cols + (r - r0) * depth;
     acc_t d[4] = {0, 0, 0, 0}, e[4] = {0, 0, 0, 0};
     for (int64_t c = 0; c < Cq; ++c) {
-      acc_t x[4] = {0, 0, 0, 0}, v;
+      acc_t x[4] = {0, 0, 0, 0}, v = 0;
       if (kOffset) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) x[j] = acc_t(image[img.index[j] * Cin + c]);
-        v = img.weight[0] * x[0] + img.weight[1] * x[1] + img.weight[2] * x[2] +
-            img.weight[3] * x[3];
+        for (int j = 0; j < 4; ++j) {
+          if (!img.inside[j]) continue;
+          x[j] = acc_t(image[img.index[j] * Cin + c]);
+          v += img.weight[j] * x[j];
+        }
       } else {
         v = acc_t(image[pixel * Cin + c]);
       }
       acc_t grad_value = 0;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
+        if (!scope.inside[j]) continue;
         const acc_t h = gc[scope.index[j] * Cq + c];
         d[j] += h * v;
         grad_value += scope.weight[j] * h;
       }
       if (kOffset) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) e[j] += grad_value * x[j];
+        for (int j = 0; j < 4; ++j) {
+          if (img.inside[j]) e[j] += grad_value * x[j];
+        }
       }
     }
     acc_t* grot = grad_rotation +
@@ -153,6 +166,7 @@ __global__ void columns_backward_params_kernel(DKGeometry g, const scalar_t* inp
     acc_t gy = 0, gx = 0;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
+      if (!scope.inside[j]) continue;
       gy += scope.dweight_dy[j] * d[j];
       gx += scope.dweight_dx[j] * d[j];
     }
@@ -162,6 +176,7 @@ __global__ void columns_backward_params_kernel(DKGeometry g, const scalar_t* inp
       acc_t oy = 0, ox = 0;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
+        if (!img.inside[j]) continue;
         oy += img.dweight_dy[j] * e[j];
         ox += img.dweight_dx[j] * e[j];
       }
@@ -194,14 +209,15 @@ __global__ void columns_backward_input_kernel(DKGeometry g, const scalar_t* offs
                                                  pixel)) {
         continue;
       }
-      const acc_t grad_value = scope.weight[0] * gc[scope.index[0] * Cq] +
-                               scope.weight[1] * gc[scope.index[1] * Cq] +
-                               scope.weight[2] * gc[scope.index[2] * Cq] +
-                               scope.weight[3] * gc[scope.index[3] * Cq];
+      acc_t grad_value = 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (scope.inside[j]) grad_value += scope.weight[j] * gc[scope.index[j] * Cq];
+      }
       if (kOffset) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          if (img.weight[j] != acc_t(0)) {
+          if (img.inside[j]) {
             atomicAdd(image_grad + img.index[j] * Cin, img.weight[j] * grad_value);
           }
         }

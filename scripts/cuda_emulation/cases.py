@@ -2,8 +2,10 @@
 
 Every operator and gradient; depthwise, grouped and full weights; NCHW and channels-last;
 float64/float32/float16/bfloat16; batch 0, empty images, C = 1, one-pixel outputs, non-finite
-rotations, offsets and coordinates, scopes that take several shared-memory passes; the alerts of
-torch.use_deterministic_algorithms; and checks of the emulator itself. A case's ``run()`` returns
+rotations, offsets and coordinates, non-finite values at pixel (0, 0), in scope cell 0 and in the
+output gradient (against skip_reference_*: a value that no tap reads changes nothing), scopes that
+take several shared-memory passes; the alerts of torch.use_deterministic_algorithms; and checks of
+the emulator itself. A case's ``run()`` returns
 a list of error messages (empty: passed). Importing this module needs no compiled code.
 """
 import importlib.util
@@ -380,7 +382,247 @@ def all_cases() -> List[Case]:
               nd_case("M0", 0, 4, 4, 5, F64), nd_case("many-points", 64, 4, 5, 300, F32),
               alert_case("nd", "sampler", expect_alert=True)]
     cases.append(half_overflow_case())
+    for op, kind, place in itertools.product(("dk", "dkc"), ("depthwise", "grouped", "full"),
+                                             NONFINITE_PLACES):
+        for dtype, cl in ((F64, False), (F32, True)):
+            cases.append(nonfinite_case(op, kind, place, dtype, cl))
+    cases.append(nonfinite_case("dkc", "depthwise", "grad", BF16, False))
+    for place in ("scope-cell0", "grad"):
+        cases.append(nd_nonfinite_case(place, F32))
     return cases
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite values where no tap reads them. dk_detectron2/layers/reference.py multiplies every
+# corner by its weight (a corner outside the grid reads cell 0 with weight 0, so inf there gives
+# NaN): it is exact for finite values only. The functions below state the rule of csrc/bilinear.h
+# for any value: a tap whose image point or scope point reads nothing is skipped, and a corner
+# outside the grid is never read (torch.where, not a product with 0), gradients included.
+# ------------------------------------------------------------------------------------------------
+def _skip_corners(y, x, height, width):
+    """(inside [same shape as y], [(index, weight, valid)] * 4), weight 0 where not valid."""
+    inside = (y > -1) & (y < height) & (x > -1) & (x < width)
+    y = torch.where(inside, y, torch.zeros_like(y))
+    x = torch.where(inside, x, torch.zeros_like(x))
+    y0, x0 = torch.floor(y).detach(), torch.floor(x).detach()
+    ly, lx = y - y0, x - x0
+    corners = []
+    for dy, dx, w in ((0, 0, (1 - ly) * (1 - lx)), (0, 1, (1 - ly) * lx), (1, 0, ly * (1 - lx)),
+                      (1, 1, ly * lx)):
+        cy, cx = y0 + dy, x0 + dx
+        valid = inside & (cy >= 0) & (cy < height) & (cx >= 0) & (cx < width)
+        index = torch.where(valid, cy * width + cx, torch.zeros_like(cy)).long()
+        corners.append((index, torch.where(valid, w, torch.zeros_like(w)), valid))
+    return inside, corners
+
+
+def _skip_taps(input, offset, rotation, weight, geo: Geometry):
+    """Yields, per tap: the image corners [(read [B, C_in, P], weight [B, P], valid [B, P])],
+    reads_image [B, P], the scope corners [(index, weight, valid)] over [B, G, P], and
+    reads_scope [B, G, P]. An integer tap (offset None) has one image corner of weight 1."""
+    B, c_in, H, W = input.shape
+    ho, wo = geo.out()
+    P = ho * wo
+    Sh, Sw = weight.shape[2:]
+    flat = input.reshape(B, c_in, H * W)
+    rot = rotation.reshape(B, geo.G, geo.K[0] * geo.K[1], 2, P)
+    oy = (torch.arange(ho, dtype=F64) * geo.stride[0] - geo.pad[0]).view(-1, 1).expand(ho, wo)
+    ox = (torch.arange(wo, dtype=F64) * geo.stride[1] - geo.pad[1]).view(1, -1).expand(ho, wo)
+    for kh in range(geo.K[0]):
+        for kw in range(geo.K[1]):
+            tap = kh * geo.K[1] + kw
+            iy = (oy + kh * geo.dil[0]).reshape(1, P).expand(B, P)
+            ix = (ox + kw * geo.dil[1]).reshape(1, P).expand(B, P)
+            if offset is None:
+                reads_image = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+                index = torch.where(reads_image, iy * W + ix, torch.zeros_like(iy)).long()
+                corners = [(index, torch.ones_like(iy), reads_image)]
+            else:
+                py = iy + offset[:, 2 * tap].reshape(B, P)
+                px = ix + offset[:, 2 * tap + 1].reshape(B, P)
+                reads_image, corners = _skip_corners(py, px, H, W)
+            image = [(flat.gather(2, index.unsqueeze(1).expand(-1, c_in, -1)), w, valid)
+                     for index, w, valid in (corners if H * W else ())]
+            sy = rot[:, :, tap, 0] + kh + (Sh - geo.K[0]) / 2
+            sx = rot[:, :, tap, 1] + kw + (Sw - geo.K[1]) / 2
+            reads_scope, scope = _skip_corners(sy, sx, Sh, Sw)
+            yield image, reads_image, scope, reads_scope
+
+
+def _read(got, weight, keep):
+    """sum_j where(keep_j, got_j, 0) * weight_j: a masked value is never multiplied, so neither
+    the sum nor autograd's chain rule meets 0 * inf."""
+    total = 0
+    for g, w, k in zip(got, weight, keep):
+        total = total + torch.where(k, g, torch.zeros_like(g)) * w
+    return total
+
+
+def skip_reference_depthwise(input, offset, rotation, weight, geo: Geometry):
+    """The depthwise kernels' rule (offset None: deform_kernel2d): out = sum over the taps that
+    read something of value * kernel, each a sum over the corners inside the grid."""
+    B, C = input.shape[:2]
+    ho, wo = geo.out()
+    flat_w = weight.reshape(1, C, -1).expand(B, -1, -1)
+    out = input.new_zeros(B, C, ho * wo)
+
+    def per_channel(t):  # [B, G, P] -> [B, C, P]
+        return t.repeat_interleave(C // geo.G, dim=1)
+
+    for image, reads_image, scope, reads_scope in _skip_taps(input, offset, rotation, weight,
+                                                             geo):
+        reads = per_channel(reads_scope) & reads_image.unsqueeze(1)
+        value = _read([g for g, _, _ in image], [w.unsqueeze(1) for _, w, _ in image],
+                      [v.unsqueeze(1) & reads for _, _, v in image])
+        kernel = _read([flat_w.gather(2, per_channel(i)) for i, _, _ in scope],
+                       [per_channel(w) for _, w, _ in scope],
+                       [per_channel(v) & reads for _, _, v in scope])
+        if not image:  # an empty image: nothing is read
+            continue
+        out = out + torch.where(reads, value * kernel, torch.zeros_like(kernel))
+    return out.reshape(B, C, ho, wo)
+
+
+def skip_reference_scope_space(input, offset, rotation, weight, groups, geo: Geometry):
+    """The grouped / full path's rule: columns U[b, g, c, s, p] built from the taps that read
+    something and the corners inside the grid, then out[o] = sum_{c, s} W[o, c, s] U[g(o), c, s]
+    (a GEMM: a non-finite weight reaches every output of its channel, as in any convolution)."""
+    B, c_in = input.shape[:2]
+    c_out, cq, Sh, Sw = weight.shape
+    ho, wo = geo.out()
+    P = ho * wo
+    U = input.new_zeros(B, geo.G, c_in, Sh * Sw, P)
+    for image, reads_image, scope, reads_scope in _skip_taps(input, offset, rotation, weight,
+                                                             geo):
+        if not image:
+            continue
+        reads = (reads_scope & reads_image.unsqueeze(1)).unsqueeze(2)  # [B, G, 1, P]
+        value = _read([g.unsqueeze(1) for g, _, _ in image],
+                      [w.unsqueeze(1).unsqueeze(2) for _, w, _ in image],
+                      [v.unsqueeze(1).unsqueeze(2) & reads for _, _, v in image])  # [B,G,C,P]
+        for index, w, valid in scope:
+            keep = valid.unsqueeze(2) & reads
+            product = w.unsqueeze(2) * value
+            spread = torch.where(keep, product, torch.zeros_like(product))
+            at = index.unsqueeze(2).unsqueeze(3).expand(-1, -1, c_in, 1, -1)
+            U = U.scatter_add(3, at, spread.unsqueeze(3))
+    outs = []
+    for o in range(c_out):
+        g, q = o // (c_out // geo.G), o // (c_out // groups)
+        outs.append(torch.einsum("cs,bcsp->bp", weight[o].reshape(cq, -1),
+                                 U[:, g, q * cq:(q + 1) * cq]))
+    return torch.stack(outs, 1).reshape(B, c_out, ho, wo)
+
+
+def skip_reference_nd(input, coord):
+    M, H, W = input.shape
+    flat = input.reshape(M, H * W)
+    out = input.new_zeros(coord.shape[0], M)
+    for index, w, valid in _skip_corners(coord[:, 0], coord[:, 1], H, W)[1]:
+        got = flat[:, index].t()
+        out = out + torch.where(valid.unsqueeze(1), got, torch.zeros_like(got)) * w.unsqueeze(1)
+    return out
+
+
+def _compare_nonfinite(name, got, want, dtype, errors):
+    """Non-finite at the same places, finite values within tolerance. (Whether a place holds NaN
+    or inf depends on where the product with inf is taken: inf * (a - b) in a kernel, inf * a -
+    inf * b in autograd; the rule is about which places a non-finite value reaches.)"""
+    got, want = got.double(), want.double()
+    if got.shape != want.shape:
+        errors.append(f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+        return
+    bad_got, bad_want = ~torch.isfinite(got), ~torch.isfinite(want)
+    if not torch.equal(bad_got, bad_want):
+        extra = (bad_got & ~bad_want).nonzero()[:3].tolist()
+        missing = (bad_want & ~bad_got).nonzero()[:3].tolist()
+        errors.append(f"{name}: non-finite at {int(bad_got.sum())} places, expected "
+                      f"{int(bad_want.sum())} (unexpected at {extra}, missing at {missing})")
+        return
+    if (~bad_want).any():
+        _compare(name, got[~bad_want], want[~bad_want], dtype, errors)
+
+
+NONFINITE_PLACES = ("pixel00", "scope-cell0", "grad")
+
+
+def nonfinite_case(op, kind, place, dtype, channels_last):
+    """inf / -inf / NaN at pixel (0, 0) of every channel, in scope cell 0 of every kernel, or in
+    grad_output: only the taps that really read such a value may see it (none reads it through a
+    corner outside the grid with weight 0), forward and every gradient."""
+    name = (f"{op}:{kind}:nonfinite-{place}:{DTYPE_NAMES[dtype]}:"
+            f"{'cl' if channels_last else 'nchw'}")
+    geo = Geometry(2, 4, 6, 5, (3, 3), (4, 4), G=2)
+
+    def run():
+        errors: List[str] = []
+        x, offset, rotation, weight = _tensors(geo, kind, dtype, False, seed=len(name))
+        if place == "pixel00":
+            x[:, :, 0, 0] = float("inf")
+            x[0, 1, 0, 0], x[1, 0, 0, 0] = float("nan"), -float("inf")
+        if place == "scope-cell0":
+            weight[:, :, 0, 0] = float("inf")
+            weight[0, 0, 0, 0], weight[-1, -1, 0, 0] = float("nan"), -float("inf")
+        leaves = [t.clone().requires_grad_() for t in (x, offset, rotation, weight)]
+        if op == "dk":
+            used, off = [leaves[0], leaves[2], leaves[3]], None
+        else:
+            used, off = leaves, leaves[1]
+        if kind == "depthwise":
+            ref = skip_reference_depthwise(leaves[0], off, leaves[2], leaves[3], geo)
+        else:
+            groups = geo.C // weight.shape[1]
+            ref = skip_reference_scope_space(leaves[0], off, leaves[2], leaves[3], groups, geo)
+        grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+        grad = grad.to(dtype).double()
+        if place == "grad":
+            grad[0, :, 0, 0] = float("inf")
+            grad[1, 0, -1, -1], grad[0, -1, 1, 2] = float("nan"), -float("inf")
+        want = torch.autograd.grad(ref, used, grad, allow_unused=True)
+        want = [torch.zeros_like(u) if w is None else w for u, w in zip(used, want)]
+        out, grads = _run_emulated(op, x, offset, rotation, weight, grad, geo, dtype,
+                                   channels_last)
+        names = ["input", "offset", "rotation", "weight"] if op == "dkc" else [
+            "input", "rotation", "weight"]
+        _compare_nonfinite("output", out, ref.detach(), dtype, errors)
+        for n, g, w in zip(names, grads, want):
+            _compare_nonfinite("grad_" + n, g, w, dtype, errors)
+        return errors
+
+    return Case(name, run)
+
+
+def nd_nonfinite_case(place, dtype):
+    """nd_linear_sample with inf / NaN in cell 0 of the scopes, or in grad_output of points that
+    read nothing and of points that do."""
+    name = f"nd_linear_sample:nonfinite-{place}:{DTYPE_NAMES[dtype]}"
+
+    def run():
+        errors: List[str] = []
+        gen = torch.Generator().manual_seed(11)
+        M, Sh, Sw, P = 4, 4, 3, 23
+        inp = torch.randn(M, Sh, Sw, generator=gen, dtype=F64).to(dtype).double()
+        coord = (torch.rand(P, 2, generator=gen, dtype=F64) * 8 - 2.5).to(dtype).double()
+        coord[0] = torch.tensor([-0.5, -0.5])  # reads cell 0 with weight 0.25
+        coord[1] = torch.tensor([-3.0, 1.0])   # reads nothing
+        grad = torch.randn(P, M, generator=gen, dtype=F64).to(dtype).double()
+        if place == "scope-cell0":
+            inp[:, 0, 0] = float("inf")
+            inp[1, 0, 0] = float("nan")
+        else:
+            grad[1] = float("nan")
+            grad[0, 0], grad[2, 1] = float("inf"), -float("inf")
+        leaves = [inp.clone().requires_grad_(), coord.clone().requires_grad_()]
+        ref = skip_reference_nd(*leaves)
+        want = torch.autograd.grad(ref, leaves, grad)
+        out = _emu().nd_linear_sample(inp.to(dtype), coord.to(dtype))
+        gi, gc = _emu()._nd_linear_sample_backward(grad.to(dtype), inp.to(dtype), coord.to(dtype))
+        for n, g, w in (("output", out, ref.detach()), ("grad_input", gi, want[0]),
+                        ("grad_coord", gc, want[1])):
+            _compare_nonfinite(n, g, w, dtype, errors)
+        return errors
+
+    return Case(name, run)
 
 
 def half_overflow_case() -> Case:
