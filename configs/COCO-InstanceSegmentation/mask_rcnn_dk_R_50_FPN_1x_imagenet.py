@@ -4,4 +4,5 @@ from ..common.dk_rcnn_fpn_timm_imagenet import dataloader, model, optimizer, tra
 from ..common.dk_rcnn_fpn_timm_imagenet import lr_multiplier_1x as lr_multiplier
 
 model.backbone.bottom_up.stages.dk_type = "deform_kernel"
-train.init_checkpoint = "output/classification/dk_resnet50_dw/model_best.pth.tar"  # a placeholder
+# a placeholder: the checkpoint python -m dk_detectron2.classification.train wrote
+train.init_checkpoint = "output/classification/dk_resnet50_dw/model_best.pth.tar"

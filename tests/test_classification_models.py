@@ -1,0 +1,156 @@
+"""The classification models in timm's registry (``dk_detectron2.classification``): every name
+builds, runs forward and backward; timm's facilities work on them (``features_only``,
+``resolve_data_config``, ``pretrained_cfg``, ``load_checkpoint``, ``pretrained=True`` from a local
+file); a rigid checkpoint loaded into the DK twin computes exactly the rigid model; bad input gets
+errors naming it. CPU, 64 x 64 inputs.
+"""
+import pytest
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
+from timm.models import load_checkpoint
+
+import dk_detectron2  # noqa: F401  (registers the models)
+from dk_detectron2.checkpoint import CheckpointShapeError
+from dk_detectron2.classification import MODEL_NAMES, checkpoint_filter_fn, generator_parameters
+
+from _classification_checkpoints import save_timm_checkpoint, trained_like
+
+SIZE = 64
+# rigid checkpoint -> its DK twins (timm's own mobilenetv2_050 for the MobileNet)
+TWINS = {
+    "resnet50_dw": ("dk_resnet50_dw",),
+    "resnet18_dw_050": ("dk_resnet18_dw_050", "dkdcn_resnet18_dw_050"),
+    "mobilenetv2_050": ("dk_mobilenetv2_050",),
+}
+RIGID = ("resnet50_dw", "resnet18_dw", "resnet18_dw_050", "mobilenetv2_050")
+
+
+def an_input(seed: int = 0, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def create(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(name, **kwargs)
+
+
+def assert_same(actual: torch.Tensor, expected: torch.Tensor):
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_model_creates_runs_forward_and_backward(name):
+    model = create(name, num_classes=5)
+    logits = model(an_input(batch=1))
+    assert logits.shape == (1, 5) and torch.isfinite(logits).all()
+    logits.square().sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_features_only_matches_feature_info(name):
+    model = create(name, features_only=True).eval()
+    with torch.no_grad():
+        features = model(an_input(batch=1))
+    info = model.feature_info
+    assert len(features) == len(info.channels()) >= 4
+    for feature, channels, reduction in zip(features, info.channels(), info.reduction()):
+        assert feature.shape == (1, channels, SIZE // reduction, SIZE // reduction)
+    if "resnet" in name:
+        assert info.module_name() == ["res2", "res3", "res4", "res5"]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_pretrained_cfg_and_data_config(name):
+    model = create(name, num_classes=3)
+    cfg = model.pretrained_cfg
+    assert cfg["architecture"] == name and not cfg["url"]  # nothing to download
+    assert isinstance(model.get_submodule(cfg["first_conv"]), torch.nn.Conv2d)
+    assert isinstance(model.get_submodule(cfg["classifier"]), torch.nn.Linear)
+    data = resolve_data_config({}, model=model)
+    assert data["mean"] == IMAGENET_DEFAULT_MEAN and data["std"] == IMAGENET_DEFAULT_STD
+    assert data["input_size"] == (3, 224, 224)
+    assert resolve_data_config({"input_size": (3, SIZE, SIZE)}, model=model)["input_size"] == (
+        3, SIZE, SIZE
+    )
+
+
+def test_generator_parameters_of_dk_models_and_none_of_rigid_ones():
+    for name in MODEL_NAMES + RIGID:
+        model = create(name)
+        generators = generator_parameters(model)
+        if name in RIGID:
+            assert generators == [], name
+            continue
+        assert generators, name
+        names = {id(p): n for n, p in model.named_parameters()}
+        assert all(("rotation_conv" in names[id(p)] or "offset_conv" in names[id(p)])
+                   for p in generators), name
+
+
+@pytest.mark.parametrize("rigid,dk", [(r, d) for r, ds in TWINS.items() for d in ds])
+def test_rigid_checkpoint_loads_into_the_dk_twin_which_computes_the_rigid_model(
+    rigid, dk, tmp_path
+):
+    rigid_model = trained_like(create(rigid, num_classes=7)).eval()
+    path = str(tmp_path / f"{rigid}.pth")
+    torch.save(rigid_model.state_dict(), path)
+    x = an_input()
+    with torch.no_grad():
+        expected = rigid_model(x)
+    dk_model = create(dk, seed=1, num_classes=7)
+    load_checkpoint(dk_model, path, filter_fn=checkpoint_filter_fn)
+    with torch.no_grad():
+        assert_same(dk_model.eval()(x), expected)
+    # The same through pretrained=True from the local file (its 7 classes said in the overlay).
+    overlay = dict(file=path, num_classes=7)
+    pretrained = create(dk, seed=2, num_classes=7, pretrained=True, pretrained_cfg_overlay=overlay)
+    with torch.no_grad():
+        assert_same(pretrained.eval()(x), expected)
+
+
+def test_pretrained_file_in_timms_training_format_with_a_new_classifier(tmp_path):
+    trained = trained_like(create("dk_resnet18_dw_050", num_classes=7)).eval()
+    path = save_timm_checkpoint(trained, tmp_path, arch="dk_resnet18_dw_050")
+    overlay = dict(file=path)  # pretrained_cfg's num_classes (1000) is not 3: a new classifier
+    model = create("dk_resnet18_dw_050", seed=3, num_classes=3, pretrained=True,
+                   pretrained_cfg_overlay=overlay).eval()
+    x = an_input()
+    with torch.no_grad():
+        assert_same(model.forward_features(x), trained.forward_features(x))
+        assert model(x).shape == (2, 3)
+    # load_checkpoint reads timm's training format too (the model weights, or the EMA's).
+    again = create("dk_resnet18_dw_050", seed=4, num_classes=7)
+    load_checkpoint(again, path, filter_fn=checkpoint_filter_fn)
+    with torch.no_grad():
+        assert_same(again.eval()(x), trained(x))
+    load_checkpoint(again, path, use_ema=True, filter_fn=checkpoint_filter_fn)
+
+
+def test_unknown_model_name_is_named():
+    with pytest.raises(RuntimeError, match="dk_resnet51_dw"):
+        timm.create_model("dk_resnet51_dw")
+
+
+def test_checkpoint_of_another_model_raises_naming_the_layer(tmp_path):
+    path = str(tmp_path / "resnet18_dw.pth")
+    torch.save(create("resnet18_dw").state_dict(), path)
+    with pytest.raises(CheckpointShapeError, match=r"res3\.0\.shortcut\.weight.*\[512, 256, 1, 1\]"):
+        load_checkpoint(create("dk_resnet50_dw"), path, filter_fn=checkpoint_filter_fn)
+    with pytest.raises(CheckpointShapeError, match=r"res3\.0\.shortcut\.weight"):
+        create("dk_resnet50_dw", pretrained=True, pretrained_cfg_overlay=dict(file=path))
+
+
+def test_checkpoint_of_another_scope_size_raises_naming_the_layer(tmp_path):
+    path = str(tmp_path / "dk_scope5.pth")
+    torch.save(create("dk_resnet18_dw_050").state_dict(), path)
+    expected = r"scope size.*res3\.0\.conv1\.depthwise\.weight.*\[32, 1, 5, 5\].*\[32, 1, 7, 7\]"
+    with pytest.raises(CheckpointShapeError, match=expected):
+        load_checkpoint(create("dk_resnet18_dw_050", scope_size=7), path,
+                        filter_fn=checkpoint_filter_fn)
+    with pytest.raises(CheckpointShapeError, match=expected):
+        create("dk_resnet18_dw_050", scope_size=7, pretrained=True,
+               pretrained_cfg_overlay=dict(file=path))
