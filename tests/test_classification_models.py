@@ -154,3 +154,20 @@ def test_checkpoint_of_another_scope_size_raises_naming_the_layer(tmp_path):
     with pytest.raises(CheckpointShapeError, match=expected):
         create("dk_resnet18_dw_050", scope_size=7, pretrained=True,
                pretrained_cfg_overlay=dict(file=path))
+
+
+@pytest.mark.parametrize("name", ["resnet50_dw", "dk_resnet18_dw_050"])
+def test_forward_intermediates_gives_the_features_only_outputs(name):
+    model = create(name).eval()
+    body = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    x = an_input(batch=1)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
+        for options in ({}, {"feature_cls": "getter"}):  # the stages' outputs; this method's
+            features = create(name, features_only=True, **options).eval()
+            features.load_state_dict(body, strict=False)
+            for ours, theirs in zip(intermediates[1:], features(x)):
+                torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        assert [t.shape[1] for t in last_two] == [i["num_chs"] for i in model.feature_info[-2:]]

@@ -30,12 +30,13 @@ Keyword arguments (the Detectron2 config key each mirrors in brackets): ``on_per
 timm's ``num_classes``, ``in_chans``, ``global_pool``, ``drop_rate``. Defaults are
 ``add_dk_config``'s.
 """
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.modeling.backbone.resnet import BasicStem
 from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..layers.registry import DKOptions
@@ -140,15 +141,58 @@ class DKResNet(nn.Module):
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
 
+    def _run_stage(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        stage = getattr(self, name)
+        if self.grad_checkpointing and name != "stem" and not torch.jit.is_scripting():
+            return torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+        return stage(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for name in STAGE_NAMES:
-            stage = getattr(self, name)
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
-            else:
-                x = stage(x)
+        for name in ("stem",) + STAGE_NAMES:
+            x = self._run_stage(name, x)
         return x
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """timm's feature API: the outputs of the modules of ``feature_info`` (0 stem, 1-4
+        res2-res5) picked by ``indices`` (the last n if an int; default all).
+
+        Returns:
+            the list of [B, C_i, H / r_i, W / r_i] if ``intermediates_only``, else
+            ``(forward_features(x), that list)``. ``norm`` has no effect (no final norm).
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        names = ("stem",) + STAGE_NAMES
+        intermediates = []
+        for index, name in enumerate(names[: max_index + 1] if stop_early else names):
+            x = self._run_stage(name, x)
+            if index in take_indices:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> List[int]:
+        """Removes the stages after the last of ``indices`` (and the classifier if
+        ``prune_head``), as timm's models do; returns the kept feature indices."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        for name in STAGE_NAMES[max_index:]:
+            setattr(self, name, nn.Identity())
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
