@@ -1,11 +1,12 @@
 """Calls every dk_detectron2 operator forward and backward on the GPU, in every dtype, on small
 shapes that reach every CUDA kernel: depthwise and grouped/full weights, both memory formats,
-batch 0, an empty image, C = 1, one-pixel outputs, non-finite rotations and offsets, a scope whose
-weight gradient takes several shared-memory passes. Meant to run under compute-sanitizer
-(scripts/gpu_check.sh), with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor is its own
-allocation and an out-of-bounds access cannot hide inside the caching allocator's blocks.
+batch 0, an empty image, C = 1, one-pixel outputs, non-finite rotations and offsets, inf at pixel
+(0, 0) and in scope cell 0, a scope whose weight gradient takes several shared-memory passes. Meant
+to run under compute-sanitizer (scripts/gpu_check.sh), with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so
+that every tensor is its own allocation and an out-of-bounds access cannot hide inside the caching
+allocator's blocks.
 
-    python scripts/gpu_check_ops.py [--quick]     # --quick: float32 and float16 only
+    python scripts/gpu_check_ops.py [--all-dtypes]   # default: float32 and bfloat16
 """
 import argparse
 import os
@@ -52,6 +53,9 @@ def call_all(shape, dtype, channels_last, nonfinite):
         rotation.view(-1)[::7] = float("nan")
         rotation.view(-1)[3::11] = float("inf")
         offset.view(-1)[::5] = -float("inf")
+    if nonfinite and x.numel():
+        x[:, :, 0, 0] = float("inf")
+        weight[:, :, 0, 0] = float("nan")
     geo = dict(kernel_size=K, stride=stride, padding=padding, dilation=dilation,
                rotation_groups=G)
     for with_offset in (False, True):
@@ -72,11 +76,12 @@ def call_all(shape, dtype, channels_last, nonfinite):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="float32 and float16 only")
+    parser.add_argument("--all-dtypes", action="store_true",
+                        help="float64, float32, float16 and bfloat16 (default: float32, bfloat16)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_check_ops.py: no GPU visible to torch")
-    dtypes = [torch.float32, torch.float16] if args.quick else DTYPES
+    dtypes = DTYPES if args.all_dtypes else [torch.float32, torch.bfloat16]
     calls = 0
     for shape in SHAPES:
         for dtype in dtypes:
