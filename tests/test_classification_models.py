@@ -138,7 +138,8 @@ def test_unknown_model_name_is_named():
 def test_checkpoint_of_another_model_raises_naming_the_layer(tmp_path):
     path = str(tmp_path / "resnet18_dw.pth")
     torch.save(create("resnet18_dw").state_dict(), path)
-    with pytest.raises(CheckpointShapeError, match=r"res3\.0\.shortcut\.weight.*\[512, 256, 1, 1\]"):
+    expected = r"res3\.0\.shortcut\.weight.*\[512, 256, 1, 1\]"
+    with pytest.raises(CheckpointShapeError, match=expected):
         load_checkpoint(create("dk_resnet50_dw"), path, filter_fn=checkpoint_filter_fn)
     with pytest.raises(CheckpointShapeError, match=r"res3\.0\.shortcut\.weight"):
         create("dk_resnet50_dw", pretrained=True, pretrained_cfg_overlay=dict(file=path))
