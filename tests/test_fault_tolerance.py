@@ -106,37 +106,38 @@ def _last_checkpoint(out):
 
 
 def _final_state(out):
-    """Weights, metrics (the last record per iteration, timing left out) and evaluation results."""
+    """Weights, metrics (``metrics.json``'s records in file order, timing left out) and
+    evaluation results."""
     model = torch.load(out / "model_final.pth", weights_only=False)["model"]
-    metrics = {}
     with open(out / "metrics.json") as f:
-        for line in f:
-            record = json.loads(line)
-            metrics[record["iteration"]] = {k: v for k, v in record.items()
-                                            if k not in TIMING_KEYS}
+        records = [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+                   for line in f]
     with open(out / "eval_results.json") as f:
         results = json.load(f)
-    return model, metrics, results
+    return model, records, results
 
 
-def _assert_same_run(resumed, uninterrupted, from_iteration=0):
-    """Same weights, evaluation results and ``metrics.json`` records (those of iterations >=
-    ``from_iteration``: a run resumed in another folder has only those)."""
-    model, metrics, results = resumed
-    expected_model, expected_metrics, expected_results = uninterrupted
+def _assert_same_run(resumed, uninterrupted, from_iteration=0, every_iteration=True):
+    """Same weights, evaluation results and ``metrics.json``: the same records in the same order,
+    none written twice or lost (those of iterations >= ``from_iteration``: a run resumed in
+    another folder has only those). ``every_iteration``: the writers wrote after every iteration
+    (the driver's default), so every iteration up to ``SOLVER.MAX_ITER`` has its record."""
+    model, records, results = resumed
+    expected_model, expected_records, expected_results = uninterrupted
     assert model.keys() == expected_model.keys()
     different = [k for k in model if not torch.equal(model[k], expected_model[k])]
     assert not different, f"{len(different)} tensors differ, first: {different[:3]}"
     # Losses are logged as medians over the last 20 iterations: equal only if the history was
     # restored too. NaN (an AP of an absent size) is not equal to itself: compare as JSON text.
-    expected_metrics = {i: r for i, r in expected_metrics.items() if i >= from_iteration}
-    assert sorted(metrics) == sorted(expected_metrics)
-    assert len(metrics) == SOLVER_MAX_ITER + 1 - from_iteration  # every iteration, evaluation
-    for iteration, record in metrics.items():
-        expected = expected_metrics[iteration]
+    expected_records = [r for r in expected_records if r["iteration"] >= from_iteration]
+    iterations = [r["iteration"] for r in records]
+    assert iterations == [r["iteration"] for r in expected_records], "records (by iteration)"
+    if every_iteration:
+        assert iterations == list(range(from_iteration, SOLVER_MAX_ITER + 1))
+    for record, expected in zip(records, expected_records):
         different = {k: (record.get(k), expected.get(k)) for k in set(record) | set(expected)
                      if json.dumps(record.get(k)) != json.dumps(expected.get(k))}
-        assert not different, f"iteration {iteration}: (resumed, uninterrupted) {different}"
+        assert not different, f"iteration {record['iteration']}: (resumed, uninterrupted) {different}"
     assert json.dumps(results, sort_keys=True) == json.dumps(expected_results, sort_keys=True)
 
 
@@ -242,7 +243,8 @@ def test_evaluations_at_checkpoint_iterations_survive_a_resume(tmp_path, dataset
       iteration 3 before it goes on, and writes the record with the results."""
     opts = ["TEST.EVAL_PERIOD", "2"]
     expected = uninterrupted(num_processes, opts)
-    assert "bbox/AP" in expected[1][3] and "bbox/AP" in expected[1][1]
+    by_iteration = {record["iteration"]: record for record in expected[1]}
+    assert "bbox/AP" in by_iteration[3] and "bbox/AP" in by_iteration[1]
 
     out = tmp_path / "killed_after_the_record"
     _run_until_fault(datasets, _command(num_processes, out, False, opts), "stall-iteration:5")
@@ -266,6 +268,49 @@ def test_evaluations_at_checkpoint_iterations_survive_a_resume(tmp_path, dataset
           "iteration 3's evaluation, each resumed from model_0000003; iteration 3's record (with "
           "its bbox/AP) once in metrics.json, final weights bitwise equal, metrics and evaluation "
           "results equal")
+
+
+def _iterations(out):
+    with open(out / "metrics.json") as f:
+        return [json.loads(line)["iteration"] for line in f]
+
+
+def test_resume_with_the_shipped_writer_period_and_periods_it_does_not_divide(
+        tmp_path, datasets, uninterrupted, monkeypatch):
+    """Detectron2's writer period (20: records at 19, 39, ...; an evaluation's record comes with
+    the next write, after that write's own record), checkpoints every 7 iterations, evaluations
+    every 13, over 125 iterations (more than the 100 values per scalar that a checkpoint keeps):
+
+    - killed inside the evaluation at iteration 90 (model_0000090 saved; metrics.json ends at
+      79): the resumed run evaluates at 90 again, says so, and the results reach the write at 99;
+    - killed inside iteration 121 (model_0000118, whose history was cut to 100 values; the write
+      at 119 holds 119's record and the evaluation at 116's): the resumed run finishes nothing
+      and writes neither record again.
+
+    Ends like the uninterrupted run: final weights bit for bit, metrics.json record for record."""
+    monkeypatch.setenv("DK_TEST_SHIPPED_WRITER_PERIOD", "1")
+    opts = ["SOLVER.MAX_ITER", "125", "SOLVER.CHECKPOINT_PERIOD", "7", "TEST.EVAL_PERIOD", "13"]
+    expected = uninterrupted(1, opts)
+    written = [record["iteration"] for record in expected[1]]
+    assert written.index(116) == written.index(119) + 1  # the evaluation's after the write's own
+    out = tmp_path / "killed"
+
+    _run_until_fault(datasets, _command(1, out, False, opts), "stall-evaluation:90")
+    assert _last_checkpoint(out) == "model_0000090.pth" and max(_iterations(out)) == 79
+
+    output, _, _ = _run_until_fault(datasets, _command(1, out, True, opts), "stall-iteration:121")
+    assert "Starting training from iteration 91" in output
+    assert ("metrics.json ends at iteration 79: finishing iteration 90 of the checkpoint (its "
+            "evaluation)") in output
+    assert _last_checkpoint(out) == "model_0000118.pth" and _iterations(out)[-2:] == [119, 116]
+
+    output = _run(datasets, _command(1, out, True, opts))
+    assert "Starting training from iteration 119" in output
+    assert "finishing iteration" not in output
+    _assert_same_run(_final_state(out), expected, every_iteration=False)
+    print("writer period 20, checkpoints every 7, evaluations every 13, 125 iterations: killed in "
+          "the evaluation at 90 and in iteration 121, resumed from model_0000090 and "
+          "model_0000118; final weights bitwise equal, metrics.json record for record")
 
 
 def _resume_in_another_folder(datasets, reference, out, checkpoint, opts=(), env=None):

@@ -25,7 +25,9 @@ Registration is at module level so that the workers spawned by ``launch`` (which
 file) have them too.
 
 The writers (console, ``metrics.json``, TensorBoard) write after every iteration, not every 20
-as in Detectron2, so that a comparison of ``metrics.json`` sees every iteration's values. With
+as in Detectron2, so that a comparison of ``metrics.json`` sees every iteration's values; with
+``$DK_TEST_SHIPPED_WRITER_PERIOD`` set they keep Detectron2's period (20), as ``train_net.py``
+ships them. With
 ``$DK_TEST_SAVE_INITIAL`` set, rank 0 saves the parameters that training starts from (after
 loading and the DDP broadcast) into ``OUTPUT_DIR/initial_parameters.pth``.
 """
@@ -184,7 +186,8 @@ def _save_initial_parameters():
     train_net.Trainer.train = train_saving_initial_parameters
 
 
-_write_every_iteration()
+if not os.environ.get("DK_TEST_SHIPPED_WRITER_PERIOD"):
+    _write_every_iteration()
 if os.environ.get("DK_TEST_SAVE_INITIAL"):
     _save_initial_parameters()
 if os.environ.get("DK_TEST_FAULT"):

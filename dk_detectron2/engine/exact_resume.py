@@ -17,15 +17,20 @@ removes:
   the tail of each scalar's history (and its global average and count) is saved, so the first
   logged values after a resume are the ones the uninterrupted run logs.
 - **The end of the checkpoint's iteration.** At an iteration, Detectron2 saves the checkpoint,
-  then evaluates (every ``TEST.EVAL_PERIOD``), then writes the iteration's ``metrics.json``
-  record. A run killed after the save loses what came after it; the resumed run starts at the
-  next iteration. When ``metrics.json`` ends before the checkpoint's iteration (the record was
-  lost), the resumed run first evaluates at that iteration if the uninterrupted run did (the
-  checkpoint holds the weights it evaluated), then writes the record (from the restored state
-  and that evaluation: the same values). When the record is there, it is left as it is (it holds
-  the evaluation's results, which the checkpoint's history lacks). A record that a killed
-  process left half-written at the end of ``metrics.json`` is removed before the file is read or
-  appended to (:func:`remove_torn_last_line`).
+  then evaluates (every ``TEST.EVAL_PERIOD``), then, every writer period (20), writes the
+  ``metrics.json`` records of the iterations that logged something since its last write (the
+  iteration's own, and each evaluation's at the iteration it ran). A run killed after the save
+  loses what came after it; the resumed run starts at the next iteration. ``metrics.json`` tells
+  what was kept: every record up to its largest iteration. When that is before the checkpoint's
+  iteration, the resumed run evaluates at that iteration if the uninterrupted run did (the
+  checkpoint holds the weights it evaluated; the results reach the file with the next write, as
+  they would have) and, if the writer writes at that iteration, writes now (from the restored
+  state and that evaluation: the same values). The writer then goes on after the file's last
+  record, so that no record is written twice (a kill after a later write leaves records beyond
+  the checkpoint's iteration) and none is lost, whatever the writer's, the checkpoints' and the
+  evaluations' periods. A record that a killed process left half-written at the end of
+  ``metrics.json`` is removed before the file is read or appended to
+  (:func:`remove_torn_last_line`).
 """
 import json
 import logging
@@ -42,7 +47,7 @@ from detectron2.utils.events import HistoryBuffer, JSONWriter
 
 from .resumable_loader import ResumableBatches, seed_for
 
-__all__ = ["ExactResume", "last_record_iteration", "remove_torn_last_line", "run_seed"]
+__all__ = ["ExactResume", "largest_record_iteration", "remove_torn_last_line", "run_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,28 +82,23 @@ def remove_torn_last_line(path: str) -> int:
     return size - end
 
 
-def last_record_iteration(path: str) -> int:
-    """The ``iteration`` of the last record of ``path`` (a ``metrics.json``), -1 when the file is
-    absent or empty. A half-written last record must have been removed
-    (:func:`remove_torn_last_line`); a last line that is not such a record counts as none (-1)."""
+def largest_record_iteration(path: str) -> int:
+    """The largest ``iteration`` of the records of ``path`` (a ``metrics.json``), -1 when the file
+    is absent or holds none. Not the last line's: one write lists an iteration's record before
+    those of evaluations logged at earlier iterations. Lines that are not records are skipped (a
+    half-written last record must have been removed first: :func:`remove_torn_last_line`)."""
+    largest = -1
     try:
         f = open(path, "rb")
     except FileNotFoundError:
-        return -1
+        return largest
     with f:
-        end = f.seek(0, os.SEEK_END)
-        start, line = end, b""
-        while start > 0:
-            start = max(start - 65536, 0)
-            f.seek(start)
-            lines = f.read(end - start).rstrip(b"\n").rsplit(b"\n", 1)
-            if len(lines) == 2 or start == 0:
-                line = lines[-1]
-                break
-    try:
-        return int(json.loads(line)["iteration"])
-    except (ValueError, KeyError, TypeError):
-        return -1
+        for line in f:
+            try:
+                largest = max(largest, int(json.loads(line)["iteration"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return largest
 
 
 def run_seed(cfg) -> int:
@@ -146,12 +146,15 @@ class ExactResume(HookBase):
 
     def _finish_checkpoint_iteration(self, iteration):
         """Does what the run that saved the checkpoint of ``iteration`` did after the save, if
-        ``metrics.json`` shows that it was lost: the evaluation (when ``iteration`` is one of the
-        EvalHook's) and the iteration's record (when the writers write one there). The record is
-        written from the restored history and that evaluation, so it holds the uninterrupted
+        ``metrics.json`` shows that it was lost (its records end before ``iteration``): the
+        evaluation (when ``iteration`` is one of the EvalHook's) and the write (when the writers
+        write there), from the restored history and that evaluation, so with the uninterrupted
         run's values (timings aside: the console writer's ``eta_seconds`` is not in the history).
-        A record that is in the file is not written again: the checkpoint's history lacks the
-        evaluation that followed the save, so the record written again would lack its results.
+        Then each ``metrics.json`` writer goes on after the last record the file holds (or, for a
+        file without those records, e.g. a run resumed in another folder, after the last write
+        the uninterrupted run made before ``iteration``): a record in the file is not written
+        again (the one of an evaluation that followed the save holds results that the
+        checkpoint's history lacks), and none after it is skipped.
 
         Every process calls it (the evaluation is a collective); the main process, which has the
         writers, decides for all."""
@@ -160,35 +163,39 @@ class ExactResume(HookBase):
                    for writer in hook._writers if isinstance(writer, JSONWriter)]
         paths = [getattr(writer._file_handle, "name", None) for _, writer in writers]
         # None: no metrics.json, so no way to tell what was lost (nothing is redone).
-        last = max((last_record_iteration(p) for p in paths if p), default=None)
+        last = max((largest_record_iteration(p) for p in paths if p), default=None)
         if comm.get_world_size() > 1:
             last = comm.all_gather(last)[0]
         lost = last is not None and last < iteration
-        if lost:
+        final = iteration == self.trainer.max_iter - 1  # its evaluation comes in after_train
+        evaluations = [hook for hook in self.trainer._hooks
+                       if lost and not final and isinstance(hook, EvalHook) and hook._period > 0
+                       and (iteration + 1) % hook._period == 0]
+        writes = [(hook, writer) for hook, writer in writers
+                  if lost and (final or (iteration + 1) % hook._period == 0)]
+        if evaluations or writes:
             logger.warning(f"metrics.json ends at iteration {last}: finishing iteration "
-                           f"{iteration} of the checkpoint (its evaluation and record)")
-        if lost and iteration + 1 < self.trainer.max_iter:  # the final evaluation comes later
-            storage = self.trainer.storage
-            for hook in self.trainer._hooks:
-                if (isinstance(hook, EvalHook) and hook._period > 0
-                        and (iteration + 1) % hook._period == 0):
-                    resumed_at, storage.iter = storage.iter, iteration  # logged at iteration
-                    try:
-                        hook._do_eval()
-                    finally:
-                        storage.iter = resumed_at
+                           f"{iteration} of the checkpoint ("
+                           + " and ".join(["its evaluation"] * bool(evaluations)
+                                          + ["its write"] * bool(writes)) + ")")
+        storage = self.trainer.storage
+        for hook in evaluations:
+            resumed_at, storage.iter = storage.iter, iteration  # logged at iteration
+            try:
+                hook._do_eval()
+            finally:
+                storage.iter = resumed_at
         for hook, writer in writers:
-            # The last iteration that the uninterrupted run's writer had written at the save.
-            if iteration == self.trainer.max_iter - 1:
-                written = iteration
-            else:
-                written = iteration - (iteration + 1) % hook._period
-            if lost and written == iteration:
-                writer._last_write = iteration - 1  # only this iteration's scalars
+            if last is None:  # nothing known: as if everything up to the checkpoint was written
+                writer._last_write = iteration
+                continue
+            # The uninterrupted run's last write before this iteration (writes follow iterations
+            # w with (w + 1) % period == 0): the file holds at least what it wrote, when it is
+            # the run's own metrics.json.
+            before = hook._period * (iteration // hook._period) - 1
+            writer._last_write = max(last, before)
+            if (hook, writer) in writes:
                 writer.write()
-            # What was written before the kill is in the file (all of it, if a write followed
-            # the checkpoint's iteration): the next write adds only what comes after.
-            writer._last_write = written if lost else iteration
 
     def before_step(self):
         seed = seed_for(self.seed, comm.get_rank(), self.trainer.iter, 1)
