@@ -74,6 +74,7 @@ class StudyRun:
     config: StudyConfig
     seed: int
     root: str
+    results_file: str = "eval_results.json"  # what a finished run leaves (the runner's)
 
     @property
     def output_dir(self) -> str:
@@ -95,7 +96,7 @@ class StudyRun:
 
     @property
     def results_path(self) -> str:
-        return os.path.join(self.output_dir, "eval_results.json")
+        return os.path.join(self.output_dir, self.results_file)
 
     @property
     def finished(self) -> bool:
@@ -113,6 +114,27 @@ class StudyRun:
                 return float(json.load(f)["seconds"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
+
+def load_spec_settings(path: str) -> Dict:
+    """The study-wide settings of a spec written as a mapping: ``kind`` ("detection", the
+    default, or "classification") and ``train_args`` (arguments every run of a classification
+    study passes to its trainer)."""
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    settings = {"kind": "detection", "train_args": []}
+    if isinstance(data, dict):
+        unknown = set(data) - {"configs", "kind", "train_args"}
+        if unknown:
+            raise ValueError(f"{path}: unknown spec keys {sorted(unknown)}; valid: configs, kind, "
+                             "train_args")
+        settings.update({k: data[k] for k in ("kind", "train_args") if k in data})
+    if settings["kind"] not in ("detection", "classification"):
+        raise ValueError(f"{path}: kind must be 'detection' or 'classification', "
+                         f"got {settings['kind']!r}")
+    return settings
 
 
 def load_spec(path: str) -> List[StudyConfig]:
@@ -137,22 +159,55 @@ def load_spec(path: str) -> List[StudyConfig]:
     return configs
 
 
-def plan_runs(configs: Sequence[StudyConfig], seeds: Sequence[int], root: str) -> List[StudyRun]:
+def plan_runs(configs: Sequence[StudyConfig], seeds: Sequence[int], root: str,
+              results_file: str = "eval_results.json") -> List[StudyRun]:
     """Seed-major order (every config on the first seed, then the second, ...), so that an
     interrupted study leaves complete pairs."""
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"study config names must be unique, got {names}")
-    return [StudyRun(c, int(s), root)
+    return [StudyRun(c, int(s), root, results_file)
             for s in seeds for c in configs if c.seeds is None or int(s) in c.seeds]
 
 
-def _record(run: StudyRun, command: List[str], threads: int, seconds: Optional[float]) -> Dict:
-    metrics = None
-    if run.finished:
+class DetectionRunner:
+    """What a study of Detectron2 runs needs to know: ``train_net.py --config-file CONFIG SEED s
+    OUTPUT_DIR ... KEY VALUE ...`` per run, ``eval_results.json`` when finished, box / mask AP,
+    and the report (``study.md``, ``study.png``). A runner for another kind of run (see
+    :mod:`.study_classification`) provides the same members."""
+
+    kind = "detection"
+    results_file = "eval_results.json"
+    metric_labels = tuple(f"{t}/{k}" for t, k in METRICS)
+
+    def __init__(self, train_script: str = "train_net.py"):
+        self.train_script = train_script
+
+    def check(self) -> None:
+        if not os.path.exists(self.train_script):
+            raise FileNotFoundError(
+                f"--train-script {self.train_script!r} not found (run from the repository root)")
+
+    def command(self, run: StudyRun, python: str) -> List[str]:
+        return run.command(python, self.train_script)
+
+    def metrics(self, run: StudyRun) -> Dict:
         with open(run.results_path) as f:
             results = json.load(f)
-        metrics = {f"{t}/{k}": metric(results, t, k) for t, k in METRICS}
+        return {f"{t}/{k}": metric(results, t, k) for t, k in METRICS}
+
+    def status(self, metrics: Dict) -> str:
+        box = metrics.get("bbox/AP")
+        return "box AP —" if box is None else f"box AP {box:.1f}"
+
+    def write_report(self, root, configs, records, summary) -> None:
+        _atomic_write(os.path.join(root, "study.md"), format_markdown(configs, records, summary))
+        plot_study(configs, records, summary, os.path.join(root, "study.png"))
+
+
+def _record(run: StudyRun, command: List[str], threads: int, seconds: Optional[float],
+            runner=None) -> Dict:
+    metrics = (runner or DetectionRunner()).metrics(run) if run.finished else None
     return {"name": run.config.name, "seed": run.seed, "config": run.config.config,
             "opts": run.config.opts, "output_dir": run.output_dir, "threads": threads,
             "command": f"OMP_NUM_THREADS={threads} " + shlex.join(command[1:]),
@@ -165,7 +220,7 @@ class Study:
     poll_seconds = 5.0  # how often running runs are checked
 
     def __init__(self, configs, seeds, root, baseline=None, threads=1, jobs=1,
-                 python=sys.executable, train_script="train_net.py"):
+                 python=sys.executable, train_script="train_net.py", runner=None):
         names = {c.name for c in configs}
         if baseline is not None and baseline not in names:
             raise ValueError(f"--baseline {baseline!r} is not one of the study's configs")
@@ -177,7 +232,8 @@ class Study:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.configs, self.root, self.baseline = list(configs), root, baseline
         self.threads, self.jobs, self.python, self.train_script = threads, jobs, python, train_script
-        self.runs = plan_runs(self.configs, seeds, root)
+        self.runner = runner or DetectionRunner(train_script)
+        self.runs = plan_runs(self.configs, seeds, root, self.runner.results_file)
         self.only = None  # config names to train (None: all); the report keeps every run
         self._previous_seconds = self._load_previous_seconds()  # runs timed before per-run files
 
@@ -198,20 +254,19 @@ class Study:
             key = (run.config.name, run.seed)
             return saved if saved is not None else self._previous_seconds.get(key)
 
-        return [_record(r, r.command(self.python, self.train_script), self.threads, seconds(r))
-                for r in self.runs]
+        return [_record(r, self.runner.command(r, self.python), self.threads, seconds(r),
+                        self.runner) for r in self.runs]
 
     def write_report(self) -> None:
         os.makedirs(self.root, exist_ok=True)
         records = self.records()
         baselines = {c.name: c.baseline or self.baseline for c in self.configs}
-        summary = summarize(records, baselines)
-        payload = {"baseline": self.baseline, "configs": [asdict(c) for c in self.configs],
-                   "runs": records, "summary": summary}
+        summary = summarize(records, baselines, self.runner.metric_labels)
+        payload = {"kind": self.runner.kind, "baseline": self.baseline,
+                   "configs": [asdict(c) for c in self.configs], "runs": records,
+                   "summary": summary}
         _atomic_write(os.path.join(self.root, "study.json"), json.dumps(payload, indent=2))
-        _atomic_write(os.path.join(self.root, "study.md"),
-                      format_markdown(self.configs, records, summary))
-        plot_study(self.configs, records, summary, os.path.join(self.root, "study.png"))
+        self.runner.write_report(self.root, self.configs, records, summary)
 
     def _start(self, run: StudyRun) -> subprocess.Popen:
         if os.path.isdir(run.output_dir):  # an unfinished run starts over
@@ -220,15 +275,13 @@ class Study:
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads),
                    PYTHONUNBUFFERED="1")
         log = open(os.path.join(run.output_dir, "stdout.log"), "w")
-        proc = subprocess.Popen(run.command(self.python, self.train_script), env=env,
+        proc = subprocess.Popen(self.runner.command(run, self.python), env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
         proc.log, proc.run, proc.started = log, run, time.time()
         return proc
 
     def run(self) -> int:
-        if not os.path.exists(self.train_script):
-            raise FileNotFoundError(
-                f"--train-script {self.train_script!r} not found (run from the repository root)")
+        self.runner.check()
         todo = [r for r in self.runs
                  if not r.finished and (self.only is None or r.config.name in self.only)]
         finished = sum(r.finished for r in self.runs)
@@ -269,9 +322,7 @@ class Study:
                 if proc.returncode == 0 and run.finished:
                     _atomic_write(run.seconds_path, json.dumps({"seconds": seconds}))
                     self.write_report()
-                    with open(run.results_path) as f:
-                        box = metric(json.load(f), "bbox", "AP")
-                    status = "box AP —" if box is None else f"box AP {box:.1f}"
+                    status = self.runner.status(self.runner.metrics(run))
                 else:
                     failures += 1
                     status = f"FAILED (rc {proc.returncode}, see {run.output_dir}/stdout.log)"
@@ -316,8 +367,14 @@ def main(argv=None) -> int:
         configs.append(StudyConfig(entry[0], entry[1], entry[2:]))
     if not configs:
         raise SystemExit("no configs: give --spec and/or --config")
+    settings = load_spec_settings(args.spec) if args.spec else {"kind": "detection"}
+    runner = None
+    if settings["kind"] == "classification":
+        from .study_classification import ClassificationRunner
+
+        runner = ClassificationRunner(settings["train_args"])
     study = Study(configs, args.seeds, args.output, args.baseline, args.threads, args.jobs,
-                  train_script=args.train_script)
+                  train_script=args.train_script, runner=runner)
     if args.only:
         unknown = set(args.only) - {c.name for c in configs}
         if unknown:

@@ -32,9 +32,11 @@ def _mean_std(values: Sequence[float]) -> Dict:
     return {"n": n, "mean": mean, "std": std}
 
 
-def summarize(records: Sequence[Dict], baseline: Union[None, str, Dict[str, str]]) -> Dict:
-    """Per config: mean/std of each metric; paired differences to its baseline over the seeds
-    both finished. ``baseline``: one config name for all, or ``{config: its baseline}``."""
+def summarize(records: Sequence[Dict], baseline: Union[None, str, Dict[str, str]],
+              labels: Sequence[str] = tuple(f"{t}/{k}" for t, k in METRICS)) -> Dict:
+    """Per config: mean/std of each metric (``labels``, keys of the records' ``metrics``); paired
+    differences to its baseline over the seeds both finished. ``baseline``: one config name for
+    all, or ``{config: its baseline}``."""
     by_config: Dict[str, Dict[int, Dict]] = {}
     for r in records:
         if r.get("metrics"):
@@ -43,8 +45,7 @@ def summarize(records: Sequence[Dict], baseline: Union[None, str, Dict[str, str]
     for name, per_seed in by_config.items():
         base = baseline.get(name) if isinstance(baseline, dict) else baseline
         entry = {"seeds": sorted(per_seed), "baseline": base if base != name else None}
-        for task, key in METRICS:
-            label = f"{task}/{key}"
+        for label in labels:
             entry[label] = _mean_std([m[label] for m in per_seed.values() if m.get(label) is not None])
             if base and name != base and base in by_config:
                 common = sorted(set(per_seed) & set(by_config[base]))
