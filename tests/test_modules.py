@@ -447,3 +447,14 @@ def test_rigid_kernel_starts_with_the_he_std_of_a_3x3_conv(scope, gain):
     he_std = math.sqrt(2.0 / (1024 * 9))
     assert module.weight.std().item() == pytest.approx(he_std / gain, rel=0.05)
     assert module.rigid_weight().std().item() == pytest.approx(he_std, rel=0.05)
+
+
+def test_group_counts_must_divide_the_channels_they_split():
+    with pytest.raises(ValueError, match=r"out_channels \(6\) must be divisible by "
+                                         r"rotation_groups \(4\)"):
+        DeformKernel2d(6, 6, 3, groups=6, rotation_groups=4)
+    with pytest.raises(ValueError, match=r"in_channels \(6\) must be divisible by "
+                                         r"offset_groups \(4\)"):
+        LearntOffsetDeformConv2d(6, 6, 3, offset_groups=4)
+    with pytest.raises(TypeError, match="rotation_groups must be an int >= 1, got 2.0"):
+        DeformKernel2d(6, 6, 3, groups=6, rotation_groups=2.0)

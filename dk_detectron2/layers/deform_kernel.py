@@ -22,7 +22,7 @@ from torch import nn
 
 from .conv_base import KernelConvBase
 from .generators import GENERATOR_KINDS, build_generator, global_average_pool, zero_init_
-from .geometry import IntPair, base_grid, check_int, pair, scope_base
+from .geometry import IntPair, base_grid, check_divisor, pair, scope_base
 from .ops import deform_kernel2d, deform_kernel_conv2d, nd_linear_sample
 
 __all__ = [
@@ -115,13 +115,9 @@ class _DeformKernelBase(KernelConvBase):
             raise ValueError(
                 f"scope_size {self.scope_size} must be at least kernel_size {self.kernel_size}"
             )
-        check_int("rotation_groups", rotation_groups)
-        if self.out_channels % rotation_groups:
-            raise ValueError(
-                f"out_channels ({self.out_channels}) must be divisible by rotation_groups "
-                f"({rotation_groups})"
-            )
-        self.rotation_groups = rotation_groups
+        self.rotation_groups = check_divisor(
+            "rotation_groups", rotation_groups, "out_channels", self.out_channels
+        )
         if generator not in GENERATOR_KINDS:
             raise ValueError(f"generator must be one of {GENERATOR_KINDS}, got {generator!r}")
         self.generator = generator

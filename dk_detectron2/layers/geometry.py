@@ -14,7 +14,8 @@ from typing import List, Optional, Tuple, Union
 import torch
 
 __all__ = [
-    "IntPair", "is_int", "check_int", "pair", "pair_list", "output_size", "scope_base", "base_grid",
+    "IntPair", "is_int", "check_int", "check_divisor", "pair", "pair_list", "output_size",
+    "scope_base", "base_grid",
 ]
 
 # An int, or a pair of ints as a tuple (torch.Size included) or a list: what :func:`pair` takes.
@@ -39,6 +40,15 @@ def check_int(name: str, value, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
+
+
+def check_divisor(name: str, divisor, of_name: str, of: int) -> int:
+    """Returns ``divisor`` if it is an int >= 1 (:func:`check_int`) that divides ``of``; the
+    error names both: ``"out_channels (6) must be divisible by rotation_groups (4)"``."""
+    check_int(name, divisor)
+    if of % divisor:
+        raise ValueError(f"{of_name} ({of}) must be divisible by {name} ({divisor})")
+    return divisor
 
 
 def pair(name: str, value: IntPair, minimum: int = 0) -> Tuple[int, int]:

@@ -19,7 +19,7 @@ from torchvision.ops import deform_conv2d
 
 from .conv_base import KernelConvBase
 from .generators import global_average_pool, zero_init_
-from .geometry import check_int
+from .geometry import check_divisor, check_int
 
 __all__ = ["LearntOffsetDeformConv2d", "CondConv2d"]
 
@@ -41,13 +41,9 @@ class LearntOffsetDeformConv2d(KernelConvBase):
     generator_names = ("offset_conv",)
 
     def _build(self, *, offset_groups: int = 1) -> None:
-        check_int("offset_groups", offset_groups)
-        if self.in_channels % offset_groups:
-            raise ValueError(
-                f"in_channels ({self.in_channels}) must be divisible by offset_groups "
-                f"({offset_groups})"
-            )
-        self.offset_groups = offset_groups
+        self.offset_groups = check_divisor(
+            "offset_groups", offset_groups, "in_channels", self.in_channels
+        )
         self.weight = nn.Parameter(
             torch.empty(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         )
