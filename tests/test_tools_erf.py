@@ -1,5 +1,6 @@
 """Effective receptive field tool: exact support on plain conv stacks, numbers, Detectron2 levels."""
 
+import json
 import math
 
 import numpy as np
@@ -229,6 +230,13 @@ def test_kernel_samples_command_line_draws_a_layer_of_a_dk_model(tmp_path):
     # A fresh DK's rotation generator is zero: the taps sit on the base grid of the 5x5 scope (the default).
     assert np.allclose(samples[0].points, samples[0].base)
     assert samples[0].scope.shape == (5, 5)
+    # --stats --stats-json: the figures it prints, per layer and averaged, in a file
+    stats = main(args + ["--stats", "--stats-json", str(tmp_path / "stats.json")])
+    saved = json.loads((tmp_path / "stats.json").read_text())
+    assert saved["layers"] == stats and len(stats) > 1
+    assert saved["mean_over_layers"]["taps_on_scope_edge"] == pytest.approx(
+        np.mean([row["taps_on_scope_edge"] for row in stats]))
+    assert saved["config"] == config and saved["input"] == str(images / "0.png")
 
 
 def test_rotation_statistics_find_layers_whose_taps_left_the_scope():

@@ -17,15 +17,18 @@ Command line::
         [--channels 0 1 2 3] --output kernel_samples.png
 
 and, for every DK layer of the model, the rotation size and the share of taps that left the
-scope (they read zero: a layer at 100% is dead), with ``--stats`` instead of ``--output``.
+scope (they read zero: a layer at 100% is dead) or are held on its edge, with ``--stats``
+instead of ``--output``; ``--stats-json FILE`` also writes them, with their means over the layers
+(the figures a report quotes), as JSON.
 """
 
 import argparse
 import contextlib
 import dataclasses
+import json
 import logging
 import os
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -292,6 +295,13 @@ def get_parser() -> argparse.ArgumentParser:
         "(outside the scope) on --input, instead of drawing",
     )
     parser.add_argument(
+        "--stats-json",
+        default=None,
+        metavar="FILE",
+        help="with --stats: also write the statistics (per layer and their means over the "
+        "layers) to FILE as JSON",
+    )
+    parser.add_argument(
         "--position", default="center", help="'center' or 'Y,X' in pixels of the resized image"
     )
     parser.add_argument(
@@ -304,6 +314,22 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default="kernel_samples.png")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER)
     return parser
+
+
+STATS_KEYS = ("mean_abs_rotation", "max_abs_rotation", "taps_reading_zero", "taps_on_scope_edge")
+
+
+def _write_stats_json(path: str, stats: List[Dict], **about) -> Dict:
+    """Writes ``{**about, "layers": stats, "mean_over_layers": {key: mean over the layers}}`` to
+    ``path`` (``STATS_KEYS``: rotation sizes in scope cells, taps as fractions); returns it."""
+    mean = {key: float(np.mean([row[key] for row in stats])) if stats else None
+            for key in STATS_KEYS}
+    payload = {**about, "layers": stats, "mean_over_layers": mean}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    return payload
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List:
@@ -337,6 +363,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List:
                 f"{100 * row['taps_reading_zero']:5.1f}%  on the scope edge "
                 f"{100 * row['taps_on_scope_edge']:5.1f}%"
             )
+        if args.stats_json:
+            _write_stats_json(args.stats_json, stats, config=args.config_file,
+                              weights=cfg.MODEL.WEIGHTS, input=args.input)
         return stats
     name = args.layer or layers[-1]
     if name not in layers:
