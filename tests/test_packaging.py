@@ -12,8 +12,8 @@ import textwrap
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = ["setup.py", "MANIFEST.in", "README.md", "requirements.txt", "csrc", "dk_detectron2",
-           "configs"]
+SOURCES = ["pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "requirements.txt", "csrc",
+           "dk_detectron2", "configs"]
 
 
 def _copy_sources(target):
@@ -60,7 +60,7 @@ def test_sdist_carries_sources_headers_and_configs(tmp_path):
     expected = _files_under("csrc", (".h", ".cuh", ".cpp", ".cu"))
     expected |= _files_under("configs", (".yaml", ".py"))
     expected |= _files_under("dk_detectron2", (".py",))
-    expected |= {"setup.py", "MANIFEST.in", "README.md", "requirements.txt"}
+    expected |= {"pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "requirements.txt"}
     assert any(name.endswith(".cuh") for name in expected)  # the check covers the CUDA headers
     assert expected <= shipped, sorted(expected - shipped)
     assert not [name for name in shipped if name.endswith((".so", ".pyc", ".o"))]
