@@ -441,6 +441,10 @@ DK_ALWAYS_INLINE void backward_input_gather_rows(const DKTensors<scalar_t>& t,
   std::vector<acc_t> acc_buffer(C);
   acc_t* acc = acc_buffer.data();
   TapSample<acc_t> tap;
+  // The input pixel -> (output position, tap) inversion below has a twin in the CUDA gather
+  // (csrc/cuda/deform_kernel_depthwise.cuh): the same arithmetic, kept in each because one runs
+  // in OpenMP row blocks over a channels-last buffer, the other one thread per input position
+  // and channel chunk.
   for (int64_t row = begin; row < end; ++row) {
     const int64_t b = row / g.height, iy = row % g.height;
     for (int64_t ix = 0; ix < g.width; ++ix) {

@@ -1,6 +1,8 @@
 // Grouped and full Deformable Kernels on the CPU (scope-space columns + GEMM).
 // Tensors come prepared by deform_kernel_cpu.cpp: input channels-last, offset (or an undefined
 // tensor) and rotation NCHW-contiguous, weight [C_out, C_in/groups, Sh, Sw].
+// csrc/cuda/scope_space_cuda.h declares the same entry points for CUDA tensors: two headers, as
+// each is compiled only into its own build (this one always, the CUDA one with DK_WITH_CUDA).
 #pragma once
 
 #include <torch/types.h>
