@@ -15,7 +15,8 @@ timings, full DK, memory), ``--scaling``, ``--model``, ``--cuda``. Writes ``resu
 Files: ``cases.py`` (shapes and workloads: what an op call is), ``measure.py`` (round-robin timer,
 ratios, memory profiler, linear fit), ``sections.py`` (the op-level sections, CPU and CUDA),
 ``model.py`` (Mask R-CNN), ``report.py`` (targets, verdicts, tables, Markdown, JSON), ``plot.py``
-(the figure).
+(the figure), ``recompute.py`` (``python -m benchmarks.recompute``: the ratios and verdicts of a
+stored run again, from its per-round samples).
 """
 
 import argparse
