@@ -24,7 +24,8 @@
 #             the DK / rigid time ratio reported (scripts/gpu_check_train.py).
 # --full adds: memcheck in every dtype, racecheck of every kernel, the benchmark's CUDA section,
 # 50 training iterations. Each step runs under its time limit (LIMITS_DEFAULT: the default run
-# stays inside 6 minutes on 16 cores, nvcc build included).
+# stays inside 6 minutes on 16 cores, nvcc build included; DK_GPU_CHECK_TIME_SCALE=N multiplies
+# every limit, for slower machines such as a CPU machine's --setup-only).
 # Writes OUTPUT_DIR/report.md (versions, one line per step: PASS/FAIL and seconds, the failing
 # tests, the sanitizers' ERROR SUMMARY lines, the timing table) beside each step's log; exits
 # non-zero when a step failed.
@@ -60,7 +61,7 @@ done
 limit_of() {  # limit_of NAME: the step's limit from the tables above
   local kv
   for kv in $LIMITS_DEFAULT $LIMITS_FULL; do
-    if [ "${kv%%=*}" = "$1" ]; then echo "${kv#*=}"; return; fi
+    if [ "${kv%%=*}" = "$1" ]; then echo $(( ${kv#*=} * ${DK_GPU_CHECK_TIME_SCALE:-1} )); return; fi
   done
   echo "gpu_check: no time limit for step $1" >&2; exit 2
 }
