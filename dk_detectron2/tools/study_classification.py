@@ -66,7 +66,9 @@ class ClassificationRunner:
         self._meta = None
 
     def check(self) -> None:
-        if os.path.basename(os.path.normpath(self.data_dir)) == "dk_shapes_cls":
+        """Makes the default miniature dataset if the study names it and it is not there yet."""
+        missing = not os.path.isdir(self.data_dir)
+        if missing and os.path.basename(os.path.normpath(self.data_dir)) == "dk_shapes_cls":
             from ..classification.shapes_data import ensure_shapes_cls
 
             ensure_shapes_cls(os.path.dirname(os.path.normpath(self.data_dir)))
