@@ -29,6 +29,7 @@ def test_command_line_exports_verifies_and_reports(tmp_path):
     assert report["max_abs"] == saved["max_abs"] <= 1e-4
     assert report["shapes_equal"] == 1.0 and report["integers_equal"] == 1.0
     assert report["eager_seconds"] > 0 and report["exported_seconds"] > 0
+    assert saved["tool_seconds"] > report["exported_seconds"] and saved["repeats"] == 1
 
 
 @pytest.mark.parametrize(

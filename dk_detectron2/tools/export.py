@@ -16,12 +16,13 @@ call, and (trunk formats) once more on all samples as one batch (not when the ar
 fixed: ``onnx`` of a model holding global DK takes one image per call); the tool prints the largest
 absolute and relative differences from eager and the median time per image of both (timed in
 turns, call by call), and writes
-them to ``<output>/export_<format>.json``.
+them to ``<output>/export_<format>.json`` (with the command's own wall time, ``tool_seconds``).
 """
 import argparse
 import json
 import logging
 import os
+import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -124,6 +125,7 @@ def _summary(report: Dict[str, object]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
+    started = time.perf_counter()
     parser = get_parser()
     args = parser.parse_args(argv)
     for flag, value in (("--samples", args.samples), ("--repeats", args.repeats)):
@@ -138,7 +140,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     model = load_model(cfg)
     samples = dataset_samples(cfg, args.samples, args.dataset)
     report = export_and_verify(model, samples, args.format, args.output, args.repeats)
-    report.update(config=args.config_file, weights=cfg.MODEL.WEIGHTS, samples=len(samples))
+    report.update(config=args.config_file, weights=cfg.MODEL.WEIGHTS, samples=len(samples),
+                  repeats=args.repeats, torch=torch.__version__,
+                  tool_seconds=time.perf_counter() - started)  # loading, export, checks, timing
     with open(os.path.join(args.output, f"export_{args.format}.json"), "w") as f:
         json.dump(report, f, indent=2)
     print(_summary(report))
