@@ -60,7 +60,10 @@ class StudyConfig:
     def __post_init__(self):
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"study config name must be a plain folder name, got {self.name!r}")
-        if len(self.opts) % 2:
+        # Detectron2 overrides come as KEY VALUE pairs; a classification study's opts are trainer
+        # flags ("--model-kwargs a=1 b=2"), passed as they are.
+        flags = bool(self.opts) and str(self.opts[0]).startswith("--")
+        if len(self.opts) % 2 and not flags:
             raise ValueError(
                 f"opts of study config {self.name!r} must be KEY VALUE pairs, got {self.opts!r}"
             )
