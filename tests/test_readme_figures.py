@@ -44,3 +44,37 @@ def test_the_benchmark_table_quotes_the_committed_targets(metric, label):
     (line,) = [line for line in _read("README.md").splitlines() if line.startswith(f"| {label} |")]
     assert quoted in line, (quoted, line)
     assert ("miss" in line) == (target["status"] == "MISS"), line
+
+
+_EXPORT_LABELS = {
+    "torchscript": "`torchscript` (whole model)",
+    "torchscript_script": "`torchscript_script` (whole model)",
+    "export": "`export` (trunk)",
+    "aoti": "`aoti` (trunk)",
+    "onnx": "`onnx` (trunk, ONNX Runtime 1.32)",
+}
+
+
+def _export_row(name, report):
+    """The README's row of one export format, from the JSON ``python -m
+    dk_detectron2.tools.export`` wrote (docs/results/export/export_<format>.json)."""
+    if report["max_abs"] == 0:
+        whole = report["part"] == "model" and report["integers_equal"] == 1.0
+        difference = "0 (boxes, classes, masks, scores identical)" if whole else "0"
+    else:
+        difference = f"{report['max_abs']:.1e} ({report['max_rel']:.1e})"
+    batched = report.get("batched")
+    one_batch = ("-" if batched is None else "0" if batched["max_rel"] == 0
+                 else f"{batched['max_rel']:.1e} relative")
+    eager, exported = 1e3 * report["eager_seconds"], 1e3 * report["exported_seconds"]
+    tool = f"{report['tool_seconds']:.0f} s" + (" (C++ compilation)" if name == "aoti" else "")
+    return (f"| {_EXPORT_LABELS[name]} | yes | yes | {difference} | {one_batch} | "
+            f"{eager:.1f} / {exported:.1f} ({exported / eager:.2f}×) | {tool} |")
+
+
+@pytest.mark.parametrize("name", sorted(_EXPORT_LABELS))
+def test_the_export_table_quotes_the_tools_json(name):
+    report = json.loads(_read("docs", "results", "export", f"export_{name}.json"))
+    assert report["format"] == name and report["samples"] == 8 and report["repeats"] == 5
+    assert report["shapes_equal"] == report["finite_equal"] == 1.0
+    assert _export_row(name, report) in _read("README.md").splitlines()
