@@ -62,11 +62,16 @@ def test_train_evaluate_resume(data_dir, tmp_path, caplog):
     timm.models.load_checkpoint(model, str(run / "last.pth.tar"))
 
 
-def test_ema_and_amp_run(data_dir, tmp_path):
+def test_ema_and_amp_run_and_resume(data_dir, tmp_path):
     results = main(_args(data_dir, tmp_path, "--model-ema", "--amp", model="resnet18_dw_050"))
     assert results["generator_parameters"] == 0
-    checkpoint = torch.load(tmp_path / "run" / "last.pth.tar", weights_only=False)
+    last = tmp_path / "run" / "last.pth.tar"
+    checkpoint = torch.load(last, weights_only=False)
     assert "state_dict_ema" in checkpoint
+    results = main(_args(data_dir, tmp_path, "--model-ema", "--amp", "--resume", str(last),
+                         model="resnet18_dw_050", epochs=2))
+    assert results["epochs"] == 2
+    assert len(_rows(tmp_path / "run" / "summary.csv")) == 2
 
 
 def test_generators_get_their_own_group(tmp_path):
