@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_CLS_SPLITS",
     "ensure_shapes_cls",
     "load_split_meta",
+    "object_geometry",
 ]
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,43 @@ def _make_image(spec: ShapesClsSpec, split: str, index: int) -> Tuple[np.ndarray
         "object_size": round(float((hi - lo).max()) / n, 4),
     }
     return np.clip(img, 0, 255).round().astype(np.uint8), record
+
+
+def object_geometry(spec: ShapesClsSpec, split: str, index: int) -> Dict:
+    """Where the object of image ``index`` is, replayed from the generator without painting it.
+
+    Draws the same random numbers as :func:`_make_image`, in the same order, up to the object's
+    placement (the background's draws included, their pixels discarded), so it holds for splits
+    already on disk: ``meta.json`` does not record the object's position.
+
+    Returns:
+        ``{"class", "label", "object_size"}`` equal to the image's ``meta.json`` record, plus
+        ``center_xy``: the centre of the object's bounding box (x, y) in pixels (polygon
+        coordinates, as rasterised: pixel ``(i, j)`` spans ``[j, j + 1) x [i, i + 1)``) and
+        ``box_xyxy``: that box, unclipped (an object larger than the image overhangs it).
+    """
+    split_key = sum(ord(ch) * 31**i for i, ch in enumerate(split)) % (2**31)
+    rng = np.random.default_rng([spec.seed, split_key, index, _FORMAT_VERSION, 7])
+    n = spec.image_size
+    _background(rng, n)
+    category = index % len(CLS_CLASSES)
+    size = float(np.exp(rng.uniform(np.log(spec.min_scale), np.log(spec.max_scale)))) * n
+    vertices = _POLYGONS[CLS_CLASSES[category]] @ _random_deformation(rng, size).T
+    lo, hi = vertices.min(axis=0), vertices.max(axis=0)
+    gap = 1.0
+    center = np.where(
+        hi - lo < n - 2 * gap,
+        rng.uniform(gap - lo, np.maximum(gap - lo, n - gap - hi)),
+        n / 2 - (lo + hi) / 2,
+    )
+    box = np.concatenate([lo + center, hi + center])
+    return {
+        "class": CLS_CLASSES[category],
+        "label": category,
+        "object_size": round(float((hi - lo).max()) / n, 4),
+        "center_xy": [float((box[0] + box[2]) / 2), float((box[1] + box[3]) / 2)],
+        "box_xyxy": [float(v) for v in box],
+    }
 
 
 def _spec_info(spec: ShapesClsSpec, split: str) -> Dict:
