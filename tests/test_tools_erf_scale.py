@@ -176,6 +176,9 @@ def test_command_line_on_tiny_runs(data_dir, tmp_path):
     assert saved["paired"]["res5/size10"]["dk"]["seeds"] == [0, 1]
     text = (out / "r.md").read_text()
     assert "paired Δslope vs rigid" in text and "| dk | 1 |" in text
+    assert "Mean ERF size (px) by object size" in text and "small (< 0.25)" in text
+    bins = saved["configs"]["res5/size10"]["rigid"]["mean_size_by_bin"]
+    assert sum(b["n"] for b in bins.values()) == 24  # 12 images x 2 seeds
     assert (out / "r.png").stat().st_size > 10_000
 
     # An explicit unfinished seed is an error unless skipped.

@@ -112,6 +112,23 @@ def _two_level(groups, num_bootstrap: int, seed: int):
     return slopes, rs
 
 
+# (label, low, high) of the object's largest extent in pixels, as a fraction of the image side:
+# the classification study's size bins.
+SIZE_BINS = (("small", 0.0, 0.25), ("medium", 0.25, 0.5), ("large", 0.5, float("inf")))
+
+
+def _by_bin(groups, side: float) -> Dict:
+    """Mean ERF size per :data:`SIZE_BINS` bin over every group's (seed's) images; ``side``: the
+    image side in pixels (the bins are fractions of it)."""
+    x = np.concatenate([g[0] for g in groups])
+    y = np.concatenate([g[1] for g in groups])
+    out = {}
+    for name, low, high in SIZE_BINS:
+        mask = (x >= low * side) & (x < high * side)
+        out[name] = {"n": int(mask.sum()), "mean": float(y[mask].mean()) if mask.any() else None}
+    return out
+
+
 def analyse(runs: Sequence[Dict], levels: Sequence[str], metrics: Sequence[str], baseline: str,
             num_bootstrap: int = 1000, seed: int = 0) -> Dict:
     """Fits and summaries of measured runs (``{"label", "seed", "images": [{"object_size_px"}],
@@ -119,7 +136,9 @@ def analyse(runs: Sequence[Dict], levels: Sequence[str], metrics: Sequence[str],
     labels = list(dict.fromkeys(r["label"] for r in runs))
     if baseline not in labels:
         raise ValueError(f"baseline {baseline!r} is not among the runs' configs {labels}")
+    side = float((runs[0].get("info") or {}).get("img_size") or 64)
     out = {"baseline": baseline, "configs_order": labels, "num_bootstrap": num_bootstrap,
+           "image_size": side,
            "fits": {}, "configs": {}, "paired": {}}
     for level in levels:
         for metric in metrics:
@@ -131,7 +150,8 @@ def analyse(runs: Sequence[Dict], levels: Sequence[str], metrics: Sequence[str],
                 y = np.array([e[metric] for e in run["erf"][level]])
                 data[(run["label"], run["seed"])] = (x, y, [g["index"] for g in run["images"]])
                 fit = bootstrap_fit(x, y, num_bootstrap, seed)
-                fits.append({"label": run["label"], "seed": run["seed"], **fit})
+                top1 = (run.get("info") or {}).get("top1")
+                fits.append({"label": run["label"], "seed": run["seed"], "top1": top1, **fit})
             out["fits"][key] = fits
             out["configs"][key] = {}
             for label in labels:
@@ -142,7 +162,8 @@ def analyse(runs: Sequence[Dict], levels: Sequence[str], metrics: Sequence[str],
                     "seeds": [f["seed"] for f in mine],
                     "slope": {**_summary([f["slope"] for f in mine]), "ci": _ci(s_boot)},
                     "r": {**_summary([f["r"] for f in mine]), "ci": _ci(r_boot)},
-                    "mean_size": _summary([f["mean_y"] for f in mine])}
+                    "mean_size": _summary([f["mean_y"] for f in mine]),
+                    "mean_size_by_bin": _by_bin([data[(label, f["seed"])][:2] for f in mine], side)}
             out["paired"][key] = {}
             for label in labels:
                 if label == baseline:
@@ -188,11 +209,13 @@ def format_markdown(report: Dict, headline_only: bool = False) -> str:
     base = report["baseline"]
     lines = [f"### ERF size ({head['metric']}) of the {head['level']} unit at the object's "
              "centre against object size (pixels)", "",
-             "| config | seed | slope [95 % CI] | r [95 % CI] | mean ERF size (px) |",
-             "|---|---|---|---|---|"]
+             "| config | seed | top-1 | slope [95 % CI] | r [95 % CI] | mean ERF size (px) |",
+             "|---|---|---|---|---|---|"]
     for f in report["fits"][key]:
-        lines.append(f"| {f['label']} | {f['seed']} | {f['slope']:.3f} {_ci_text(f['slope_ci'])}"
-                     f" | {f['r']:.3f} {_ci_text(f['r_ci'])} | {f['mean_y']:.1f} |")
+        top1 = f"{f['top1']:.1f}" if f.get("top1") is not None else "—"
+        lines.append(f"| {f['label']} | {f['seed']} | {top1} | {f['slope']:.3f} "
+                     f"{_ci_text(f['slope_ci'])} | {f['r']:.3f} {_ci_text(f['r_ci'])} | "
+                     f"{f['mean_y']:.1f} |")
     lines += ["", "| config | seeds | slope, mean ± std (s.e.) [95 % CI, seeds × images] | "
               "r, mean ± std (s.e.) [95 % CI] | paired Δslope vs " + base + " [CI] | "
               "paired Δr vs " + base + " [CI] |", "|---|---|---|---|---|---|"]
@@ -203,6 +226,15 @@ def format_markdown(report: Dict, headline_only: bool = False) -> str:
         lines.append(f"| {label} | {len(c['seeds'])} | {_pm(c['slope'])} "
                      f"{_ci_text(c['slope']['ci'])} | {_pm(c['r'])} {_ci_text(c['r']['ci'])} | "
                      f"{ds} | {dr} |")
+    lines += ["", "Mean ERF size (px) by object size (largest extent as a fraction of the "
+              f"{report.get('image_size', 64):g} px image; all seeds' images):",
+              "", "| config | " + " | ".join(f"{n} (< {hi:g})" if hi != float("inf") else
+                                              f"{n} (>= {lo:g})" for n, lo, hi in SIZE_BINS)
+              + " |", "|---" * (len(SIZE_BINS) + 1) + "|"]
+    for label, c in report["configs"][key].items():
+        cells = [f"{b['mean']:.1f} (n={b['n']})" if b["mean"] is not None else "—"
+                 for b in c["mean_size_by_bin"].values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if headline_only:
         return "\n".join(lines) + "\n"
     lines += ["", "### Every level and ERF-size metric (mean over seeds; paired Δ vs "
