@@ -26,7 +26,9 @@ namespace dk_detectron2 {
 // The four corners touched by one sample point. Corners outside the grid (and every corner of
 // a point that reads zero) have weight 0, index 0 and inside false. A caller that tests `inside`
 // never addresses them, so a non-finite value at cell 0 cannot reach the sum through a weight 0
-// (0 * inf is NaN); the CUDA kernels do, the CPU kernels read through index 0 or a zero row.
+// (0 * inf is NaN). The CUDA kernels test it; the CPU kernels replace such a corner's row by a
+// row of zeros (or a scratch row for a write) and leave it out of the chain rule (csrc/cpu/
+// tap_sampling.h: corner_rows, inside_dot).
 template <typename T>
 struct BilinearCorners {
   int64_t index[4];  // flat index y * width + x of corners (y0,x0) (y0,x0+1) (y0+1,x0) (y0+1,x0+1)

@@ -46,27 +46,44 @@ struct CornerSums {
   acc_t e[4];
 };
 
+// Rows a task reads and writes in place of a corner outside the grid (corner_rows): C zeros and
+// C scratch accumulators of its own.
+template <typename scalar_t>
+struct OutsideRows {
+  using acc_t = at::opmath_type<scalar_t>;
+  explicit OutsideRows(int64_t C) : zeros_(C, scalar_t(0)), scratch_(C) {}
+  const scalar_t* zeros() const { return zeros_.data(); }
+  acc_t* scratch() { return scratch_.data(); }
+
+ private:
+  std::vector<scalar_t> zeros_;
+  std::vector<acc_t> scratch_;
+};
+
 // Channels [c0, c0 + n) of one sampled tap: adds a_j * tv to the weight gradient of each scope
 // corner and, when kInputGrad (the single sweep), the input gradient u (or b_j * u per image
 // corner) to image_grad; returns the corner sums. image, grad_weight and image_grad are [cells, C]
-// tables at channel 0, gout is the position's grad_output at channel c0.
+// tables at channel 0, gout is the position's grad_output at channel c0. Corners outside the
+// grid read and write `outside` (their sums are left out by inside_dot).
 template <bool kOffset, bool kInputGrad, typename scalar_t, typename acc_t>
 DK_ALWAYS_INLINE CornerSums<acc_t> backward_tap_channels(const TapSample<acc_t>& tap,
                                                          const scalar_t* weight,
                                                          const scalar_t* image,
                                                          const scalar_t* gout,
                                                          acc_t* grad_weight, acc_t* image_grad,
-                                                         int64_t C, int64_t c0, int64_t n) {
+                                                         int64_t C, int64_t c0, int64_t n,
+                                                         OutsideRows<scalar_t>& outside) {
   const BilinearCorners<acc_t>& s = tap.scope;
-  const auto w = corner_rows(weight, s, C, c0);
-  const auto gw = corner_rows(grad_weight, s, C, c0);
+  const auto w = corner_rows(weight, s, C, c0, outside.zeros());
+  const auto gw = corner_rows(grad_weight, s, C, c0, outside.scratch());
   const acc_t a0 = s.weight[0], a1 = s.weight[1], a2 = s.weight[2], a3 = s.weight[3];
   acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
   CornerSums<acc_t> sums{};
   if constexpr (kOffset) {
     const BilinearCorners<acc_t>& m = tap.image;
-    const auto x = corner_rows(image, m, C, c0);
-    const auto gx = kInputGrad ? corner_rows(image_grad, m, C, c0) : std::array<acc_t*, 4>{};
+    const auto x = corner_rows(image, m, C, c0, outside.zeros());
+    const auto gx = kInputGrad ? corner_rows(image_grad, m, C, c0, outside.scratch())
+                               : std::array<acc_t*, 4>{};
     const acc_t b0 = m.weight[0], b1 = m.weight[1], b2 = m.weight[2], b3 = m.weight[3];
     acc_t e0 = 0, e1 = 0, e2 = 0, e3 = 0;
 #pragma omp simd reduction(+ : d0, d1, d2, d3, e0, e1, e2, e3)
@@ -125,8 +142,8 @@ DK_ALWAYS_INLINE void store_rotation_grad(const BilinearCorners<acc_t>& s,
                                           const CornerSums<acc_t>& sums, scalar_t* grot,
                                           int64_t plane) {
   const acc_t(&d)[4] = sums.d;
-  grot[0] = static_cast<scalar_t>(corner_dot(s.dweight_dy, d[0], d[1], d[2], d[3]));
-  grot[plane] = static_cast<scalar_t>(corner_dot(s.dweight_dx, d[0], d[1], d[2], d[3]));
+  grot[0] = static_cast<scalar_t>(inside_dot(s, s.dweight_dy, d[0], d[1], d[2], d[3]));
+  grot[plane] = static_cast<scalar_t>(inside_dot(s, s.dweight_dx, d[0], d[1], d[2], d[3]));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -142,6 +159,7 @@ DK_ALWAYS_INLINE void backward_params_rows(const DKTensors<scalar_t>& t, const D
   const int64_t Cg = C / g.rotation_groups;
   const int64_t plane = g.out_height * g.out_width;
   TapSample<acc_t> tap;
+  OutsideRows<scalar_t> outside(C);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t b = row / g.out_height, oy = row % g.out_height;
     const scalar_t* image = t.input + b * g.height * g.width * C;
@@ -163,11 +181,11 @@ DK_ALWAYS_INLINE void backward_params_rows(const DKTensors<scalar_t>& t, const D
             }
             const CornerSums<acc_t> sums = backward_tap_channels<kOffset, false>(
                 tap, t.weight, image, gout + c0, grad_weight, static_cast<acc_t*>(nullptr), C,
-                c0, Cg);
+                c0, Cg, outside);
             if constexpr (kOffset) {
               const acc_t(&e)[4] = sums.e;
-              grad_oy += corner_dot(tap.image.dweight_dy, e[0], e[1], e[2], e[3]);
-              grad_ox += corner_dot(tap.image.dweight_dx, e[0], e[1], e[2], e[3]);
+              grad_oy += inside_dot(tap.image, tap.image.dweight_dy, e[0], e[1], e[2], e[3]);
+              grad_ox += inside_dot(tap.image, tap.image.dweight_dx, e[0], e[1], e[2], e[3]);
             }
             store_rotation_grad(tap.scope, sums, grot, plane);
           }
@@ -227,6 +245,7 @@ DK_ALWAYS_INLINE void backward_image_group(const DKTensors<scalar_t>& t,
   const scalar_t* image = t.input + b * g.height * g.width * C;
   acc_t* image_grad = grad_input + b * g.height * g.width * C;
   TapSample<acc_t> tap;
+  OutsideRows<scalar_t> outside(C);
   for (int64_t oy = 0; oy < g.out_height; ++oy) {
     for (int64_t ox = 0; ox < g.out_width; ++ox) {
       const int64_t pos = oy * g.out_width + ox;
@@ -242,12 +261,12 @@ DK_ALWAYS_INLINE void backward_image_group(const DKTensors<scalar_t>& t,
             continue;
           }
           const CornerSums<acc_t> sums = backward_tap_channels<kOffset, true>(
-              tap, t.weight, image, gout, grad_weight, image_grad, C, c0, Cg);
+              tap, t.weight, image, gout, grad_weight, image_grad, C, c0, Cg, outside);
           if constexpr (kOffset) {
             const acc_t(&e)[4] = sums.e;
             acc_t* goff = grad_offset + (b * g.taps() * 2 + k * 2) * plane + pos;
-            goff[0] += corner_dot(tap.image.dweight_dy, e[0], e[1], e[2], e[3]);
-            goff[plane] += corner_dot(tap.image.dweight_dx, e[0], e[1], e[2], e[3]);
+            goff[0] += inside_dot(tap.image, tap.image.dweight_dy, e[0], e[1], e[2], e[3]);
+            goff[plane] += inside_dot(tap.image, tap.image.dweight_dx, e[0], e[1], e[2], e[3]);
           }
           store_rotation_grad(tap.scope, sums, grot, plane);
         }
@@ -263,7 +282,9 @@ DK_ALWAYS_INLINE void backward_image_group(const DKTensors<scalar_t>& t,
 //   e_j = sum_c u[c] * x[image corner j, c],   u = grad_out * sampled kernel (offset gradient)
 // which are reduced across lanes once per tap in a fixed order, so results do not depend on
 // anything but the inputs. The weight and input gradients are read-modify-writes of the task's
-// own rows; a corner outside the image reads the zeros row and writes a scratch row.
+// own rows; a corner outside the image reads the zeros row and writes a scratch row. A tap that
+// reads nothing (padded_dead_cell) is skipped: its zeros times an infinite grad_output would be
+// NaN.
 template <bool kOffset>
 struct BackwardTap {
   TapReads<float, float, kOffset> r;
@@ -326,6 +347,8 @@ DK_ALWAYS_INLINE void backward_image_group_vectors(const DKTensors<float>& t,
   const auto grad_row = [&](int32_t pixel) {
     return pixel >= 0 ? image_grad + int64_t(pixel) * C : scratch.data();
   };
+  const int32_t dead_cell =
+      static_cast<int32_t>(padded_dead_cell(g.scope_h, g.scope_w) * C);
   // deform_kernel2d: a tap's rotation sums wait here for the next tap's, to be reduced together.
   float* pending = nullptr;
   V pending_y = {}, pending_x = {};
@@ -336,6 +359,12 @@ DK_ALWAYS_INLINE void backward_image_group_vectors(const DKTensors<float>& t,
       const int64_t pos = oy * Wo + ox;
       for (int64_t k = 0; k < taps; ++k) {
         const int64_t e = k * Wo + ox;
+        float* grot = grad_rotation +
+                      (b * g.rotation_groups * taps * 2 + (group * taps + k) * 2) * plane + pos;
+        if (row.cell[e] == dead_cell) {
+          grot[0] = grot[plane] = 0.f;
+          continue;
+        }
         BackwardTap<kOffset> p;
         p.r = tap_reads<float, float, kOffset>(row, e, image, t.scope, C, zeros.data());
         p.go = grad_output + (b * plane + pos) * C;
@@ -367,8 +396,6 @@ DK_ALWAYS_INLINE void backward_image_group_vectors(const DKTensors<float>& t,
             off_x += row.image_dx[j][e] * s.e[j];
           });
         }
-        float* grot = grad_rotation +
-                      (b * g.rotation_groups * taps * 2 + (group * taps + k) * 2) * plane + pos;
         if constexpr (kOffset) {
           const f32x4 sums = lane_sums(rot_y, rot_x, off_y, off_x);
           grot[0] = sums[0];
@@ -440,6 +467,7 @@ DK_ALWAYS_INLINE void backward_input_gather_rows(const DKTensors<scalar_t>& t,
   const int64_t Cg = C / g.rotation_groups;
   std::vector<acc_t> acc_buffer(C);
   acc_t* acc = acc_buffer.data();
+  const std::vector<scalar_t> zeros(C, scalar_t(0));
   TapSample<acc_t> tap;
   // The input pixel -> (output position, tap) inversion below has a twin in the CUDA gather
   // (csrc/cuda/deform_kernel_depthwise.cuh): the same arithmetic, kept in each because one runs
@@ -464,7 +492,7 @@ DK_ALWAYS_INLINE void backward_input_gather_rows(const DKTensors<scalar_t>& t,
             if (!sample_tap<scalar_t, acc_t, false>(t, b, oy, ox, group, kh, kw, tap)) continue;
             const int64_t c0 = group * Cg;
             const BilinearCorners<acc_t>& s = tap.scope;
-            const auto w = corner_rows(t.weight, s, C, c0);
+            const auto w = corner_rows(t.weight, s, C, c0, zeros.data());
             const acc_t a0 = s.weight[0], a1 = s.weight[1], a2 = s.weight[2], a3 = s.weight[3];
             acc_t* dst = acc + c0;
             const scalar_t* go = gout + c0;
@@ -510,6 +538,7 @@ DK_ALWAYS_INLINE void backward_input_scatter(const DKTensors<scalar_t>& t,
   const int64_t C = g.out_channels;
   const int64_t n = cend - cbegin;
   acc_t* image_grad = grad_input + b * g.height * g.width * C + cbegin;
+  OutsideRows<scalar_t> outside(C);
   TapSample<acc_t> tap;
   for (int64_t oy = 0; oy < g.out_height; ++oy) {
     for (int64_t ox = 0; ox < g.out_width; ++ox) {
@@ -519,9 +548,9 @@ DK_ALWAYS_INLINE void backward_input_scatter(const DKTensors<scalar_t>& t,
           if (!sample_tap<scalar_t, acc_t, true>(t, b, oy, ox, group, kh, kw, tap)) continue;
           const BilinearCorners<acc_t>& s = tap.scope;
           const BilinearCorners<acc_t>& m = tap.image;
-          const auto w = corner_rows(t.weight, s, C, cbegin);
+          const auto w = corner_rows(t.weight, s, C, cbegin, outside.zeros());
           const acc_t a0 = s.weight[0], a1 = s.weight[1], a2 = s.weight[2], a3 = s.weight[3];
-          const auto x = corner_rows(image_grad, m, C, 0);
+          const auto x = corner_rows(image_grad, m, C, 0, outside.scratch());
           const acc_t b0 = m.weight[0], b1 = m.weight[1], b2 = m.weight[2], b3 = m.weight[3];
           DK_SIMD
           for (int64_t c = 0; c < n; ++c) {

@@ -144,7 +144,8 @@ at::Tensor forward_cpu(const at::Tensor& input, const c10::optional<at::Tensor>&
   }
   // The row sampler (cpu::sample_row) keeps pixel indices in 32-bit lanes.
   TORCH_CHECK(g.height * g.width < (int64_t(1) << 31) &&
-                  (g.scope_h + 2) * (g.scope_w + 2) * g.out_channels < (int64_t(1) << 31),
+                  cpu::padded_scope_cells(g.scope_h, g.scope_w) * g.out_channels <
+                      (int64_t(1) << 31),
               "deform_kernel2d on the CPU supports images of fewer than 2^31 pixels and scopes of "
               "fewer than 2^31 elements, got a ", g.height, "x", g.width, " image and a [",
               g.out_channels, ", ", g.scope_h, ", ", g.scope_w, "] scope");
@@ -278,14 +279,15 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_output, const at::Te
       // The float32 sweep accumulates into the padded scope layout (cpu::padded_scope), the
       // generic one into [Sh*Sw, C].
       constexpr bool kPadded = std::is_same_v<scalar_t, float>;
-      const int64_t cells = kPadded ? (g.scope_h + 2) * (g.scope_w + 2) : SS;
+      const int64_t cells = kPadded ? cpu::padded_scope_cells(g.scope_h, g.scope_w) : SS;
       at::Tensor partial = at::zeros({tasks, cells, C}, acc_options);
       // float32 accumulates straight into grad_input; lower precisions in a float32 buffer.
       constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
       at::Tensor accumulator =
           kSameType ? grad_input.zero_()
-                    : at::zeros(input.sizes(),
-                                acc_options.memory_format(at::MemoryFormat::ChannelsLast));
+                    : at::empty(input.sizes(),  // at::zeros would ignore the memory format
+                                acc_options.memory_format(at::MemoryFormat::ChannelsLast))
+                          .zero_();
       // With several rotation groups each group sums its own offset gradient; the groups' buffers
       // are added in order afterwards.
       // With one group and float32 that buffer is grad_offset itself.
@@ -320,7 +322,7 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_output, const at::Te
       });
       at::Tensor summed = partial.sum(0);
       if (kPadded) {
-        summed = summed.view({g.scope_h + 2, g.scope_w + 2, C})
+        summed = summed.view({g.scope_h + 3, g.scope_w + 2, C})
                      .slice(0, 1, g.scope_h + 1)
                      .slice(1, 1, g.scope_w + 1)
                      .reshape({SS, C});

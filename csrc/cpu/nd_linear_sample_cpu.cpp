@@ -4,11 +4,17 @@
 // corners are computed once and shared by all M scopes. The input gradient is split over blocks of
 // M (each task owns its scopes and visits the points in order), so it needs no atomics and is
 // deterministic.
+//
+// The rule of bilinear.h: a corner outside the grid is never addressed (cell 0 with weight 0 would
+// turn an inf there into NaN, 0 * inf): the forward reads a row of zeros in its place, the
+// backward skips it.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
+
+#include <vector>
 
 #include "bilinear.h"
 
@@ -35,13 +41,17 @@ at::Tensor nd_linear_sample_cpu(const at::Tensor& input, const at::Tensor& coord
     const scalar_t* pts = points.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     at::parallel_for(0, P, 16, [&](int64_t begin, int64_t end) {
+      const std::vector<scalar_t> zeros(M, scalar_t(0));
+      const auto row = [&](const BilinearCorners<acc_t>& c, int j) {
+        return c.inside[j] ? src + c.index[j] * M : zeros.data();
+      };
       BilinearCorners<acc_t> c;
       for (int64_t p = begin; p < end; ++p) {
         bilinear_corners(acc_t(pts[2 * p]), acc_t(pts[2 * p + 1]), H, W, c);
-        const scalar_t* r0 = src + c.index[0] * M;
-        const scalar_t* r1 = src + c.index[1] * M;
-        const scalar_t* r2 = src + c.index[2] * M;
-        const scalar_t* r3 = src + c.index[3] * M;
+        const scalar_t* r0 = row(c, 0);
+        const scalar_t* r1 = row(c, 1);
+        const scalar_t* r2 = row(c, 2);
+        const scalar_t* r3 = row(c, 3);
         for (int64_t m = 0; m < M; ++m) {
           dst[p * M + m] = static_cast<scalar_t>(c.weight[0] * acc_t(r0[m]) + c.weight[1] * acc_t(r1[m]) +
                                                  c.weight[2] * acc_t(r2[m]) + c.weight[3] * acc_t(r3[m]));
@@ -79,6 +89,7 @@ std::tuple<at::Tensor, at::Tensor> nd_linear_sample_backward_cpu(const at::Tenso
         bilinear_corners(acc_t(pts[2 * p]), acc_t(pts[2 * p + 1]), H, W, c);
         acc_t gy = 0, gx = 0;
         for (int j = 0; j < 4; ++j) {
+          if (!c.inside[j]) continue;
           const scalar_t* row = src + c.index[j] * M;
           acc_t dot = 0;
           for (int64_t m = 0; m < M; ++m) dot += acc_t(g[p * M + m]) * acc_t(row[m]);
@@ -98,6 +109,7 @@ std::tuple<at::Tensor, at::Tensor> nd_linear_sample_backward_cpu(const at::Tenso
       for (int64_t p = 0; p < P; ++p) {
         bilinear_corners(acc_t(pts[2 * p]), acc_t(pts[2 * p + 1]), H, W, c);
         for (int j = 0; j < 4; ++j) {
+          if (!c.inside[j]) continue;
           acc_t* row = acc + c.index[j] * M;
           const acc_t w = c.weight[j];
           for (int64_t m = begin; m < end; ++m) row[m] += w * acc_t(g[p * M + m]);

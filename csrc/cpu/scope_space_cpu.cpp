@@ -68,6 +68,8 @@ void build_columns(const DKTensors<scalar_t>& t, int64_t r0, int64_t r1, int64_t
   at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
     // Float columns accumulate in place; half-precision ones in a float row, then converted.
     std::vector<acc_t> row_buffer(kInPlace ? 0 : depth);
+    const std::vector<scalar_t> zeros(Cq, scalar_t(0));  // read for image corners outside
+    std::vector<acc_t> scratch(Cq);                      // written for scope corners outside
     TapSample<acc_t> tap;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / plane;
@@ -77,10 +79,10 @@ void build_columns(const DKTensors<scalar_t>& t, int64_t r0, int64_t r1, int64_t
       std::fill(row, row + depth, acc_t(0));
       for_each_tap<scalar_t, kOffset>(t, b, r % plane, group, tap, [&](int64_t)
                                                                       DK_ALWAYS_INLINE_LAMBDA {
-        const auto u = corner_rows(row, tap.scope, Cq, 0);
+        const auto u = corner_rows(row, tap.scope, Cq, 0, scratch.data());
         const auto a = corner_weights(tap.scope);
         if (kOffset) {
-          const auto x = corner_rows(image, tap.image, Cin, 0);
+          const auto x = corner_rows(image, tap.image, Cin, 0, zeros.data());
           const auto bw = corner_weights(tap.image);
           DK_SIMD
           for (int64_t c = 0; c < Cq; ++c) corner_spread(u, a, c, corner_read(x, bw, c));
@@ -110,6 +112,7 @@ void columns_backward_params(const DKTensors<scalar_t>& t, int64_t r0, int64_t r
   const int64_t Cin = g.in_channels, Cq = Cin / g.groups, depth = g.scope_cells() * Cq;
   const int64_t plane = g.out_height * g.out_width;
   at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
+    const std::vector<scalar_t> zeros(Cq, scalar_t(0));  // read for corners outside
     TapSample<acc_t> tap;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / plane, pos = r % plane;
@@ -118,12 +121,12 @@ void columns_backward_params(const DKTensors<scalar_t>& t, int64_t r0, int64_t r
       for_each_tap<scalar_t, kOffset>(t, b, pos, group, tap, [&](int64_t k)
                                                                   DK_ALWAYS_INLINE_LAMBDA {
         const BilinearCorners<acc_t>& s = tap.scope;
-        const auto gr = corner_rows(gc, s, Cq, 0);
+        const auto gr = corner_rows(gc, s, Cq, 0, zeros.data());
         const auto a = corner_weights(s);
         std::array<acc_t, 4> d{};  // sum_c grad_cols[s_j, c] * value[c]
         if (kOffset) {
           const BilinearCorners<acc_t>& m = tap.image;
-          const auto x = corner_rows(image, m, Cin, 0);
+          const auto x = corner_rows(image, m, Cin, 0, zeros.data());
           const auto bw = corner_weights(m);
           std::array<acc_t, 4> e{};  // sum_c grad_value[c] * x[image corner j, c]
           for (int64_t c = 0; c < Cq; ++c) {
@@ -131,8 +134,8 @@ void columns_backward_params(const DKTensors<scalar_t>& t, int64_t r0, int64_t r
             corner_accumulate(e, x, c, corner_read(gr, a, c));
           }
           acc_t* goff = grad_offset + (b * g.taps() * 2 + k * 2) * plane + pos;
-          goff[0] += corner_dot(m.dweight_dy, e);
-          goff[plane] += corner_dot(m.dweight_dx, e);
+          goff[0] += inside_dot(m, m.dweight_dy, e);
+          goff[plane] += inside_dot(m, m.dweight_dx, e);
         } else {
           const scalar_t* x = image + tap.pixel * Cin;
           for (int64_t c = 0; c < Cq; ++c) corner_accumulate(d, gr, c, acc_t(x[c]));
@@ -140,8 +143,8 @@ void columns_backward_params(const DKTensors<scalar_t>& t, int64_t r0, int64_t r
         acc_t* grot = grad_rotation +
                       (b * g.rotation_groups * g.taps() * 2 + (group * g.taps() + k) * 2) * plane +
                       pos;
-        grot[0] += corner_dot(s.dweight_dy, d);
-        grot[plane] += corner_dot(s.dweight_dx, d);
+        grot[0] += inside_dot(s, s.dweight_dy, d);
+        grot[plane] += inside_dot(s, s.dweight_dx, d);
       });
     }
   });
@@ -161,6 +164,8 @@ void columns_backward_input(const DKTensors<scalar_t>& t, int64_t r0, int64_t r1
                                                   (2 * at::get_num_threads()));
   const int64_t blocks = (Cq + block - 1) / block;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const std::vector<scalar_t> zeros(Cq, scalar_t(0));  // read for scope corners outside
+    std::vector<acc_t> scratch(Cq);                      // written for image corners outside
     TapSample<acc_t> tap;
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c0 = blk * block, c1 = std::min(Cq, c0 + block);
@@ -170,10 +175,10 @@ void columns_backward_input(const DKTensors<scalar_t>& t, int64_t r0, int64_t r1
         const scalar_t* gc = grad_cols + (r - r0) * depth;
         for_each_tap<scalar_t, kOffset>(t, b, r % plane, group, tap, [&](int64_t)
                                                                         DK_ALWAYS_INLINE_LAMBDA {
-          const auto gr = corner_rows(gc, tap.scope, Cq, 0);
+          const auto gr = corner_rows(gc, tap.scope, Cq, 0, zeros.data());
           const auto a = corner_weights(tap.scope);
           if (kOffset) {
-            const auto x = corner_rows(image_grad, tap.image, Cin, 0);
+            const auto x = corner_rows(image_grad, tap.image, Cin, 0, scratch.data());
             const auto bw = corner_weights(tap.image);
             for (int64_t c = c0; c < c1; ++c) corner_spread(x, bw, c, corner_read(gr, a, c));
           } else {

@@ -32,13 +32,20 @@ struct DKTensors {
 };
 
 // The row kernels read the depthwise scope transposed and inside a ring of zero cells,
-// [(Sh+2)*(Sw+2), C]: scope cell (y, x) is padded cell (y+1, x+1). The four corners of a sample
-// that reads anything (-1 < y < Sh, -1 < x < Sw) are then always cells at fixed distances from
-// the first, and a corner outside the scope reads zero without a test.
+// [(Sh+3)*(Sw+2), C] (padded_scope_cells): scope cell (y, x) is padded cell (y+1, x+1). The four
+// corners of a sample that reads anything (-1 < y < Sh, -1 < x < Sw) are then always cells at
+// fixed distances from the first, and a corner outside the scope reads zero without a test. One
+// more zero row at the bottom gives a tap that reads nothing a 2 x 2 block of zero cells only
+// (padded_dead_cell): it never addresses scope cell 0 (see the rule below).
+inline int64_t padded_scope_cells(int64_t Sh, int64_t Sw) { return (Sh + 3) * (Sw + 2); }
+
+// The padded cell whose 2 x 2 block holds zeros only: (Sh+1, 0), the bottom ring row.
+inline int64_t padded_dead_cell(int64_t Sh, int64_t Sw) { return (Sh + 1) * (Sw + 2); }
+
 inline at::Tensor padded_scope(const at::Tensor& transposed, int64_t Sh, int64_t Sw) {
   const int64_t C = transposed.size(1);
-  return at::constant_pad_nd(transposed.reshape({Sh, Sw, C}), {0, 0, 1, 1, 1, 1})
-      .reshape({(Sh + 2) * (Sw + 2), C})
+  return at::constant_pad_nd(transposed.reshape({Sh, Sw, C}), {0, 0, 1, 1, 1, 2})
+      .reshape({padded_scope_cells(Sh, Sw), C})
       .contiguous();
 }
 
@@ -97,10 +104,11 @@ namespace cpu {
 // need one register for them, not four), (1-ly)(1-lx), (1-ly)lx, ly(1-lx), ly*lx, with no zeroing of
 // corners outside the scope (they read the zero ring), so their derivatives follow from them:
 // d/dy = {-(w0+w2), -(w1+w3), w0+w2, w1+w3}, d/dx = {-(w0+w1), w0+w1, -(w2+w3), w2+w3}. A tap that
-// reads nothing has all weights 0, cell 0 and pixel -1 (so it reads a row of zeros). Integer image
+// reads nothing has all weights 0, the zero block padded_dead_cell() and pixel -1 (a row of
+// zeros), so it reads zeros only, whatever scope cell 0 and pixel 0 hold. Integer image
 // taps (deform_kernel2d) fill `pixel`; bilinear image reads (deform_kernel_conv2d) fill the
 // `image_*` corners instead (weights and derivatives 0 and pixel -1 for a corner outside the
-// image). Pixels are int32: callers check H * W < 2^31 and (Sh+2) * (Sw+2) * cell_stride < 2^31.
+// image). Pixels are int32: callers check H * W < 2^31 and padded_scope_cells() * cell_stride < 2^31.
 template <typename acc_t>
 struct RowTaps {
   std::vector<int32_t> cell;
@@ -189,6 +197,7 @@ DK_ALWAYS_INLINE void sample_row_pass(const DKTensors<scalar_t>& t, int64_t b, i
   const int64_t Wo = g.out_width, plane = g.out_height * Wo, k = kh * g.kernel_w + kw;
   const int32_t Sh = static_cast<int32_t>(g.scope_h), Sw = static_cast<int32_t>(g.scope_w);
   const int32_t padded_w = Sw + 2;
+  const int32_t dead_cell = static_cast<int32_t>(padded_dead_cell(Sh, Sw)) * cell_stride;
   const int32_t height = static_cast<int32_t>(g.height), width = static_cast<int32_t>(g.width);
   const int32_t stride_w = static_cast<int32_t>(g.stride_w);
   const int64_t iy = oy * g.stride_h - g.pad_h + kh * g.dilation_h;
@@ -271,7 +280,7 @@ DK_ALWAYS_INLINE void sample_row_pass(const DKTensors<scalar_t>& t, int64_t b, i
       const acc_t ly = cy - fy, lx = cx - fx;
       const int32_t first_cell = (static_cast<int32_t>(fy) + 1) * padded_w +
                                  static_cast<int32_t>(fx) + 1;
-      cell[ox] = inside ? first_cell * cell_stride : 0;
+      cell[ox] = inside ? first_cell * cell_stride : dead_cell;
       const acc_t hy = inside ? acc_t(1) - ly : acc_t(0);
       const acc_t vy = inside ? ly : acc_t(0);
       scope_weights[4 * ox + 0] = hy * (acc_t(1) - lx);
@@ -417,13 +426,22 @@ DK_ALWAYS_INLINE TapReads<scalar_t, acc_t, kOffset> tap_reads(const RowTaps<acc_
   return r;
 }
 
+// The rule of bilinear.h for the loops over BilinearCorners: a corner outside the grid (inside
+// false) is never addressed, not even with weight 0, since 0 * inf is NaN. Its row in a table is
+// replaced by `outside`, a row of C zeros for a read (it adds w * 0 = 0) or a scratch row for a
+// write (what lands there is dropped): one select per corner and tap, none in the channel loops.
+// The chain rule through the corner weights (inside_dot) leaves such corners out likewise.
+//
 // The rows of the four bilinear corners `s` in a [cells, C] table (the transposed weight or its
-// gradient, an image or its gradient), at channel c0.
+// gradient, an image or its gradient, scope-space columns), at channel c0.
 template <typename T, typename acc_t>
 DK_ALWAYS_INLINE std::array<T*, 4> corner_rows(T* table, const BilinearCorners<acc_t>& s,
-                                               int64_t C, int64_t c0) {
-  return {table + s.index[0] * C + c0, table + s.index[1] * C + c0, table + s.index[2] * C + c0,
-          table + s.index[3] * C + c0};
+                                               int64_t C, int64_t c0, T* outside) {
+  // One initialiser, no loop: GCC keeps the four pointers in registers (see for_corners).
+  const auto row = [&](int j) DK_ALWAYS_INLINE_LAMBDA {
+    return (s.inside[j] ? table + s.index[j] * C : outside) + c0;
+  };
+  return {row(0), row(1), row(2), row(3)};
 }
 
 // The four bilinear weights of `s` as a local value: the channel loops below keep them in
@@ -473,6 +491,21 @@ DK_ALWAYS_INLINE acc_t corner_dot(const acc_t (&coefficient)[4], acc_t v0, acc_t
 template <typename acc_t>
 DK_ALWAYS_INLINE acc_t corner_dot(const acc_t (&coefficient)[4], const std::array<acc_t, 4>& v) {
   return corner_dot(coefficient, v[0], v[1], v[2], v[3]);
+}
+
+// corner_dot over the corners inside the grid: a corner outside has coefficient 0, but its sum v_j
+// may be NaN (a zeros row times an infinite gradient), so it is selected away, not multiplied.
+template <typename acc_t>
+DK_ALWAYS_INLINE acc_t inside_dot(const BilinearCorners<acc_t>& s, const acc_t (&coefficient)[4],
+                                  acc_t v0, acc_t v1, acc_t v2, acc_t v3) {
+  return corner_dot(coefficient, s.inside[0] ? v0 : acc_t(0), s.inside[1] ? v1 : acc_t(0),
+                    s.inside[2] ? v2 : acc_t(0), s.inside[3] ? v3 : acc_t(0));
+}
+
+template <typename acc_t>
+DK_ALWAYS_INLINE acc_t inside_dot(const BilinearCorners<acc_t>& s, const acc_t (&coefficient)[4],
+                                  const std::array<acc_t, 4>& v) {
+  return inside_dot(s, coefficient, v[0], v[1], v[2], v[3]);
 }
 
 }  // namespace cpu
