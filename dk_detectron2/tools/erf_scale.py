@@ -256,6 +256,13 @@ def _seed_of(path: str) -> Optional[int]:
     return int(name[5:]) if name.startswith("seed_") and name[5:].isdigit() else None
 
 
+def _columns(erf: Dict[str, List[Dict]]) -> Dict[str, Dict[str, list]]:
+    """level -> per-image records  =>  level -> field -> per-image values (rounded): compact."""
+    return {level: {key: [round(r[key], 3) if isinstance(r[key], float) else r[key]
+                          for r in records] for key in records[0]}
+            for level, records in erf.items() if records}
+
+
 def main(argv=None) -> Dict:
     from . import erf_scale_stats as stats
 
@@ -282,8 +289,11 @@ def main(argv=None) -> Dict:
     report.update(command="python -m dk_detectron2.tools.erf_scale " + shlex.join(argv),
                   headline={"level": args.headline_level, "metric": args.metric},
                   num_images=args.num_images)
+    report["images"] = runs[0]["images"] if all(
+        r["images"] == runs[0]["images"] for r in runs) else None  # else per run
     report["runs"] = [{"label": r["label"], "seed": r["seed"], "dir": r["dir"], "info": r["info"],
-                       "images": r["images"], "erf": r["erf"]} for r in runs]
+                       **({} if report["images"] is not None else {"images": r["images"]}),
+                       "erf": _columns(r["erf"])} for r in runs]
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)

@@ -207,7 +207,19 @@ def format_markdown(report: Dict, headline_only: bool = False) -> str:
                                       "metric": next(iter(report["fits"])).split("/")[1]}
     key = f"{head['level']}/{head['metric']}"
     base = report["baseline"]
-    lines = [f"### ERF size ({head['metric']}) of the {head['level']} unit at the object's "
+    lines = [] if headline_only else [
+        "## Do effective receptive fields adapt to the object? (dk_shapes_cls)", "",
+        f"Made by `{report.get('command', '?')}`.", "",
+        f"For each run, {report.get('num_images', '?')} validation images balanced over object "
+        "size; per image the ERF (|d unit / d pixel|, summed over the unit's channels and the "
+        "colours) of the unit whose cell holds the object's box centre. ERF sizes in pixels: "
+        "`size10` / `size01` = sqrt of the area above 10 % / 1 % of the ERF's maximum, `spread` = "
+        "the ERF-weighted RMS distance to its centre of mass; object size = the box's largest "
+        "extent in pixels. Slope and Pearson r of the least-squares line ERF size ~ object size; "
+        f"95 % percentile bootstrap CIs ({report.get('num_bootstrap')} resamples) over images per "
+        "run, over seeds then images for a config's mean and the paired difference (images "
+        "resampled jointly: every model saw the same images).", ""]
+    lines += [f"### ERF size ({head['metric']}) of the {head['level']} unit at the object's "
              "centre against object size (pixels)", "",
              "| config | seed | top-1 | slope [95 % CI] | r [95 % CI] | mean ERF size (px) |",
              "|---|---|---|---|---|---|"]
@@ -269,8 +281,9 @@ def plot(report: Dict, path: str) -> None:
         xs, ys = [], []
         for run in report["runs"]:
             if run["label"] == label:
-                xs += [g["object_size_px"] for g in run["images"]]
-                ys += [e[metric] for e in run["erf"][level]]
+                images = run.get("images") or report["images"]
+                xs += [g["object_size_px"] for g in images]
+                ys += list(run["erf"][level][metric])
         xs, ys = np.array(xs), np.array(ys)
         axes[0].scatter(xs, ys, s=5, alpha=0.25, color=colors[label])
         fit = fit_line(xs, ys)
