@@ -128,8 +128,30 @@ def test_regression_and_bootstrap_recover_a_known_slope():
     paired = report["paired"]["res5/size10"]["dk"]
     assert paired["slope_diff"]["mean"] == pytest.approx(0.3, abs=0.02)
     assert paired["slope_diff"]["ci"][0] > 0.25 and len(paired["slope_diff"]["values"]) == 3
+    assert "res5/size10@pos" not in report["configs"]  # no object centres: no position control
     with pytest.raises(ValueError, match="baseline"):
         analyse(runs, ["res5"], ["size10"], baseline="nope")
+
+
+def test_position_control_removes_a_relation_that_position_makes():
+    """ERF size set by the object's distance from the image centre alone, object size correlated
+    with that distance: a raw slope, none once position is partialled out."""
+    rng = np.random.default_rng(1)
+    distance = rng.uniform(0, 20, 200)
+    size = 60 - 2 * distance + rng.normal(0, 3, 200)
+    angle = rng.uniform(0, 2 * np.pi, 200)
+    images = [{"index": i, "object_size_px": float(s),
+               "center_xy": [32 + d * np.cos(a), 32 + d * np.sin(a)]}
+              for i, (s, d, a) in enumerate(zip(size, distance, angle))]
+    erf = 10 + 0.5 * distance + rng.normal(0, 0.5, 200)
+    runs = [{"label": "rigid", "seed": 0, "images": images, "info": {"img_size": 64},
+             "erf": {"res5": [{"size10": float(v)} for v in erf]}}]
+    report = analyse(runs, ["res5"], ["size10"], baseline="rigid", num_bootstrap=200)
+    raw, = report["fits"]["res5/size10"]
+    controlled, = report["fits"]["res5/size10@pos"]
+    assert raw["slope"] < -0.15 and raw["slope_ci"][1] < 0
+    assert abs(controlled["slope"]) < 0.05 and controlled["slope_ci"][0] > raw["slope_ci"][1]
+    assert abs(controlled["r"]) < 0.2 < abs(raw["r"])
 
 
 def _fake_run(folder, model_name, data_dir, seed=0):
@@ -167,8 +189,8 @@ def test_command_line_on_tiny_runs(data_dir, tmp_path):
     with open(out / "r.json") as f:
         saved = json.load(f)
     assert saved["command"].startswith("python -m dk_detectron2.tools.erf_scale --study")
-    assert set(saved["fits"]) == {f"{lvl}/{m}" for lvl in ("res4", "res5")
-                                  for m in ("size10", "size01", "spread")}
+    assert set(saved["fits"]) == {f"{lvl}/{m}{c}" for lvl in ("res4", "res5")
+                                  for m in ("size10", "size01", "spread") for c in ("", "@pos")}
     run = saved["runs"][0]
     assert len(saved["images"]) == 12 and "images" not in run  # the same images for every run
     assert len(run["erf"]["res5"]["size10"]) == 12 and run["erf"]["res5"]["map"][0] == [1, 1]
@@ -178,6 +200,7 @@ def test_command_line_on_tiny_runs(data_dir, tmp_path):
     text = (out / "r.md").read_text()
     assert "paired Δslope vs rigid" in text and "| dk | 1 |" in text
     assert "Mean ERF size (px) by object size" in text and "small (< 0.25)" in text
+    assert "partialled out" in text and "res5/size10@pos" in saved["paired"]
     bins = saved["configs"]["res5/size10"]["rigid"]["mean_size_by_bin"]
     assert sum(b["n"] for b in bins.values()) == 24  # 12 images x 2 seeds
     assert (out / "r.png").stat().st_size > 10_000

@@ -8,7 +8,8 @@ validation images balanced over object sizes (:func:`select_images`), probes the
 generator: :func:`~dk_detectron2.classification.shapes_data.object_geometry`), measures its ERF
 (:mod:`.erf_measure`) and relates the ERF's linear size to the object's size
 (:mod:`.erf_scale_stats`: least-squares slope and Pearson r with bootstrap CIs over images, the
-mean over seeds, the paired difference to a baseline config). Deformable Kernels' claim is a
+mean over seeds, the paired difference to a baseline config, each also with the object's position
+partialled out; :mod:`.erf_scale_report`: the tables and the figure). Deformable Kernels' claim is a
 steeper, tighter relation than the rigid model's.
 
 ERF sizes (pixels): ``size10`` / ``size01`` = sqrt of the area above 10 % / 1 % of the ERF's
@@ -264,6 +265,7 @@ def _columns(erf: Dict[str, List[Dict]]) -> Dict[str, Dict[str, list]]:
 
 
 def main(argv=None) -> Dict:
+    from . import erf_scale_report as report_out
     from . import erf_scale_stats as stats
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -299,10 +301,10 @@ def main(argv=None) -> Dict:
         json.dump(report, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(stats.format_markdown(report))
+            f.write(report_out.format_markdown(report))
     if args.plot:
-        stats.plot(report, args.plot)
-    print(stats.format_markdown(report, headline_only=True))
+        report_out.plot(report, args.plot)
+    print(report_out.format_markdown(report, headline_only=True))
     return report
 
 

@@ -7,13 +7,14 @@
   s.e., and a CI from a two-level bootstrap: seeds, then images within each); the paired
   difference of each config to the baseline over shared seeds (per seed, mean ± std, s.e., the
   two-level bootstrap CI, images resampled jointly since both models saw the same images);
-* :func:`format_markdown`, :func:`plot`.
+
+:mod:`.erf_scale_report` writes the tables and the figure.
 """
 from typing import Dict, List, Sequence
 
 import numpy as np
 
-__all__ = ["select_images", "fit_line", "bootstrap_fit", "analyse", "format_markdown", "plot"]
+__all__ = ["select_images", "fit_line", "bootstrap_fit", "analyse", "SIZE_BINS"]
 
 
 def select_images(sizes: Sequence[float], num_images: int, num_bins: int = 8) -> List[int]:
@@ -129,10 +130,20 @@ def _by_bin(groups, side: float) -> Dict:
     return out
 
 
+def _residual(v: np.ndarray, covariate: np.ndarray) -> np.ndarray:
+    """``v`` less its least-squares line on ``covariate``, plus its mean (Frisch-Waugh: the
+    slope and r of two such residuals are the partial slope and correlation)."""
+    slope, intercept, _ = _fits(covariate, v)
+    return v - (slope[0] * covariate + intercept[0]) + v.mean()
+
+
 def analyse(runs: Sequence[Dict], levels: Sequence[str], metrics: Sequence[str], baseline: str,
             num_bootstrap: int = 1000, seed: int = 0) -> Dict:
-    """Fits and summaries of measured runs (``{"label", "seed", "images": [{"object_size_px"}],
-    "erf": level -> [{metric: value}]}``, as :func:`~.erf_scale.measure_run` plus label/seed)."""
+    """Fits and summaries of measured runs (``{"label", "seed", "images": [{"object_size_px",
+    "center_xy"}], "erf": level -> [{metric: value}]}``, :func:`~.erf_scale.measure_run` plus
+    label and seed), keyed ``level/metric``; where the images give ``center_xy`` also
+    ``level/metric@pos``: the same with the object's distance from the image centre partialled
+    out of both sizes (large objects sit near the centre, so position could fake a relation)."""
     labels = list(dict.fromkeys(r["label"] for r in runs))
     if baseline not in labels:
         raise ValueError(f"baseline {baseline!r} is not among the runs' configs {labels}")
@@ -140,169 +151,54 @@ def analyse(runs: Sequence[Dict], levels: Sequence[str], metrics: Sequence[str],
     out = {"baseline": baseline, "configs_order": labels, "num_bootstrap": num_bootstrap,
            "image_size": side,
            "fits": {}, "configs": {}, "paired": {}}
-    for level in levels:
-        for metric in metrics:
-            key = f"{level}/{metric}"
-            data = {}
-            fits = []
-            for run in runs:
-                x = np.array([g["object_size_px"] for g in run["images"]])
-                y = np.array([e[metric] for e in run["erf"][level]])
-                data[(run["label"], run["seed"])] = (x, y, [g["index"] for g in run["images"]])
-                fit = bootstrap_fit(x, y, num_bootstrap, seed)
-                top1 = (run.get("info") or {}).get("top1")
-                fits.append({"label": run["label"], "seed": run["seed"], "top1": top1, **fit})
-            out["fits"][key] = fits
-            out["configs"][key] = {}
-            for label in labels:
-                mine = [f for f in fits if f["label"] == label]
-                groups = [data[(label, f["seed"])][:2] for f in mine]
-                s_boot, r_boot = _two_level(groups, num_bootstrap, seed)
-                out["configs"][key][label] = {
-                    "seeds": [f["seed"] for f in mine],
-                    "slope": {**_summary([f["slope"] for f in mine]), "ci": _ci(s_boot)},
-                    "r": {**_summary([f["r"] for f in mine]), "ci": _ci(r_boot)},
-                    "mean_size": _summary([f["mean_y"] for f in mine]),
-                    "mean_size_by_bin": _by_bin([data[(label, f["seed"])][:2] for f in mine], side)}
-            out["paired"][key] = {}
-            for label in labels:
-                if label == baseline:
-                    continue
-                seeds = sorted(s for (lab, s) in data if lab == label and (baseline, s) in data)
-                groups = []
-                for s in seeds:
-                    x, y, idx = data[(label, s)]
-                    x_ref, y_ref, idx_ref = data[(baseline, s)]
-                    if idx != idx_ref:
-                        raise ValueError(f"{label} and {baseline} seed {s} saw other images")
-                    groups.append((x, y, y_ref))
-                if not groups:
-                    continue
-                per = {(f["label"], f["seed"]): f for f in fits}
-                ds = [per[(label, s)]["slope"] - per[(baseline, s)]["slope"] for s in seeds]
-                dr = [per[(label, s)]["r"] - per[(baseline, s)]["r"] for s in seeds]
-                s_boot, r_boot = _two_level(groups, num_bootstrap, seed)
-                out["paired"][key][label] = {
-                    "seeds": seeds, "slope_diff": {**_summary(ds), "ci": _ci(s_boot)},
-                    "r_diff": {**_summary(dr), "ci": _ci(r_boot)}}
+    controls = [""] + (["@pos"] if all("center_xy" in g for r in runs for g in r["images"])
+                       else [])
+    for level, metric, control in ((lv, m, c) for lv in levels for m in metrics for c in controls):
+        key = f"{level}/{metric}{control}"
+        data = {}
+        fits = []
+        for run in runs:
+            x = np.array([g["object_size_px"] for g in run["images"]])
+            y = np.array([e[metric] for e in run["erf"][level]])
+            if control:  # partial out the object's distance from the image centre
+                d = np.array([np.hypot(*(np.asarray(g["center_xy"]) - side / 2))
+                              for g in run["images"]])
+                x, y = _residual(x, d), _residual(y, d)
+            data[(run["label"], run["seed"])] = (x, y, [g["index"] for g in run["images"]])
+            fit = bootstrap_fit(x, y, num_bootstrap, seed)
+            top1 = (run.get("info") or {}).get("top1")
+            fits.append({"label": run["label"], "seed": run["seed"], "top1": top1, **fit})
+        out["fits"][key] = fits
+        out["configs"][key] = {}
+        for label in labels:
+            mine = [f for f in fits if f["label"] == label]
+            groups = [data[(label, f["seed"])][:2] for f in mine]
+            s_boot, r_boot = _two_level(groups, num_bootstrap, seed)
+            out["configs"][key][label] = {
+                "seeds": [f["seed"] for f in mine],
+                "slope": {**_summary([f["slope"] for f in mine]), "ci": _ci(s_boot)},
+                "r": {**_summary([f["r"] for f in mine]), "ci": _ci(r_boot)},
+                "mean_size": _summary([f["mean_y"] for f in mine]),
+                "mean_size_by_bin": None if control else _by_bin(groups, side)}
+        out["paired"][key] = {}
+        for label in labels:
+            if label == baseline:
+                continue
+            seeds = sorted(s for (lab, s) in data if lab == label and (baseline, s) in data)
+            groups = []
+            for s in seeds:
+                x, y, idx = data[(label, s)]
+                x_ref, y_ref, idx_ref = data[(baseline, s)]
+                if idx != idx_ref:
+                    raise ValueError(f"{label} and {baseline} seed {s} saw other images")
+                groups.append((x, y, y_ref))
+            if not groups:
+                continue
+            per = {(f["label"], f["seed"]): f for f in fits}
+            ds = [per[(label, s)]["slope"] - per[(baseline, s)]["slope"] for s in seeds]
+            dr = [per[(label, s)]["r"] - per[(baseline, s)]["r"] for s in seeds]
+            s_boot, r_boot = _two_level(groups, num_bootstrap, seed)
+            out["paired"][key][label] = {
+                "seeds": seeds, "slope_diff": {**_summary(ds), "ci": _ci(s_boot)},
+                "r_diff": {**_summary(dr), "ci": _ci(r_boot)}}
     return out
-
-
-def _pm(stats: Dict, digits: int = 3, signed: bool = False) -> str:
-    sign = "+" if signed else ""
-    text = f"{stats['mean']:{sign}.{digits}f}"
-    if stats.get("std") is not None:
-        text += f" ± {stats['std']:.{digits}f} (s.e. {stats['se']:.{digits}f})"
-    return text
-
-
-def _ci_text(ci, digits: int = 3) -> str:
-    return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
-
-
-def format_markdown(report: Dict, headline_only: bool = False) -> str:
-    """The report's tables: the headline level and metric in full (per run, per config, paired),
-    then the other levels and metrics per config and paired."""
-    head = report.get("headline") or {"level": next(iter(report["fits"])).split("/")[0],
-                                      "metric": next(iter(report["fits"])).split("/")[1]}
-    key = f"{head['level']}/{head['metric']}"
-    base = report["baseline"]
-    lines = [] if headline_only else [
-        "## Do effective receptive fields adapt to the object? (dk_shapes_cls)", "",
-        f"Made by `{report.get('command', '?')}`.", "",
-        f"For each run, {report.get('num_images', '?')} validation images balanced over object "
-        "size; per image the ERF (|d unit / d pixel|, summed over the unit's channels and the "
-        "colours) of the unit whose cell holds the object's box centre. ERF sizes in pixels: "
-        "`size10` / `size01` = sqrt of the area above 10 % / 1 % of the ERF's maximum, `spread` = "
-        "the ERF-weighted RMS distance to its centre of mass; object size = the box's largest "
-        "extent in pixels. Slope and Pearson r of the least-squares line ERF size ~ object size; "
-        f"95 % percentile bootstrap CIs ({report.get('num_bootstrap')} resamples) over images per "
-        "run, over seeds then images for a config's mean and the paired difference (images "
-        "resampled jointly: every model saw the same images).", ""]
-    lines += [f"### ERF size ({head['metric']}) of the {head['level']} unit at the object's "
-             "centre against object size (pixels)", "",
-             "| config | seed | top-1 | slope [95 % CI] | r [95 % CI] | mean ERF size (px) |",
-             "|---|---|---|---|---|---|"]
-    for f in report["fits"][key]:
-        top1 = f"{f['top1']:.1f}" if f.get("top1") is not None else "—"
-        lines.append(f"| {f['label']} | {f['seed']} | {top1} | {f['slope']:.3f} "
-                     f"{_ci_text(f['slope_ci'])} | {f['r']:.3f} {_ci_text(f['r_ci'])} | "
-                     f"{f['mean_y']:.1f} |")
-    lines += ["", "| config | seeds | slope, mean ± std (s.e.) [95 % CI, seeds × images] | "
-              "r, mean ± std (s.e.) [95 % CI] | paired Δslope vs " + base + " [CI] | "
-              "paired Δr vs " + base + " [CI] |", "|---|---|---|---|---|---|"]
-    for label, c in report["configs"][key].items():
-        p = report["paired"][key].get(label)
-        ds = f"{_pm(p['slope_diff'], signed=True)} {_ci_text(p['slope_diff']['ci'])}" if p else ""
-        dr = f"{_pm(p['r_diff'], signed=True)} {_ci_text(p['r_diff']['ci'])}" if p else ""
-        lines.append(f"| {label} | {len(c['seeds'])} | {_pm(c['slope'])} "
-                     f"{_ci_text(c['slope']['ci'])} | {_pm(c['r'])} {_ci_text(c['r']['ci'])} | "
-                     f"{ds} | {dr} |")
-    lines += ["", "Mean ERF size (px) by object size (largest extent as a fraction of the "
-              f"{report.get('image_size', 64):g} px image; all seeds' images):",
-              "", "| config | " + " | ".join(f"{n} (< {hi:g})" if hi != float("inf") else
-                                              f"{n} (>= {lo:g})" for n, lo, hi in SIZE_BINS)
-              + " |", "|---" * (len(SIZE_BINS) + 1) + "|"]
-    for label, c in report["configs"][key].items():
-        cells = [f"{b['mean']:.1f} (n={b['n']})" if b["mean"] is not None else "—"
-                 for b in c["mean_size_by_bin"].values()]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    if headline_only:
-        return "\n".join(lines) + "\n"
-    lines += ["", "### Every level and ERF-size metric (mean over seeds; paired Δ vs "
-              f"{base})", "", "| level / metric | config | slope | r | mean size (px) | "
-              "Δslope [CI] | Δr [CI] |", "|---|---|---|---|---|---|---|"]
-    for k in report["configs"]:
-        for label, c in report["configs"][k].items():
-            p = report["paired"][k].get(label)
-            lines.append(
-                f"| {k} | {label} | {_pm(c['slope'])} | {_pm(c['r'])} | "
-                f"{c['mean_size']['mean']:.1f} | "
-                + (f"{p['slope_diff']['mean']:+.3f} {_ci_text(p['slope_diff']['ci'])} | "
-                   f"{p['r_diff']['mean']:+.3f} {_ci_text(p['r_diff']['ci'])} |" if p else " | |"))
-    return "\n".join(lines) + "\n"
-
-
-def plot(report: Dict, path: str) -> None:
-    """Three panels at the headline level and metric: ERF size against object size (every run's
-    images, one colour per config, its line fitted to all its seeds' points), then slope and r
-    with their 95 % CIs per config and seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    level, metric = report["headline"]["level"], report["headline"]["metric"]
-    key = f"{level}/{metric}"
-    labels = report["configs_order"]
-    colors = {label: f"C{i}" for i, label in enumerate(labels)}
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    for label in labels:
-        xs, ys = [], []
-        for run in report["runs"]:
-            if run["label"] == label:
-                images = run.get("images") or report["images"]
-                xs += [g["object_size_px"] for g in images]
-                ys += list(run["erf"][level][metric])
-        xs, ys = np.array(xs), np.array(ys)
-        axes[0].scatter(xs, ys, s=5, alpha=0.25, color=colors[label])
-        fit = fit_line(xs, ys)
-        grid = np.linspace(xs.min(), xs.max(), 2)
-        axes[0].plot(grid, fit["slope"] * grid + fit["intercept"], color=colors[label], lw=2,
-                     label=f"{label}: slope {fit['slope']:.3f}, r {fit['r']:.2f}")
-    axes[0].set(xlabel="object size (px, largest extent)", ylabel=f"ERF size {metric} (px)",
-                title=f"{level} unit at the object's centre")
-    axes[0].legend(fontsize=8)
-    for ax, name in ((axes[1], "slope"), (axes[2], "r")):
-        ticks = []
-        for i, f in enumerate(report["fits"][key]):
-            lo, hi = f[f"{name}_ci"]
-            ax.errorbar([i], [f[name]], yerr=[[f[name] - lo], [hi - f[name]]], fmt="o",
-                        color=colors[f["label"]], capsize=3)
-            ticks.append(f"{f['label']}\ns{f['seed']}")
-        ax.set_xticks(range(len(ticks)), ticks, fontsize=7)
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.set(ylabel=name, title=f"{name} ± 95 % bootstrap CI (images), per run")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
