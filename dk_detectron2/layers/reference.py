@@ -9,6 +9,12 @@ The bilinear rule (shared with ``csrc/bilinear.h``): a point with ``y <= -1``, `
 ``x <= -1`` or ``x >= width`` (or a non-finite coordinate) reads zero; otherwise the four corners
 ``floor(y) + {0, 1}`` x ``floor(x) + {0, 1}`` contribute their bilinear weights, and corners
 outside the grid contribute zero.
+
+Non-finite values follow the same rule as the kernels: a tap whose image point or scope point
+reads nothing is skipped, and a corner outside the grid is never read. Both are masked with
+``torch.where``, never multiplied by a weight 0 (0 * inf is NaN), so an inf or NaN at pixel
+(0, 0), in scope cell 0 or in the output gradient reaches only the outputs and gradients of the
+taps that really read it.
 """
 from typing import Iterator, Optional, Tuple
 
@@ -24,16 +30,21 @@ __all__ = [
 ]
 
 
-def bilinear_corners(
-    y: torch.Tensor, x: torch.Tensor, height: int, width: int
-) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """Yields ``(flat_index, weight)`` for the four corners of each point ``(y, x)``.
+def reads_anything(y: torch.Tensor, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Whether each point ``(y, x)`` reads anything (False for a non-finite coordinate)."""
+    return (y > -1) & (y < height) & (x > -1) & (x < width)
 
-    ``flat_index = cy * width + cx`` (0 for a corner outside the grid) and ``weight`` is the
-    differentiable bilinear weight (0 for a corner outside the grid, or for a point that reads
-    zero). Shapes of ``y`` and ``x`` are kept.
+
+def inside_corners(
+    y: torch.Tensor, x: torch.Tensor, height: int, width: int
+) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yields ``(flat_index, weight, inside)`` for the four corners of each point ``(y, x)``.
+
+    ``inside`` tells whether the corner is a cell of the grid (and the point reads anything);
+    where it is False, ``flat_index`` is 0 and ``weight`` 0 (selected, so no gradient flows
+    through it). Read a corner with :func:`_masked`, never as ``value * weight`` alone.
     """
-    inside = (y > -1) & (y < height) & (x > -1) & (x < width)
+    inside = reads_anything(y, x, height, width)
     y = torch.where(inside, y, torch.zeros_like(y))
     x = torch.where(inside, x, torch.zeros_like(x))
     y0 = torch.floor(y).detach()
@@ -44,7 +55,27 @@ def bilinear_corners(
         cy, cx = y0 + dy, x0 + dx
         valid = inside & (cy >= 0) & (cy < height) & (cx >= 0) & (cx < width)
         index = torch.where(valid, cy * width + cx, torch.zeros_like(cy)).long()
-        yield index, weight * valid.to(weight.dtype)
+        yield index, torch.where(valid, weight, torch.zeros_like(weight)), valid
+
+
+def bilinear_corners(
+    y: torch.Tensor, x: torch.Tensor, height: int, width: int
+) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Yields ``(flat_index, weight)`` for the four corners of each point ``(y, x)``.
+
+    ``flat_index = cy * width + cx`` (0 for a corner outside the grid) and ``weight`` is the
+    differentiable bilinear weight (0 for a corner outside the grid, or for a point that reads
+    zero). Shapes of ``y`` and ``x`` are kept. Exact for finite values; see
+    :func:`inside_corners` for the mask that keeps a non-finite cell 0 out.
+    """
+    for index, weight, _ in inside_corners(y, x, height, width):
+        yield index, weight
+
+
+def _masked(value: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``value`` where ``keep``, else 0: selected, not multiplied, so neither the result nor
+    autograd's chain rule meets 0 * inf."""
+    return torch.where(keep, value, torch.zeros_like(value))
 
 
 def deform_kernel_conv2d_reference(
@@ -97,32 +128,43 @@ def deform_kernel_conv2d_reference(
     for kh in range(kh_):
         for kw in range(kw_):
             tap = kh * kw_ + kw
-            # Image-space read of this tap: [B, C_in, P].
             iy = (base_y + kh * dh).expand(out_h, out_w).reshape(1, positions)
             ix = (base_x + kw * dw).expand(out_h, out_w).reshape(1, positions)
             if offset is not None:
                 iy = iy + offset[:, 2 * tap].reshape(batch, positions)
                 ix = ix + offset[:, 2 * tap + 1].reshape(batch, positions)
             iy, ix = iy.expand(batch, positions), ix.expand(batch, positions)
-            value = input.new_zeros(batch, in_channels, positions)
-            # An empty image (H or W = 0) has nothing to gather: every tap reads zero.
-            corners = bilinear_corners(iy, ix, height, width) if height * width else ()
-            for index, w in corners:
-                gathered = flat_input.gather(2, index.unsqueeze(1).expand(-1, in_channels, -1))
-                value = value + gathered * w.unsqueeze(1)
+            if offset is None:  # an integer tap reads one pixel, or nothing outside the image
+                reads_image = (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
+                index = torch.where(reads_image, iy * width + ix, torch.zeros_like(iy)).long()
+                corners = [(index, None, reads_image)]
+            else:
+                reads_image = reads_anything(iy, ix, height, width)  # [B, P]
+                corners = list(inside_corners(iy, ix, height, width))
             # Kernel-space read of this tap for every output channel: [B, C_out, C_in/groups, P].
             ry = rot[:, :, tap, 0] + kh + scope_base(kh_, scope_h)  # [B, G, P]
             rx = rot[:, :, tap, 1] + kw + scope_base(kw_, scope_w)
             ry = ry.repeat_interleave(out_channels // G, dim=1)  # [B, C_out, P]
             rx = rx.repeat_interleave(out_channels // G, dim=1)
+            # The tap counts for output channel o only if it reads both the image and the scope.
+            reads = (reads_anything(ry, rx, scope_h, scope_w) & reads_image.unsqueeze(1))
+            reads = reads.unsqueeze(2)  # [B, C_out, 1, P]
             kernel = input.new_zeros(batch, out_channels, channels_per_group, positions)
-            for index, w in bilinear_corners(ry, rx, scope_h, scope_w):
+            for index, w, inside in inside_corners(ry, rx, scope_h, scope_w):
                 index = index.unsqueeze(2).expand(-1, -1, channels_per_group, -1)
-                kernel = kernel + flat_weight.gather(3, index) * w.unsqueeze(2)
-            # Each output channel reads the input channels of its convolution group.
-            grouped = value.reshape(batch, groups, channels_per_group, positions)
-            grouped = grouped.repeat_interleave(out_channels // groups, dim=1)
-            out = out + (grouped * kernel).sum(dim=2)
+                read = _masked(flat_weight.gather(3, index), inside.unsqueeze(2) & reads)
+                kernel = kernel + read * w.unsqueeze(2)
+            # Image-space read, per output channel (each reads the input channels of its
+            # convolution group), masked where that channel skips the tap.
+            value = input.new_zeros(batch, out_channels, channels_per_group, positions)
+            # An empty image (H or W = 0) has nothing to gather: every tap reads zero.
+            for index, w, inside in corners if height * width else ():
+                gathered = flat_input.gather(2, index.unsqueeze(1).expand(-1, in_channels, -1))
+                gathered = gathered.reshape(batch, groups, channels_per_group, positions)
+                gathered = gathered.repeat_interleave(out_channels // groups, dim=1)
+                read = _masked(gathered, inside.view(batch, 1, 1, positions) & reads)
+                value = value + (read if w is None else read * w.view(batch, 1, 1, positions))
+            out = out + _masked(value * kernel, reads).sum(dim=2)
     return out.reshape(batch, out_channels, out_h, out_w)
 
 
@@ -140,6 +182,6 @@ def nd_linear_sample_reference(input: torch.Tensor, coord: torch.Tensor) -> torc
     channels, height, width = input.shape
     flat = input.reshape(channels, height * width)
     out = input.new_zeros(coord.shape[0], channels)
-    for index, w in bilinear_corners(coord[:, 0], coord[:, 1], height, width):
-        out = out + flat[:, index].t() * w.unsqueeze(1)
+    for index, w, inside in inside_corners(coord[:, 0], coord[:, 1], height, width):
+        out = out + _masked(flat[:, index].t(), inside.unsqueeze(1)) * w.unsqueeze(1)
     return out
