@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import re
 import shlex
 import sys
 import time
@@ -265,21 +264,6 @@ def _columns(erf: Dict[str, List[Dict]]) -> Dict[str, Dict[str, list]]:
             for level, records in erf.items() if records}
 
 
-def _rounded(images: List[Dict]) -> List[Dict]:
-    return [{k: [round(v, 3) for v in val] if k in ("center_xy", "box_xyxy") else val
-             for k, val in g.items()} for g in images]
-
-
-def _compact_json(payload) -> str:
-    """Indented JSON with each list of plain numbers on one line (the per-image columns)."""
-    text = json.dumps(payload, indent=1)
-    compact = re.sub(r"\[\s+(-?[\d.eE+-]+(?:,\s+-?[\d.eE+-]+)*)\s+\]",
-                     lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]",
-                     text)
-    same = json.dumps(json.loads(compact)) == json.dumps(json.loads(text))  # NaN-safe
-    return compact if same else text
-
-
 def main(argv=None) -> Dict:
     from . import erf_scale_report as report_out
     from . import erf_scale_stats as stats
@@ -308,13 +292,14 @@ def main(argv=None) -> Dict:
                   headline={"level": args.headline_level, "metric": args.metric},
                   num_images=args.num_images)
     shared = all(r["images"] == runs[0]["images"] for r in runs)
-    report["images"] = _rounded(runs[0]["images"]) if shared else None  # else per run
+    rounded = report_out.rounded_geometry
+    report["images"] = rounded(runs[0]["images"]) if shared else None  # else per run
     report["runs"] = [{"label": r["label"], "seed": r["seed"], "dir": r["dir"], "info": r["info"],
-                       **({} if shared else {"images": _rounded(r["images"])}),
+                       **({} if shared else {"images": rounded(r["images"])}),
                        "erf": _columns(r["erf"])} for r in runs]
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
-        f.write(_compact_json(report))
+        f.write(report_out.compact_json(report))
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(report_out.format_markdown(report))

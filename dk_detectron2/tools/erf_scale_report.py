@@ -1,12 +1,15 @@
-"""The tables and the figure of :mod:`.erf_scale`'s report (:func:`~.erf_scale_stats.analyse`
-plus the command, the headline level and metric, and the runs' measurements)."""
+"""The tables, the figure and the JSON of :mod:`.erf_scale`'s report: the dict of
+:func:`~.erf_scale_stats.analyse` plus the command, the headline level and metric, the images and
+the runs' measurements."""
+import json
+import re
 from typing import Dict, List
 
 import numpy as np
 
 from .erf_scale_stats import SIZE_BINS, fit_line
 
-__all__ = ["format_markdown", "plot"]
+__all__ = ["format_markdown", "plot", "compact_json", "rounded_geometry"]
 
 
 def _pm(stats: Dict, digits: int = 3, signed: bool = False) -> str:
@@ -142,3 +145,19 @@ def plot(report: Dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def rounded_geometry(images: List[Dict]) -> List[Dict]:
+    """The images' records with their centres and boxes rounded to 1/1000 pixel."""
+    return [{k: [round(v, 3) for v in val] if k in ("center_xy", "box_xyxy") else val
+             for k, val in g.items()} for g in images]
+
+
+def compact_json(payload) -> str:
+    """Indented JSON with each list of plain numbers on one line (the per-image columns)."""
+    text = json.dumps(payload, indent=1)
+    compact = re.sub(r"\[\s+(-?[\d.eE+-]+(?:,\s+-?[\d.eE+-]+)*)\s+\]",
+                     lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]",
+                     text)
+    same = json.dumps(json.loads(compact)) == json.dumps(json.loads(text))  # NaN-safe
+    return compact if same else text
