@@ -21,14 +21,14 @@ Generation depends only on ``(seed, split, index)``: the same spec gives byte-id
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
 from PIL import Image, ImageDraw
+
+from .atomic_dir import build_dir_atomically
 
 __all__ = [
     "SHAPE_CLASSES",
@@ -282,19 +282,10 @@ def ensure_shapes_split(root: str, split: str, spec: ShapesSpec) -> Tuple[str, s
     json_file, image_root = shapes_split_paths(root, split)
     split_dir = os.path.dirname(json_file)
     if not os.path.exists(json_file):
-        parent = os.path.dirname(split_dir)
-        os.makedirs(parent, exist_ok=True)
-        tmp_dir = tempfile.mkdtemp(prefix=f".{split}.tmp.", dir=parent)
-        try:
-            logger.info(f"Generating dk_shapes split {split!r} ({spec}) in {split_dir} ...")
-            generate_shapes_split(os.path.join(tmp_dir, split), split, spec)
-            try:
-                os.rename(os.path.join(tmp_dir, split), split_dir)
-            except OSError:
-                if not os.path.exists(json_file):  # not a lost race: a real error
-                    raise
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+        logger.info(f"Generating dk_shapes split {split!r} ({spec}) in {split_dir} ...")
+        build_dir_atomically(
+            split_dir, lambda path: generate_shapes_split(path, split, spec), json_file
+        )
     with open(json_file) as f:
         info = json.load(f).get("info", {})
     expected = _spec_info(spec, split)
