@@ -22,14 +22,13 @@ into place, so concurrent first uses never see half a split.
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Tuple
 
 import numpy as np
 from PIL import Image
 
+from ..data.atomic_dir import build_dir_atomically
 from ..data.shapes import (
     _CANONICAL,
     _background,
@@ -107,34 +106,45 @@ DEFAULT_CLS_SPLITS: Dict[str, ShapesClsSpec] = {
 }
 
 
-def _make_image(spec: ShapesClsSpec, split: str, index: int) -> Tuple[np.ndarray, Dict]:
-    """The uint8 (n, n, 3) RGB image of ``index`` and its record (class, object size)."""
+def _place_object(spec: ShapesClsSpec, split: str, index: int):
+    """The random draws of image ``index`` up to the object's placement, in the generator's order:
+    ``(rng, background, category, vertices, lo, hi, offset)`` with the object's polygon at
+    ``vertices + offset`` and its unshifted box ``[lo, hi]``."""
     split_key = sum(ord(ch) * 31**i for i, ch in enumerate(split)) % (2**31)
     rng = np.random.default_rng([spec.seed, split_key, index, _FORMAT_VERSION, 7])
     n = spec.image_size
-    img = _background(rng, n)
+    background = _background(rng, n)
     category = index % len(CLS_CLASSES)
     size = float(np.exp(rng.uniform(np.log(spec.min_scale), np.log(spec.max_scale)))) * n
     vertices = _POLYGONS[CLS_CLASSES[category]] @ _random_deformation(rng, size).T
     lo, hi = vertices.min(axis=0), vertices.max(axis=0)
     gap = 1.0
-    center = np.where(
+    offset = np.where(
         hi - lo < n - 2 * gap,
         rng.uniform(gap - lo, np.maximum(gap - lo, n - gap - hi)),
         n / 2 - (lo + hi) / 2,
     )
-    polygon = vertices + center
-    mask = _polygon_mask(polygon, n)
+    return rng, background, category, vertices, lo, hi, offset
+
+
+def _record(spec: ShapesClsSpec, category: int, lo: np.ndarray, hi: np.ndarray) -> Dict:
+    return {
+        "class": CLS_CLASSES[category],
+        "label": category,
+        "object_size": round(float((hi - lo).max()) / spec.image_size, 4),
+    }
+
+
+def _make_image(spec: ShapesClsSpec, split: str, index: int) -> Tuple[np.ndarray, Dict]:
+    """The uint8 (n, n, 3) RGB image of ``index`` and its record (class, object size)."""
+    rng, img, category, vertices, lo, hi, offset = _place_object(spec, split, index)
+    n = spec.image_size
+    mask = _polygon_mask(vertices + offset, n)
     color = _object_color(rng, img[mask].mean(axis=0) if mask.any() else img.mean(axis=(0, 1)))
     shade = rng.normal(0, 12, size=(n, n, 1)).astype(np.float32)
     img = np.where(mask[..., None], color + shade, img)
     img = img + rng.normal(0, 8, size=img.shape).astype(np.float32)
-    record = {
-        "class": CLS_CLASSES[category],
-        "label": category,
-        "object_size": round(float((hi - lo).max()) / n, 4),
-    }
-    return np.clip(img, 0, 255).round().astype(np.uint8), record
+    return np.clip(img, 0, 255).round().astype(np.uint8), _record(spec, category, lo, hi)
 
 
 def object_geometry(spec: ShapesClsSpec, split: str, index: int) -> Dict:
@@ -150,25 +160,10 @@ def object_geometry(spec: ShapesClsSpec, split: str, index: int) -> Dict:
         coordinates, as rasterised: pixel ``(i, j)`` spans ``[j, j + 1) x [i, i + 1)``) and
         ``box_xyxy``: that box, unclipped (an object larger than the image overhangs it).
     """
-    split_key = sum(ord(ch) * 31**i for i, ch in enumerate(split)) % (2**31)
-    rng = np.random.default_rng([spec.seed, split_key, index, _FORMAT_VERSION, 7])
-    n = spec.image_size
-    _background(rng, n)
-    category = index % len(CLS_CLASSES)
-    size = float(np.exp(rng.uniform(np.log(spec.min_scale), np.log(spec.max_scale)))) * n
-    vertices = _POLYGONS[CLS_CLASSES[category]] @ _random_deformation(rng, size).T
-    lo, hi = vertices.min(axis=0), vertices.max(axis=0)
-    gap = 1.0
-    center = np.where(
-        hi - lo < n - 2 * gap,
-        rng.uniform(gap - lo, np.maximum(gap - lo, n - gap - hi)),
-        n / 2 - (lo + hi) / 2,
-    )
-    box = np.concatenate([lo + center, hi + center])
+    _, _, category, _, lo, hi, offset = _place_object(spec, split, index)
+    box = np.concatenate([lo + offset, hi + offset])
     return {
-        "class": CLS_CLASSES[category],
-        "label": category,
-        "object_size": round(float((hi - lo).max()) / n, 4),
+        **_record(spec, category, lo, hi),
         "center_xy": [float((box[0] + box[2]) / 2), float((box[1] + box[3]) / 2)],
         "box_xyxy": [float(v) for v in box],
     }
@@ -212,18 +207,9 @@ def ensure_shapes_cls(
         split_dir = os.path.join(data_dir, split)
         meta_file = os.path.join(split_dir, "meta.json")
         if not os.path.exists(meta_file):
-            tmp_dir = tempfile.mkdtemp(prefix=f".{split}.tmp.", dir=data_dir)
-            try:
-                logger.info("Generating %s split %r (%s) in %s ...", DATASET_DIR, split, spec,
-                            split_dir)
-                _generate(os.path.join(tmp_dir, split), split, spec)
-                try:
-                    os.rename(os.path.join(tmp_dir, split), split_dir)
-                except OSError:
-                    if not os.path.exists(meta_file):  # not a lost race: a real error
-                        raise
-            finally:
-                shutil.rmtree(tmp_dir, ignore_errors=True)
+            logger.info("Generating %s split %r (%s) in %s ...", DATASET_DIR, split, spec,
+                        split_dir)
+            build_dir_atomically(split_dir, lambda path: _generate(path, split, spec), meta_file)
         info = load_split_meta(split_dir)["info"]
         expected = _spec_info(spec, split)
         if info != expected:
