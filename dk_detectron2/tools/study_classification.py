@@ -25,6 +25,7 @@ import shlex
 from typing import Dict, List, Optional, Sequence
 
 from .study import StudyRun, _atomic_write
+from .study_report import format_stats
 
 __all__ = ["ClassificationRunner", "SIZE_BINS", "size_bin_accuracy"]
 
@@ -114,10 +115,7 @@ class ClassificationRunner:
 
 
 def _fmt(stats: Optional[Dict], signed: bool = False, digits: int = 1) -> str:
-    if not stats or stats.get("mean") is None:
-        return "—"
-    mean = f"{stats['mean']:+.{digits}f}" if signed else f"{stats['mean']:.{digits}f}"
-    return mean + (f" ± {stats['std']:.{digits}f}" if stats.get("std") is not None else "")
+    return format_stats(stats, signed, digits, with_n=False)
 
 
 def paired_verdict(stats: Optional[Dict]) -> str:

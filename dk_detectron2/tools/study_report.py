@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Dict, Optional, Sequence, Union
 if TYPE_CHECKING:  # the spec's config entries; study.py imports this module
     from .study import StudyConfig
 
-__all__ = ["METRICS", "format_markdown", "metric", "plot_study", "summarize"]
+__all__ = ["METRICS", "format_markdown", "format_stats", "metric", "plot_study", "summarize"]
 
 METRICS = (("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("segm", "AP"), ("segm", "AP50"))
 
@@ -57,11 +57,17 @@ def summarize(records: Sequence[Dict], baseline: Union[None, str, Dict[str, str]
     return summary
 
 
-def _fmt(stats: Dict, signed: bool = False) -> str:
-    if not stats or stats["mean"] is None:
+def format_stats(stats: Optional[Dict], signed: bool = False, digits: int = 1,
+                 with_n: bool = True) -> str:
+    """``mean ± std (n=N)`` of a :func:`summarize` entry ("—" when it has no value)."""
+    if not stats or stats.get("mean") is None:
         return "—"
-    mean = f"{stats['mean']:+.1f}" if signed else f"{stats['mean']:.1f}"
-    return mean + (f" ± {stats['std']:.1f}" if stats["std"] is not None else "") + f" (n={stats['n']})"
+    mean = f"{stats['mean']:+.{digits}f}" if signed else f"{stats['mean']:.{digits}f}"
+    text = mean + (f" ± {stats['std']:.{digits}f}" if stats.get("std") is not None else "")
+    return text + (f" (n={stats['n']})" if with_n else "")
+
+
+_fmt = format_stats
 
 
 def format_markdown(configs: Sequence["StudyConfig"], records: Sequence[Dict], summary: Dict) -> str:
