@@ -63,26 +63,27 @@ struct OutsideRows {
 // Channels [c0, c0 + n) of one sampled tap: adds a_j * tv to the weight gradient of each scope
 // corner and, when kInputGrad (the single sweep), the input gradient u (or b_j * u per image
 // corner) to image_grad; returns the corner sums. image, grad_weight and image_grad are [cells, C]
-// tables at channel 0, gout is the position's grad_output at channel c0. Corners outside the
-// grid read and write `outside` (their sums are left out by inside_dot).
-template <bool kOffset, bool kInputGrad, typename scalar_t, typename acc_t>
-DK_ALWAYS_INLINE CornerSums<acc_t> backward_tap_channels(const TapSample<acc_t>& tap,
-                                                         const scalar_t* weight,
-                                                         const scalar_t* image,
-                                                         const scalar_t* gout,
-                                                         acc_t* grad_weight, acc_t* image_grad,
-                                                         int64_t C, int64_t c0, int64_t n,
-                                                         OutsideRows<scalar_t>& outside) {
+// tables at channel 0, gout is the position's grad_output at channel c0. Unless kInside (every
+// corner of the tap is inside its grid), corners outside the grid read and write `outside` and
+// their sums are returned as 0 (inside_dot's rule), so the callers take corner_dot of the sums.
+template <bool kOffset, bool kInputGrad, bool kInside, typename scalar_t, typename acc_t>
+DK_ALWAYS_INLINE CornerSums<acc_t> backward_tap_rows(const TapSample<acc_t>& tap,
+                                                     const scalar_t* weight,
+                                                     const scalar_t* image,
+                                                     const scalar_t* gout,
+                                                     acc_t* grad_weight, acc_t* image_grad,
+                                                     int64_t C, int64_t c0, int64_t n,
+                                                     OutsideRows<scalar_t>& outside) {
   const BilinearCorners<acc_t>& s = tap.scope;
-  const auto w = corner_rows(weight, s, C, c0, outside.zeros());
-  const auto gw = corner_rows(grad_weight, s, C, c0, outside.scratch());
+  const auto w = tap_corner_rows<kInside>(weight, s, C, c0, outside.zeros());
+  const auto gw = tap_corner_rows<kInside>(grad_weight, s, C, c0, outside.scratch());
   const acc_t a0 = s.weight[0], a1 = s.weight[1], a2 = s.weight[2], a3 = s.weight[3];
   acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
   CornerSums<acc_t> sums{};
   if constexpr (kOffset) {
     const BilinearCorners<acc_t>& m = tap.image;
-    const auto x = corner_rows(image, m, C, c0, outside.zeros());
-    const auto gx = kInputGrad ? corner_rows(image_grad, m, C, c0, outside.scratch())
+    const auto x = tap_corner_rows<kInside>(image, m, C, c0, outside.zeros());
+    const auto gx = kInputGrad ? tap_corner_rows<kInside>(image_grad, m, C, c0, outside.scratch())
                                : std::array<acc_t*, 4>{};
     const acc_t b0 = m.weight[0], b1 = m.weight[1], b2 = m.weight[2], b3 = m.weight[3];
     acc_t e0 = 0, e1 = 0, e2 = 0, e3 = 0;
@@ -113,6 +114,9 @@ DK_ALWAYS_INLINE CornerSums<acc_t> backward_tap_channels(const TapSample<acc_t>&
       }
     }
     sums.e[0] = e0, sums.e[1] = e1, sums.e[2] = e2, sums.e[3] = e3;
+    if constexpr (!kInside) {
+      for_corners([&](auto j) { sums.e[j] = m.inside[j] ? sums.e[j] : acc_t(0); });
+    }
   } else {
     const scalar_t* x = image + tap.pixel * C + c0;
     acc_t* gx = kInputGrad ? image_grad + tap.pixel * C + c0 : nullptr;
@@ -133,17 +137,38 @@ DK_ALWAYS_INLINE CornerSums<acc_t> backward_tap_channels(const TapSample<acc_t>&
     }
   }
   sums.d[0] = d0, sums.d[1] = d1, sums.d[2] = d2, sums.d[3] = d3;
+  if constexpr (!kInside) {
+    for_corners([&](auto j) { sums.d[j] = s.inside[j] ? sums.d[j] : acc_t(0); });
+  }
   return sums;
 }
 
-// The rotation gradient of a tap (y, x) from its corner sums, stored at grot[0] and grot[plane].
+// backward_tap_rows, branching once per tap: the common tap, all of whose corners are inside,
+// addresses them directly; the others go through corner_rows' zeros and scratch rows.
+template <bool kOffset, bool kInputGrad, typename scalar_t, typename acc_t>
+DK_ALWAYS_INLINE CornerSums<acc_t> backward_tap_channels(const TapSample<acc_t>& tap,
+                                                         const scalar_t* weight,
+                                                         const scalar_t* image,
+                                                         const scalar_t* gout,
+                                                         acc_t* grad_weight, acc_t* image_grad,
+                                                         int64_t C, int64_t c0, int64_t n,
+                                                         OutsideRows<scalar_t>& outside) {
+  const bool inside = all_inside(tap.scope) && (!kOffset || all_inside(tap.image));
+  return with_inside(inside, [&](auto k) DK_ALWAYS_INLINE_LAMBDA {
+    return backward_tap_rows<kOffset, kInputGrad, decltype(k)::value>(
+        tap, weight, image, gout, grad_weight, image_grad, C, c0, n, outside);
+  });
+}
+
+// The rotation gradient of a tap (y, x) from its corner sums (those of corners outside the scope
+// already 0, see backward_tap_rows), stored at grot[0] and grot[plane].
 template <typename scalar_t, typename acc_t>
 DK_ALWAYS_INLINE void store_rotation_grad(const BilinearCorners<acc_t>& s,
                                           const CornerSums<acc_t>& sums, scalar_t* grot,
                                           int64_t plane) {
   const acc_t(&d)[4] = sums.d;
-  grot[0] = static_cast<scalar_t>(inside_dot(s, s.dweight_dy, d[0], d[1], d[2], d[3]));
-  grot[plane] = static_cast<scalar_t>(inside_dot(s, s.dweight_dx, d[0], d[1], d[2], d[3]));
+  grot[0] = static_cast<scalar_t>(corner_dot(s.dweight_dy, d[0], d[1], d[2], d[3]));
+  grot[plane] = static_cast<scalar_t>(corner_dot(s.dweight_dx, d[0], d[1], d[2], d[3]));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -184,8 +209,8 @@ DK_ALWAYS_INLINE void backward_params_rows(const DKTensors<scalar_t>& t, const D
                 c0, Cg, outside);
             if constexpr (kOffset) {
               const acc_t(&e)[4] = sums.e;
-              grad_oy += inside_dot(tap.image, tap.image.dweight_dy, e[0], e[1], e[2], e[3]);
-              grad_ox += inside_dot(tap.image, tap.image.dweight_dx, e[0], e[1], e[2], e[3]);
+              grad_oy += corner_dot(tap.image.dweight_dy, e[0], e[1], e[2], e[3]);
+              grad_ox += corner_dot(tap.image.dweight_dx, e[0], e[1], e[2], e[3]);
             }
             store_rotation_grad(tap.scope, sums, grot, plane);
           }
@@ -265,8 +290,8 @@ DK_ALWAYS_INLINE void backward_image_group(const DKTensors<scalar_t>& t,
           if constexpr (kOffset) {
             const acc_t(&e)[4] = sums.e;
             acc_t* goff = grad_offset + (b * g.taps() * 2 + k * 2) * plane + pos;
-            goff[0] += inside_dot(tap.image, tap.image.dweight_dy, e[0], e[1], e[2], e[3]);
-            goff[plane] += inside_dot(tap.image, tap.image.dweight_dx, e[0], e[1], e[2], e[3]);
+            goff[0] += corner_dot(tap.image.dweight_dy, e[0], e[1], e[2], e[3]);
+            goff[plane] += corner_dot(tap.image.dweight_dx, e[0], e[1], e[2], e[3]);
           }
           store_rotation_grad(tap.scope, sums, grot, plane);
         }
@@ -492,15 +517,19 @@ DK_ALWAYS_INLINE void backward_input_gather_rows(const DKTensors<scalar_t>& t,
             if (!sample_tap<scalar_t, acc_t, false>(t, b, oy, ox, group, kh, kw, tap)) continue;
             const int64_t c0 = group * Cg;
             const BilinearCorners<acc_t>& s = tap.scope;
-            const auto w = corner_rows(t.weight, s, C, c0, zeros.data());
-            const acc_t a0 = s.weight[0], a1 = s.weight[1], a2 = s.weight[2], a3 = s.weight[3];
-            acc_t* dst = acc + c0;
-            const scalar_t* go = gout + c0;
-            DK_SIMD
-            for (int64_t c = 0; c < Cg; ++c) {
-              dst[c] += acc_t(go[c]) * (a0 * acc_t(w[0][c]) + a1 * acc_t(w[1][c]) +
-                                        a2 * acc_t(w[2][c]) + a3 * acc_t(w[3][c]));
-            }
+            with_inside(all_inside(s), [&](auto inside) DK_ALWAYS_INLINE_LAMBDA {
+              const auto w =
+                  tap_corner_rows<decltype(inside)::value>(t.weight, s, C, c0, zeros.data());
+              const acc_t a0 = s.weight[0], a1 = s.weight[1], a2 = s.weight[2],
+                          a3 = s.weight[3];
+              acc_t* dst = acc + c0;
+              const scalar_t* go = gout + c0;
+              DK_SIMD
+              for (int64_t c = 0; c < Cg; ++c) {
+                dst[c] += acc_t(go[c]) * (a0 * acc_t(w[0][c]) + a1 * acc_t(w[1][c]) +
+                                          a2 * acc_t(w[2][c]) + a3 * acc_t(w[3][c]));
+              }
+            });
           }
         }
       }
@@ -548,19 +577,22 @@ DK_ALWAYS_INLINE void backward_input_scatter(const DKTensors<scalar_t>& t,
           if (!sample_tap<scalar_t, acc_t, true>(t, b, oy, ox, group, kh, kw, tap)) continue;
           const BilinearCorners<acc_t>& s = tap.scope;
           const BilinearCorners<acc_t>& m = tap.image;
-          const auto w = corner_rows(t.weight, s, C, cbegin, outside.zeros());
-          const acc_t a0 = s.weight[0], a1 = s.weight[1], a2 = s.weight[2], a3 = s.weight[3];
-          const auto x = corner_rows(image_grad, m, C, 0, outside.scratch());
-          const acc_t b0 = m.weight[0], b1 = m.weight[1], b2 = m.weight[2], b3 = m.weight[3];
-          DK_SIMD
-          for (int64_t c = 0; c < n; ++c) {
-            const acc_t u = acc_t(go[c]) * (a0 * acc_t(w[0][c]) + a1 * acc_t(w[1][c]) +
-                                            a2 * acc_t(w[2][c]) + a3 * acc_t(w[3][c]));
-            x[0][c] += b0 * u;
-            x[1][c] += b1 * u;
-            x[2][c] += b2 * u;
-            x[3][c] += b3 * u;
-          }
+          with_inside(all_inside(s) && all_inside(m), [&](auto inside) DK_ALWAYS_INLINE_LAMBDA {
+            constexpr bool kInside = decltype(inside)::value;
+            const auto w = tap_corner_rows<kInside>(t.weight, s, C, cbegin, outside.zeros());
+            const acc_t a0 = s.weight[0], a1 = s.weight[1], a2 = s.weight[2], a3 = s.weight[3];
+            const auto x = tap_corner_rows<kInside>(image_grad, m, C, 0, outside.scratch());
+            const acc_t b0 = m.weight[0], b1 = m.weight[1], b2 = m.weight[2], b3 = m.weight[3];
+            DK_SIMD
+            for (int64_t c = 0; c < n; ++c) {
+              const acc_t u = acc_t(go[c]) * (a0 * acc_t(w[0][c]) + a1 * acc_t(w[1][c]) +
+                                              a2 * acc_t(w[2][c]) + a3 * acc_t(w[3][c]));
+              x[0][c] += b0 * u;
+              x[1][c] += b1 * u;
+              x[2][c] += b2 * u;
+              x[3][c] += b3 * u;
+            }
+          });
         }
       }
     }

@@ -79,18 +79,22 @@ void build_columns(const DKTensors<scalar_t>& t, int64_t r0, int64_t r1, int64_t
       std::fill(row, row + depth, acc_t(0));
       for_each_tap<scalar_t, kOffset>(t, b, r % plane, group, tap, [&](int64_t)
                                                                       DK_ALWAYS_INLINE_LAMBDA {
-        const auto u = corner_rows(row, tap.scope, Cq, 0, scratch.data());
-        const auto a = corner_weights(tap.scope);
-        if (kOffset) {
-          const auto x = corner_rows(image, tap.image, Cin, 0, zeros.data());
-          const auto bw = corner_weights(tap.image);
-          DK_SIMD
-          for (int64_t c = 0; c < Cq; ++c) corner_spread(u, a, c, corner_read(x, bw, c));
-        } else {
-          const scalar_t* x = image + tap.pixel * Cin;
-          DK_SIMD
-          for (int64_t c = 0; c < Cq; ++c) corner_spread(u, a, c, acc_t(x[c]));
-        }
+        const bool inside = all_inside(tap.scope) & (!kOffset || all_inside(tap.image));
+        with_inside_out_of_line(inside, [&](auto inside_type) DK_ALWAYS_INLINE_LAMBDA {
+          constexpr bool kInside = decltype(inside_type)::value;
+          const auto u = tap_corner_rows<kInside>(row, tap.scope, Cq, 0, scratch.data());
+          const auto a = corner_weights(tap.scope);
+          if (kOffset) {
+            const auto x = tap_corner_rows<kInside>(image, tap.image, Cin, 0, zeros.data());
+            const auto bw = corner_weights(tap.image);
+            DK_SIMD
+            for (int64_t c = 0; c < Cq; ++c) corner_spread(u, a, c, corner_read(x, bw, c));
+          } else {
+            const scalar_t* x = image + tap.pixel * Cin;
+            DK_SIMD
+            for (int64_t c = 0; c < Cq; ++c) corner_spread(u, a, c, acc_t(x[c]));
+          }
+        });
       });
       if (!kInPlace) {
         for (int64_t i = 0; i < depth; ++i) dst[i] = static_cast<scalar_t>(row[i]);
@@ -121,30 +125,34 @@ void columns_backward_params(const DKTensors<scalar_t>& t, int64_t r0, int64_t r
       for_each_tap<scalar_t, kOffset>(t, b, pos, group, tap, [&](int64_t k)
                                                                   DK_ALWAYS_INLINE_LAMBDA {
         const BilinearCorners<acc_t>& s = tap.scope;
-        const auto gr = corner_rows(gc, s, Cq, 0, zeros.data());
-        const auto a = corner_weights(s);
-        std::array<acc_t, 4> d{};  // sum_c grad_cols[s_j, c] * value[c]
-        if (kOffset) {
-          const BilinearCorners<acc_t>& m = tap.image;
-          const auto x = corner_rows(image, m, Cin, 0, zeros.data());
-          const auto bw = corner_weights(m);
-          std::array<acc_t, 4> e{};  // sum_c grad_value[c] * x[image corner j, c]
-          for (int64_t c = 0; c < Cq; ++c) {
-            corner_accumulate(d, gr, c, corner_read(x, bw, c));
-            corner_accumulate(e, x, c, corner_read(gr, a, c));
+        const bool inside = all_inside(s) & (!kOffset || all_inside(tap.image));
+        with_inside_out_of_line(inside, [&](auto inside_type) DK_ALWAYS_INLINE_LAMBDA {
+          constexpr bool kInside = decltype(inside_type)::value;
+          const auto gr = tap_corner_rows<kInside>(gc, s, Cq, 0, zeros.data());
+          const auto a = corner_weights(s);
+          std::array<acc_t, 4> d{};  // sum_c grad_cols[s_j, c] * value[c]
+          if (kOffset) {
+            const BilinearCorners<acc_t>& m = tap.image;
+            const auto x = tap_corner_rows<kInside>(image, m, Cin, 0, zeros.data());
+            const auto bw = corner_weights(m);
+            std::array<acc_t, 4> e{};  // sum_c grad_value[c] * x[image corner j, c]
+            for (int64_t c = 0; c < Cq; ++c) {
+              corner_accumulate(d, gr, c, corner_read(x, bw, c));
+              corner_accumulate(e, x, c, corner_read(gr, a, c));
+            }
+            acc_t* goff = grad_offset + (b * g.taps() * 2 + k * 2) * plane + pos;
+            goff[0] += tap_dot<kInside>(m, m.dweight_dy, e);
+            goff[plane] += tap_dot<kInside>(m, m.dweight_dx, e);
+          } else {
+            const scalar_t* x = image + tap.pixel * Cin;
+            for (int64_t c = 0; c < Cq; ++c) corner_accumulate(d, gr, c, acc_t(x[c]));
           }
-          acc_t* goff = grad_offset + (b * g.taps() * 2 + k * 2) * plane + pos;
-          goff[0] += inside_dot(m, m.dweight_dy, e);
-          goff[plane] += inside_dot(m, m.dweight_dx, e);
-        } else {
-          const scalar_t* x = image + tap.pixel * Cin;
-          for (int64_t c = 0; c < Cq; ++c) corner_accumulate(d, gr, c, acc_t(x[c]));
-        }
-        acc_t* grot = grad_rotation +
-                      (b * g.rotation_groups * g.taps() * 2 + (group * g.taps() + k) * 2) * plane +
-                      pos;
-        grot[0] += inside_dot(s, s.dweight_dy, d);
-        grot[plane] += inside_dot(s, s.dweight_dx, d);
+          acc_t* grot = grad_rotation +
+                        (b * g.rotation_groups * g.taps() * 2 + (group * g.taps() + k) * 2) *
+                            plane + pos;
+          grot[0] += tap_dot<kInside>(s, s.dweight_dy, d);
+          grot[plane] += tap_dot<kInside>(s, s.dweight_dx, d);
+        });
       });
     }
   });
@@ -175,17 +183,22 @@ void columns_backward_input(const DKTensors<scalar_t>& t, int64_t r0, int64_t r1
         const scalar_t* gc = grad_cols + (r - r0) * depth;
         for_each_tap<scalar_t, kOffset>(t, b, r % plane, group, tap, [&](int64_t)
                                                                         DK_ALWAYS_INLINE_LAMBDA {
-          const auto gr = corner_rows(gc, tap.scope, Cq, 0, zeros.data());
-          const auto a = corner_weights(tap.scope);
-          if (kOffset) {
-            const auto x = corner_rows(image_grad, tap.image, Cin, 0, scratch.data());
-            const auto bw = corner_weights(tap.image);
-            for (int64_t c = c0; c < c1; ++c) corner_spread(x, bw, c, corner_read(gr, a, c));
-          } else {
-            acc_t* x = image_grad + tap.pixel * Cin;
-            DK_SIMD
-            for (int64_t c = c0; c < c1; ++c) x[c] += corner_read(gr, a, c);
-          }
+          const bool inside = all_inside(tap.scope) & (!kOffset || all_inside(tap.image));
+          with_inside_out_of_line(inside, [&](auto inside_type) DK_ALWAYS_INLINE_LAMBDA {
+            constexpr bool kInside = decltype(inside_type)::value;
+            const auto gr = tap_corner_rows<kInside>(gc, tap.scope, Cq, 0, zeros.data());
+            const auto a = corner_weights(tap.scope);
+            if (kOffset) {
+              const auto x =
+                  tap_corner_rows<kInside>(image_grad, tap.image, Cin, 0, scratch.data());
+              const auto bw = corner_weights(tap.image);
+              for (int64_t c = c0; c < c1; ++c) corner_spread(x, bw, c, corner_read(gr, a, c));
+            } else {
+              acc_t* x = image_grad + tap.pixel * Cin;
+              DK_SIMD
+              for (int64_t c = c0; c < c1; ++c) x[c] += corner_read(gr, a, c);
+            }
+          });
         });
       }
     }

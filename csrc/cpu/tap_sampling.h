@@ -7,6 +7,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -444,6 +445,61 @@ DK_ALWAYS_INLINE std::array<T*, 4> corner_rows(T* table, const BilinearCorners<a
   return {row(0), row(1), row(2), row(3)};
 }
 
+// The same rows when all four corners are inside the grid (all_inside): no selects. The kernels
+// branch once per tap on all_inside (the common case) and run their channel loops over these rows,
+// else over corner_rows' (see with_inside).
+template <typename T, typename acc_t>
+DK_ALWAYS_INLINE std::array<T*, 4> corner_rows_inside(T* table, const BilinearCorners<acc_t>& s,
+                                                      int64_t C, int64_t c0) {
+  return {table + s.index[0] * C + c0, table + s.index[1] * C + c0, table + s.index[2] * C + c0,
+          table + s.index[3] * C + c0};
+}
+
+// True when the four corners of `s` are cells of the grid (one 32-bit compare of the flags).
+template <typename acc_t>
+DK_ALWAYS_INLINE bool all_inside(const BilinearCorners<acc_t>& s) {
+  static_assert(sizeof(s.inside) == sizeof(uint32_t) && sizeof(bool) == 1);
+  uint32_t flags;
+  __builtin_memcpy(&flags, s.inside, sizeof(flags));
+  return flags == 0x01010101u;
+}
+
+// corner_rows_inside when kInside (the caller has checked all_inside), else corner_rows.
+template <bool kInside, typename T, typename acc_t>
+DK_ALWAYS_INLINE std::array<T*, 4> tap_corner_rows(T* table, const BilinearCorners<acc_t>& s,
+                                                   int64_t C, int64_t c0, T* outside) {
+  if constexpr (kInside) {
+    return corner_rows_inside(table, s, C, c0);
+  } else {
+    return corner_rows(table, s, C, c0, outside);
+  }
+}
+
+// f(std::true_type) when `inside`, else f(std::false_type): one branch per tap, outside the
+// channel loops, between a copy of them that addresses every corner directly and the careful one.
+template <typename F>
+DK_ALWAYS_INLINE decltype(auto) with_inside(bool inside, F&& f) {
+  if (inside) return f(std::true_type{});
+  return f(std::false_type{});
+}
+
+// with_inside with the careful copy out of line, for kernels compiled for one instruction set
+// only (not in target_clones, whose copies must keep their own careful loops): the common copy
+// stays small enough for GCC to inline bilinear_corners into the tap loop around it.
+template <typename F>
+__attribute__((noinline)) void outside_grid_tap(F& f) {
+  f(std::false_type{});
+}
+
+template <typename F>
+DK_ALWAYS_INLINE void with_inside_out_of_line(bool inside, F&& f) {
+  if (__builtin_expect(inside, true)) {
+    f(std::true_type{});
+  } else {
+    outside_grid_tap(f);
+  }
+}
+
 // The four bilinear weights of `s` as a local value: the channel loops below keep them in
 // registers instead of reading them through a pointer that their own stores might alias.
 template <typename acc_t>
@@ -506,6 +562,17 @@ template <typename acc_t>
 DK_ALWAYS_INLINE acc_t inside_dot(const BilinearCorners<acc_t>& s, const acc_t (&coefficient)[4],
                                   const std::array<acc_t, 4>& v) {
   return inside_dot(s, coefficient, v[0], v[1], v[2], v[3]);
+}
+
+// inside_dot when kInside (every corner inside: corner_dot, no selects), else inside_dot.
+template <bool kInside, typename acc_t>
+DK_ALWAYS_INLINE acc_t tap_dot(const BilinearCorners<acc_t>& s, const acc_t (&coefficient)[4],
+                               const std::array<acc_t, 4>& v) {
+  if constexpr (kInside) {
+    return corner_dot(coefficient, v);
+  } else {
+    return inside_dot(s, coefficient, v);
+  }
 }
 
 }  // namespace cpu
