@@ -168,6 +168,11 @@ build_extension() {
     # The visible GPU only (setup.py's own detection would add PTX).
     TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
     export TORCH_CUDA_ARCH_LIST
+  elif [ "$GPU" != 1 ]; then
+    # No GPU (--setup-only on a CPU machine): the CPU kernels only, whatever DK_WITH_CUDA says in
+    # the caller's environment (e.g. CI's); there is nothing to run CUDA code on, and a host
+    # without a GPU may lack the CUDA runtime library to link against.
+    export DK_WITH_CUDA=0
   fi
   export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
   # torch builds with the ninja on PATH (else slowly, one file at a time): the one already there,
