@@ -76,8 +76,8 @@ def dk_param_groups(model: torch.nn.Module, weight_decay: float,
         raise ValueError(f"--generator-lr-factor must be >= 0, got {generator_lr_factor}")
     no_decay = getattr(model, "no_weight_decay", lambda: set())()
     groups = param_groups_weight_decay(model, weight_decay, no_decay)
-    generators = {id(p) for name, p in model.named_parameters()
-                  if name in generator_parameter_names(model)}
+    names = generator_parameter_names(model)
+    generators = {id(p) for name, p in model.named_parameters() if name in names}
     out = []
     for group in groups:
         rest = [p for p in group["params"] if id(p) not in generators]
