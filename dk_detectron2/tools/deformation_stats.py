@@ -1,0 +1,232 @@
+"""What the DK layers of trained classification runs learned: how far the rotations move the
+taps, how many sit on the scope's edge, and how large the scope's cells outside the rigid grid
+are against those inside it. The command line ``python -m dk_detectron2.tools.deformation_stats``.
+
+For each run folder of ``python -m dk_detectron2.classification.train`` (``results.json``,
+``last.pth.tar``, ``args.json``; loaded as :func:`.erf_scale.load_run` does) the model runs in
+eval mode on validation images balanced over object size, and per DK layer
+:func:`.rotation_stats.rotation_statistics` records the rotations it used. Besides, per layer:
+
+* ``grid_abs_weight``: mean |w| of the scope cells the taps read at zero rotation (for a 3×3
+  kernel in a scope 5, its centre 3×3);
+* ``ring_abs_weight``: mean |w| of the other cells (``None`` when there are none, e.g. scope 4,
+  whose zero-rotation taps sit between cells and read all 16). A tap that rotates reads the ring
+  in proportion to how far it moves; a ring far smaller than the grid says the ring is barely
+  trained, one of the same size that it is used.
+
+Per config, the means over the layers of each run, then mean ± sample std over seeds.
+
+Example (the classification study)::
+
+    python -m dk_detectron2.tools.deformation_stats --study output/study_cls \\
+        --configs dk dk_frozen --seeds 0 1 2 3 4 --num-images 120 \\
+        --json deformation_cls.json --markdown deformation_cls.md
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..checkpoint.atomic import atomic_write
+from ..layers.geometry import base_grid
+from .erf_scale import _load_images, load_run
+from .erf_scale_stats import select_images
+from .rotation_stats import find_dk_layers, rotation_statistics
+
+__all__ = ["grid_mask", "scope_weight_statistics", "measure_run", "summarize", "main"]
+
+logger = logging.getLogger(__name__)
+LAYER_METRICS = ("mean_abs_rotation", "max_abs_rotation", "taps_on_scope_edge",
+                 "taps_reading_zero", "grid_abs_weight", "ring_abs_weight")
+
+
+def grid_mask(kernel_size: Sequence[int], scope_size: Sequence[int]) -> torch.Tensor:
+    """``[Sh, Sw]`` bool: the scope cells a ``kernel_size`` kernel reads (with a non-zero bilinear
+    weight) at zero rotation."""
+    points = base_grid(tuple(kernel_size), tuple(scope_size), torch.float64)
+    mask = torch.zeros(tuple(scope_size), dtype=torch.bool)
+    for y, x in points.tolist():
+        for cy in {math.floor(y), math.ceil(y)}:
+            for cx in {math.floor(x), math.ceil(x)}:
+                if 0 <= cy < scope_size[0] and 0 <= cx < scope_size[1]:
+                    mask[cy, cx] = True
+    return mask
+
+
+def scope_weight_statistics(module: torch.nn.Module) -> Dict[str, Optional[float]]:
+    """Mean |w| of a DK layer's scope inside and outside its zero-rotation grid."""
+    weight = module.weight.detach().abs()
+    mask = grid_mask(module.kernel_size, weight.shape[-2:])
+    ring = weight[..., ~mask]
+    return {"grid_abs_weight": float(weight[..., mask].mean()),
+            "ring_abs_weight": float(ring.mean()) if ring.numel() else None}
+
+
+def measure_run(run_dir: str, num_images: int = 120, data_dir: Optional[str] = None) -> Dict:
+    """``{"info", "layers": [per DK layer: rotation and scope statistics], "means": ...}`` of one
+    run folder. Raises ValueError for a model without DK layers."""
+    from ..classification.shapes_data import load_split_meta
+
+    model, info = load_run(run_dir)
+    if not find_dk_layers(model):
+        raise ValueError(f"{run_dir}: model {info['model']!r} has no DK layer to measure")
+    data_dir = data_dir or info["data_dir"]
+    if not data_dir:
+        raise ValueError(f"{run_dir}/args.json names no data_dir: pass --data-dir")
+    meta = load_split_meta(os.path.join(data_dir, info["val_split"]))
+    indices = select_images([r["object_size"] for r in meta["images"]], num_images)
+    images, _ = _load_images(data_dir, info["val_split"], indices, info["img_size"])
+    mean = torch.tensor(info["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(info["std"]).view(1, -1, 1, 1)
+    batch = (torch.stack(images) - mean) / std
+    layers = rotation_statistics(model, lambda: model(batch))
+    for row in layers:
+        row.update(scope_weight_statistics(model.get_submodule(row["layer"])))
+    info["num_images"] = len(indices)
+    return {"info": info, "layers": layers, "means": _layer_means(layers)}
+
+
+def _layer_means(layers: List[Dict]) -> Dict[str, Optional[float]]:
+    means = {}
+    for key in LAYER_METRICS:
+        values = [row[key] for row in layers if row.get(key) is not None]
+        means[key] = (max(values) if key == "max_abs_rotation" else sum(values) / len(values)) \
+            if values else None
+    return means
+
+
+def _mean_std(values: List[float]) -> Dict:
+    n = len(values)
+    if not n:
+        return {"n": 0, "mean": None, "std": None}
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"n": n, "mean": mean, "std": std}
+
+
+def summarize(runs: List[Dict]) -> Dict[str, Dict]:
+    """Per label: the seeds, and mean ± std over them of each run's layer means and top-1."""
+    summary: Dict[str, Dict] = {}
+    for run in runs:
+        entry = summary.setdefault(run["label"], {"seeds": [], "_values": {}})
+        entry["seeds"].append(run["seed"])
+        values = dict(run["means"], top1=run["info"].get("top1"))
+        for key, value in values.items():
+            if value is not None:
+                entry["_values"].setdefault(key, []).append(value)
+    for entry in summary.values():
+        for key, values in entry.pop("_values").items():
+            entry[key] = _mean_std(values)
+    return summary
+
+
+def _cell(stats: Optional[Dict], scale: float = 1.0, digits: int = 3) -> str:
+    if not stats or stats["mean"] is None:
+        return "—"
+    text = f"{stats['mean'] * scale:.{digits}f}"
+    return text + (f" ± {stats['std'] * scale:.{digits}f}" if stats["std"] is not None else "")
+
+
+def format_markdown(report: Dict) -> str:
+    lines = ["# What the DK layers learned", "",
+             f"Command: `{report['command']}`", "",
+             "Per run the means over its DK layers (max: the largest over them) on "
+             f"{report['num_images']} validation images; mean ± sample std over seeds.", "",
+             "| config | seeds | top-1 | mean \\|rotation\\| (cells) | max \\|rotation\\| | taps on "
+             "the scope edge (%) | grid mean \\|w\\| | ring mean \\|w\\| | ring / grid |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, entry in report["summary"].items():
+        ratio = [r["means"]["ring_abs_weight"] / r["means"]["grid_abs_weight"]
+                 for r in report["runs"] if r["label"] == label
+                 and r["means"]["ring_abs_weight"] is not None]
+        lines.append(
+            f"| `{label}` | {' '.join(map(str, entry['seeds']))} | {_cell(entry.get('top1'), 1, 1)} "
+            f"| {_cell(entry.get('mean_abs_rotation'))} | {_cell(entry.get('max_abs_rotation'))} "
+            f"| {_cell(entry.get('taps_on_scope_edge'), 100, 2)} "
+            f"| {_cell(entry.get('grid_abs_weight'), 1, 4)} | {_cell(entry.get('ring_abs_weight'), 1, 4)} "
+            f"| {_cell(_mean_std(ratio), 1, 2)} |")
+    lines += ["", "## Runs", "", "| config | seed | mean \\|rotation\\| | edge (%) | ring / grid |",
+              "|---|---|---|---|---|"]
+    for run in report["runs"]:
+        m = run["means"]
+        ratio = (f"{m['ring_abs_weight'] / m['grid_abs_weight']:.2f}"
+                 if m["ring_abs_weight"] is not None else "—")
+        lines.append(f"| `{run['label']}` | {run['seed']} | {m['mean_abs_rotation']:.4f} "
+                     f"| {100 * m['taps_on_scope_edge']:.2f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dk_detectron2.tools.deformation_stats",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--study", help="a study folder (CONFIG/seed_S run folders)")
+    p.add_argument("--configs", nargs="+", default=[], help="config names in --study")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="seeds to measure (default: every finished one)")
+    p.add_argument("--runs", nargs="+", default=[], metavar="LABEL=DIR",
+                   help="run folders instead of --study, each LABEL=DIR")
+    p.add_argument("--num-images", type=int, default=120)
+    p.add_argument("--data-dir", default=None, help="default: each run's args.json")
+    p.add_argument("--json", default=None)
+    p.add_argument("--markdown", default=None)
+    return p
+
+
+def _run_list(args) -> List[Dict]:
+    runs = []
+    for item in args.runs:
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not folder:
+            raise ValueError(f"--runs takes LABEL=DIR, got {item!r}")
+        runs.append({"label": label, "seed": None, "dir": folder})
+    if args.study:
+        if not args.configs:
+            raise ValueError("--study needs --configs")
+        for name in args.configs:
+            folder = os.path.join(args.study, name)
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"--study {args.study!r} has no config folder {name!r}")
+            seeds = args.seeds if args.seeds is not None else sorted(
+                int(d[5:]) for d in os.listdir(folder) if d.startswith("seed_")
+                and os.path.isfile(os.path.join(folder, d, "results.json")))
+            runs += [{"label": name, "seed": s, "dir": os.path.join(folder, f"seed_{s}")}
+                     for s in seeds]
+    if not runs:
+        raise ValueError("nothing to measure: give --study with --configs, or --runs")
+    return runs
+
+
+def main(argv=None) -> Dict:
+    args = get_parser().parse_args(argv)
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    runs = []
+    for item in _run_list(args):
+        logger.info("measuring %s seed %s (%s)", item["label"], item["seed"], item["dir"])
+        measured = measure_run(item["dir"], args.num_images, args.data_dir)
+        runs.append({**item, **measured})
+    command = "python -m dk_detectron2.tools.deformation_stats " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    report = {"command": command, "num_images": args.num_images, "runs": runs,
+              "summary": summarize(runs)}
+    for path in (args.json, args.markdown):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if args.json:
+        atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=1).encode()))
+    text = format_markdown(report)
+    if args.markdown:
+        atomic_write(args.markdown, lambda f: f.write(text.encode()))
+    print(text)
+    return report
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
+    main()
