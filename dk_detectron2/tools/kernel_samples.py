@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..checkpoint.atomic import atomic_write
 from ..layers.geometry import base_grid
 from ..layers.ops import arguments_by_name
 
@@ -327,8 +328,7 @@ def _write_stats_json(path: str, stats: List[Dict], **about) -> Dict:
     payload = {**about, "layers": stats, "mean_over_layers": mean}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
+    atomic_write(path, lambda f: f.write(json.dumps(payload, indent=2).encode()))
     return payload
 
 
