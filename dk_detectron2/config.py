@@ -47,6 +47,10 @@ def add_dk_config(cfg):
     # Generator of the local DK variants: "full" (a K x K conv from all input channels) or
     # "separable" (depthwise K x K + 1 x 1, about 1/6 of the weights); dk_detectron2.layers.generators.
     _C.MODEL.DK.GENERATOR = "full"
+    # How a fresh DK scope is filled: "full" (every cell like a 3x3 kernel's weight) or "grid"
+    # (only the cells the zero-rotation taps read; the outer ring starts at zero, so a tap that
+    # moves blends towards zero, not towards untrained weights). Checkpoints are unaffected.
+    _C.MODEL.DK.SCOPE_INIT = "full"
     # Iterations at the start of training during which the generators do not learn (lr 0): the
     # kernels train as rigid ones first. 0 disables the warm-up (DKTrainer, GeneratorWarmup hook).
     _C.MODEL.DK.GENERATOR_WARMUP_ITERS = 0

@@ -25,6 +25,7 @@ DEFAULTS = {
     "GENERATOR": "full",
     "GENERATOR_WARMUP_ITERS": 0,
     "NUM_EXPERTS": 4,
+    "SCOPE_INIT": "full",
 }
 
 

@@ -1,5 +1,5 @@
 """What trained DK layers learned (``python -m dk_detectron2.tools.deformation_stats``): the
-zero-rotation grid of a scope, the grid / ring weights, the rotation statistics of classification
+grid / ring weights, the rotation statistics of classification
 runs (zero generators: no rotation, no tap on the edge), the report, and clear errors."""
 import json
 import os
@@ -12,7 +12,7 @@ import dk_detectron2  # noqa: F401  (registers the models)
 from dk_detectron2.classification.shapes_data import ShapesClsSpec, ensure_shapes_cls
 from dk_detectron2.layers.deform_kernel import DeformKernel2d
 from dk_detectron2.tools import deformation_stats
-from dk_detectron2.tools.deformation_stats import grid_mask, scope_weight_statistics
+from dk_detectron2.tools.deformation_stats import scope_weight_statistics
 
 TINY = {"train": ShapesClsSpec(num_images=12, image_size=32),
         "val": ShapesClsSpec(num_images=24, image_size=32)}
@@ -21,16 +21,6 @@ TINY = {"train": ShapesClsSpec(num_images=12, image_size=32),
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return ensure_shapes_cls(str(tmp_path_factory.mktemp("data")), TINY)
-
-
-def test_grid_mask_marks_the_cells_read_at_zero_rotation():
-    centre = torch.zeros(5, 5, dtype=torch.bool)
-    centre[1:4, 1:4] = True
-    assert torch.equal(grid_mask((3, 3), (5, 5)), centre)
-    assert bool(grid_mask((3, 3), (4, 4)).all())  # taps between cells read all 16
-    assert bool(grid_mask((3, 3), (3, 3)).all())
-    wide = grid_mask((1, 3), (3, 5))
-    assert wide.sum() == 3 and bool(wide[1, 1:4].all())
 
 
 def test_scope_weights_split_into_grid_and_ring():

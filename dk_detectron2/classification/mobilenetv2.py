@@ -11,7 +11,7 @@ small data and CPUs; its rigid twin is timm's ``mobilenetv2_050``). Keyword argu
 ``dk_type`` (a ``DK_CONV_REGISTRY`` name, default ``"deform_kernel"``), ``dk_stages`` (indices of
 timm's ``blocks`` stages; default 2-6, the blocks at stride 8 and beyond, as res3-res5 of the
 ResNets), ``scope_size``, ``rotation_groups``, ``rotation_clip``, ``rotation_clip_range``,
-``generator``, ``num_experts`` (defaults of ``add_dk_config``), and timm's ``EfficientNet``
+``generator``, ``num_experts``, ``scope_init`` (defaults of ``add_dk_config``), and timm's ``EfficientNet``
 arguments (``num_classes``, ``drop_rate``, ``drop_path_rate``, ...).
 """
 from functools import partial
@@ -57,6 +57,7 @@ class DKMobileNetV2(EfficientNet):
         rotation_clip_range: Tuple[float, float] = DKOptions.rotation_clip_range,
         generator: str = DKOptions.generator,
         num_experts: int = DKOptions.num_experts,
+        scope_init: str = DKOptions.scope_init,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -74,6 +75,7 @@ class DKMobileNetV2(EfficientNet):
             rotation_clip_range=tuple(rotation_clip_range),
             generator=generator,
             num_experts=num_experts,
+            scope_init=scope_init,
         )
         self.dk_type = dk_type
         self.dk_stages = tuple(stages)

@@ -24,7 +24,7 @@ Registered names (``timm.create_model(name, num_classes=N, **kwargs)`` after
 Keyword arguments (the Detectron2 config key each mirrors in brackets): ``on_per_stage``
 (MODEL.DK.ON_PER_STAGE), ``dk_type`` (MODEL.DK.TYPE: any ``DK_CONV_REGISTRY`` name), ``base_type``
 (MODEL.DK.BASE_TYPE), ``depthwise`` (MODEL.DK.DEPTHWISE), ``scope_size``, ``rotation_groups``,
-``rotation_clip``, ``rotation_clip_range``, ``generator``, ``num_experts`` (MODEL.DK.*),
+``rotation_clip``, ``rotation_clip_range``, ``generator``, ``num_experts``, ``scope_init`` (MODEL.DK.*),
 ``stem_out_channels``, ``res2_out_channels``, ``width_per_group``, ``num_groups``, ``norm``
 (MODEL.RESNETS.*), ``kernel_size`` (3; 5 makes the rigid control with a 5x5 scope's support), and
 timm's ``num_classes``, ``in_chans``, ``global_pool``, ``drop_rate``. Defaults are
@@ -75,6 +75,7 @@ class DKResNet(nn.Module):
         rotation_clip_range: Tuple[float, float] = DKOptions.rotation_clip_range,
         generator: str = DKOptions.generator,
         num_experts: int = DKOptions.num_experts,
+        scope_init: str = DKOptions.scope_init,
         stem_out_channels: int = 64,
         res2_out_channels: Optional[int] = None,
         width_per_group: int = 64,
@@ -93,6 +94,7 @@ class DKResNet(nn.Module):
             rotation_clip_range=tuple(rotation_clip_range),
             generator=generator,
             num_experts=num_experts,
+            scope_init=scope_init,
         )
         self.num_classes = num_classes
         self.drop_rate = drop_rate

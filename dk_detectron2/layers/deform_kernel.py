@@ -22,11 +22,12 @@ from torch import nn
 
 from .conv_base import KernelConvBase
 from .generators import GENERATOR_KINDS, build_generator, global_average_pool, zero_init_
-from .geometry import IntPair, base_grid, check_divisor, pair, scope_base
+from .geometry import IntPair, base_grid, check_divisor, pair, scope_base, zero_rotation_cells
 from .ops import deform_kernel2d, deform_kernel_conv2d, nd_linear_sample
 
 __all__ = [
     "ROTATION_CLIP_MODES",
+    "SCOPE_INIT_MODES",
     "RotationClip",
     "KernelConvBase",
     "zero_init_",
@@ -36,6 +37,9 @@ __all__ = [
 ]
 
 ROTATION_CLIP_MODES = ("none", "scope", "range")
+# How a fresh scope is filled: "full", every cell like a K x K kernel's weight; "grid", only the
+# cells the zero-rotation taps read (the rest start at zero, as in a converted rigid checkpoint).
+SCOPE_INIT_MODES = ("full", "grid")
 
 
 class RotationClip(nn.Module):
@@ -107,6 +111,7 @@ class _DeformKernelBase(KernelConvBase):
         rotation_clip: str = "none",
         rotation_clip_range: Sequence[float] = (-1.0, 1.0),
         generator: str = "full",
+        scope_init: str = "full",
     ) -> None:
         self.scope_size = pair(
             "scope_size", self.kernel_size if scope_size is None else scope_size, 1
@@ -121,6 +126,9 @@ class _DeformKernelBase(KernelConvBase):
         if generator not in GENERATOR_KINDS:
             raise ValueError(f"generator must be one of {GENERATOR_KINDS}, got {generator!r}")
         self.generator = generator
+        if scope_init not in SCOPE_INIT_MODES:
+            raise ValueError(f"scope_init must be one of {SCOPE_INIT_MODES}, got {scope_init!r}")
+        self.scope_init = scope_init
         self.rotation_clip = RotationClip(
             self.kernel_size, self.scope_size, rotation_clip, rotation_clip_range
         )
@@ -158,9 +166,13 @@ class _DeformKernelBase(KernelConvBase):
         self._scale_for_rigid_kernel()
 
     def _scale_for_rigid_kernel(self) -> None:
-        """Divides a scope initialised like a K x K kernel by ``rigid_gain()``."""
+        """Divides a scope initialised like a K x K kernel by ``rigid_gain()``; with
+        ``scope_init="grid"`` then zeroes the cells the zero-rotation taps do not read."""
         with torch.no_grad():
             self.weight.div_(self.rigid_gain())
+            if self.scope_init == "grid":
+                ring = ~zero_rotation_cells(self.kernel_size, self.scope_size)
+                self.weight[..., ring.to(self.weight.device)] = 0.0
 
     @property
     def num_rotations(self) -> int:
@@ -211,6 +223,8 @@ class _DeformKernelBase(KernelConvBase):
                 s += f", rotation_clip_range={self.rotation_clip.clip_range}"
         if self.generator != "full":
             s += f", generator={self.generator!r}"
+        if self.scope_init != "full":
+            s += f", scope_init={self.scope_init!r}"
         return s
 
     def extra_repr(self) -> str:
@@ -234,6 +248,9 @@ class GlobalDeformKernel2d(_DeformKernelBase):
         generator: the kind of the local variants' generators, ``"full"`` or ``"separable"``
             (:mod:`dk_detectron2.layers.generators`); the global variant's is a linear layer on
             the pooled input and takes only ``"full"``.
+        scope_init: ``"full"`` (every scope cell initialised like a K x K kernel's weight) or
+            ``"grid"`` (only the cells the zero-rotation taps read; the others start at zero, so
+            a tap that moves reads a blend towards zero instead of untrained noise).
         norm, activation: as ``detectron2.layers.Conv2d``.
     Input [B, C_in, H, W] -> output [B, C_out, Ho, Wo] (Ho, Wo as the rigid convolution's).
     """

@@ -7,15 +7,17 @@
 - :func:`output_size`: a convolution's output size along one axis.
 - :func:`scope_base`, :func:`base_grid`: where the taps of a K-tap kernel read an S-cell scope at
   zero rotation: tap ``k`` at ``k + (S - K) / 2`` along each axis (the rule of ``csrc/bilinear.h``
-  and of :mod:`dk_detectron2.layers.reference`).
+  and of :mod:`dk_detectron2.layers.reference`); :func:`zero_rotation_cells`: the scope cells
+  those taps read.
 """
+import math
 from typing import List, Optional, Tuple, Union
 
 import torch
 
 __all__ = [
     "IntPair", "is_int", "check_int", "check_divisor", "pair", "pair_list", "output_size",
-    "scope_base", "base_grid",
+    "scope_base", "base_grid", "zero_rotation_cells",
 ]
 
 # An int, or a pair of ints as a tuple (torch.Size included) or a list: what :func:`pair` takes.
@@ -99,3 +101,15 @@ def base_grid(kernel_size: Tuple[int, int], scope_size: Tuple[int, int],
     ys = torch.arange(kh, dtype=dtype, device=device) + scope_base(kh, sh)
     xs = torch.arange(kw, dtype=dtype, device=device) + scope_base(kw, sw)
     return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)
+
+
+def zero_rotation_cells(kernel_size: Tuple[int, int], scope_size: Tuple[int, int]) -> torch.Tensor:
+    """[Sh, Sw] bool: the scope cells a K x K kernel reads with a non-zero bilinear weight at zero
+    rotation (for K = 3 in S = 5 the centre 3 x 3; with S - K odd the taps sit between cells and,
+    for S = K + 1, read every cell)."""
+    mask = torch.zeros(tuple(scope_size), dtype=torch.bool)
+    for y, x in base_grid(kernel_size, scope_size, torch.float64).tolist():
+        for cy in {math.floor(y), math.ceil(y)}:
+            for cx in {math.floor(x), math.ceil(x)}:
+                mask[cy, cx] = True
+    return mask

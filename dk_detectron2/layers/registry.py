@@ -25,6 +25,7 @@ from torch import nn
 
 from .deform_kernel import (
     ROTATION_CLIP_MODES,
+    SCOPE_INIT_MODES,
     DeformKernel2d,
     DeformKernelConv2d,
     GlobalDeformKernel2d,
@@ -61,6 +62,7 @@ class DKOptions:
     rotation_clip: str = "scope"  # "scope" | "range" | "none" (DK variants)
     rotation_clip_range: Tuple[float, float] = (-1.0, 1.0)  # bounds for rotation_clip="range"
     generator: str = "full"  # "full" | "separable" (local DK variants' generators)
+    scope_init: str = "full"  # "full" | "grid": cells outside the zero-rotation grid at zero (DK)
     num_experts: int = 4  # E (cond_conv)
 
     def __post_init__(self):
@@ -84,6 +86,10 @@ class DKOptions:
             raise ValueError(
                 f"{name('generator')} must be one of {GENERATOR_KINDS}, got {self.generator!r}"
             )
+        if self.scope_init not in SCOPE_INIT_MODES:
+            raise ValueError(
+                f"{name('scope_init')} must be one of {SCOPE_INIT_MODES}, got {self.scope_init!r}"
+            )
 
     @classmethod
     def from_config(cls, cfg) -> "DKOptions":
@@ -96,6 +102,7 @@ class DKOptions:
             rotation_clip_range=tuple(dk.ROTATION_CLIP_RANGE),
             generator=dk.GENERATOR,
             num_experts=dk.NUM_EXPERTS,
+            scope_init=dk.SCOPE_INIT,
         )
 
     def deform_kernel_kwargs(self) -> dict:
@@ -105,6 +112,7 @@ class DKOptions:
             rotation_clip=self.rotation_clip,
             rotation_clip_range=self.rotation_clip_range,
             generator=self.generator,
+            scope_init=self.scope_init,
         )
 
 

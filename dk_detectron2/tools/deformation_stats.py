@@ -34,35 +34,22 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..checkpoint.atomic import atomic_write
-from ..layers.geometry import base_grid
+from ..layers.geometry import zero_rotation_cells
 from .erf_scale import _load_images, load_run
 from .erf_scale_stats import select_images
 from .rotation_stats import find_dk_layers, rotation_statistics
 
-__all__ = ["grid_mask", "scope_weight_statistics", "measure_run", "summarize", "main"]
+__all__ = ["scope_weight_statistics", "measure_run", "summarize", "main"]
 
 logger = logging.getLogger(__name__)
 LAYER_METRICS = ("mean_abs_rotation", "max_abs_rotation", "taps_on_scope_edge",
                  "taps_reading_zero", "grid_abs_weight", "ring_abs_weight")
 
 
-def grid_mask(kernel_size: Sequence[int], scope_size: Sequence[int]) -> torch.Tensor:
-    """``[Sh, Sw]`` bool: the scope cells a ``kernel_size`` kernel reads (with a non-zero bilinear
-    weight) at zero rotation."""
-    points = base_grid(tuple(kernel_size), tuple(scope_size), torch.float64)
-    mask = torch.zeros(tuple(scope_size), dtype=torch.bool)
-    for y, x in points.tolist():
-        for cy in {math.floor(y), math.ceil(y)}:
-            for cx in {math.floor(x), math.ceil(x)}:
-                if 0 <= cy < scope_size[0] and 0 <= cx < scope_size[1]:
-                    mask[cy, cx] = True
-    return mask
-
-
 def scope_weight_statistics(module: torch.nn.Module) -> Dict[str, Optional[float]]:
     """Mean |w| of a DK layer's scope inside and outside its zero-rotation grid."""
     weight = module.weight.detach().abs()
-    mask = grid_mask(module.kernel_size, weight.shape[-2:])
+    mask = zero_rotation_cells(module.kernel_size, tuple(weight.shape[-2:]))
     ring = weight[..., ~mask]
     return {"grid_abs_weight": float(weight[..., mask].mean()),
             "ring_abs_weight": float(ring.mean()) if ring.numel() else None}
