@@ -237,6 +237,8 @@ def test_kernel_samples_command_line_draws_a_layer_of_a_dk_model(tmp_path):
     assert saved["mean_over_layers"]["taps_on_scope_edge"] == pytest.approx(
         np.mean([row["taps_on_scope_edge"] for row in stats]))
     assert saved["config"] == config and saved["input"] == str(images / "0.png")
+    assert saved["command"].startswith("python -m dk_detectron2.tools.kernel_samples ")
+    assert "--stats-json" in saved["command"]
 
 
 def test_rotation_statistics_find_layers_whose_taps_left_the_scope():

@@ -28,6 +28,8 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
+import sys
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -364,7 +366,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List:
                 f"{100 * row['taps_on_scope_edge']:5.1f}%"
             )
         if args.stats_json:
-            _write_stats_json(args.stats_json, stats, config=args.config_file,
+            command = "python -m dk_detectron2.tools.kernel_samples " + " ".join(
+                shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+            _write_stats_json(args.stats_json, stats, command=command, config=args.config_file,
                               weights=cfg.MODEL.WEIGHTS, input=args.input)
         return stats
     name = args.layer or layers[-1]
