@@ -64,7 +64,7 @@ def test_pipeline_spec_reads_the_classification_study_backbones():
     classification study's rigid / DK rows (paired), from configs that load timm checkpoints."""
     pipeline = {r.name: r for r in load_spec(os.path.join(REPO, "configs/studies/shapes_pretrained.yaml"))}
     classification = {r.name: r for r in load_spec(os.path.join(REPO, "configs/studies/cls_shapes.yaml"))}
-    for name, source in (("dw_pre", "rigid3"), ("dk_pre", "dk")):
+    for name, source in (("dw_pre", "rigid3"), ("dk_pre", "dk"), ("dk_rigidpre", "rigid3")):
         weights = dict(zip(pipeline[name].opts[::2], pipeline[name].opts[1::2]))["MODEL.WEIGHTS"]
         assert weights == f"{{root}}/../study_cls/{source}/seed_{{seed}}/last.pth.tar"
         assert source in classification
