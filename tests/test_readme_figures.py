@@ -78,3 +78,35 @@ def test_the_export_table_quotes_the_tools_json(name):
     assert report["format"] == name and report["samples"] == 8 and report["repeats"] == 5
     assert report["shapes_equal"] == report["finite_equal"] == 1.0
     assert _export_row(name, report) in _read("README.md").splitlines()
+
+
+def _mean_std(stats, signed=False):
+    mean = _signed(stats["mean"]) if signed else f"{stats['mean']:.1f}"
+    return f"{mean} ± {stats['std']:.1f}"
+
+
+@pytest.mark.parametrize("study, row, metric, signed", [
+    ("study_cls.json", "rigid3", "top1", False),
+    ("study_cls.json", "dk", "top1", False),
+    ("study_cls.json", "dk", "top1 - rigid3", True),
+    ("study_pretrained.json", "dw_pre", "bbox/AP", False),
+    ("study_pretrained.json", "dk_pre", "bbox/AP", False),
+    ("study_pretrained.json", "dk_pre", "bbox/AP - dw_pre", True),
+])
+def test_the_classification_figures_quote_the_studies(study, row, metric, signed):
+    """The README and docs/results_classification.md quote the five-seed rows of the committed
+    classification and pipeline studies (mean ± std, paired differences signed)."""
+    stats = json.loads(_read("docs", "results", study))["summary"][row][metric]
+    assert stats["n"] == 5, (row, metric, stats["n"])
+    quoted = _mean_std(stats, signed)
+    assert quoted in _read("README.md"), quoted
+    assert quoted in _read("docs", "results_classification.md"), quoted
+
+
+def test_the_deformation_figures_quote_the_tools_json():
+    report = json.loads(_read("docs", "results", "deformation_cls.json"))
+    dk = report["summary"]["dk"]
+    assert dk["mean_abs_rotation"]["n"] == 5
+    readme = _read("README.md")
+    assert f"move {dk['mean_abs_rotation']['mean']:.2f} cells" in readme
+    assert f"grid grew to {dk['grid_abs_weight']['mean']:.3f}" in readme
