@@ -41,7 +41,7 @@ def add_dk_config(cfg):
     _C.MODEL.DK.ROTATION_CLIP_RANGE = [-1.0, 1.0]
     # Learning-rate factor of the generators that predict rotations and offsets. At 1 rotations
     # swing outside the scope early in training; at 0.1 many taps pile up on the scope's edge
-    # (from scratch: 13-27 % with scope 5, 27-44 % with scope 4; docs/results_shapes.md); 0.01
+    # (from scratch: 18.4 % with scope 5, 34.0 % with scope 4; docs/results/edge_taps/); 0.01
     # keeps them within a fraction of a cell of the rigid grid.
     _C.MODEL.DK.GENERATOR_LR_FACTOR = 0.01
     # Generator of the local DK variants: "full" (a K x K conv from all input channels) or
