@@ -119,3 +119,24 @@ def test_the_deformation_figures_quote_the_tools_json():
     readme = _read("README.md")
     assert f"move {dk['mean_abs_rotation']['mean']:.2f} cells" in readme
     assert f"grid grew to {dk['grid_abs_weight']['mean']:.3f}" in readme
+
+
+@pytest.mark.parametrize("row, quoted_n", [("dk_frozen", 3), ("dk_ring0", 5)])
+def test_the_control_figures_quote_the_study_runs(row, quoted_n):
+    """The controls' top-1 and their paired differences to DK (over the seeds both have, from the
+    committed runs) as the README and the results page quote them."""
+    import statistics
+
+    study = json.loads(_read("docs", "results", "study_cls.json"))
+    top1 = {}
+    for run in study["runs"]:
+        if run["metrics"]:
+            top1.setdefault(run["name"], {})[run["seed"]] = run["metrics"]["top1"]
+    seeds = sorted(set(top1[row]) & set(top1["dk"]))
+    assert len(seeds) == quoted_n
+    differences = [top1[row][s] - top1["dk"][s] for s in seeds]
+    paired = f"{statistics.mean(differences):.1f} ± {statistics.stdev(differences):.1f}"
+    own = _mean_std(study["summary"][row]["top1"])
+    for text in (_read("README.md"), _read("docs", "results_classification.md")):
+        assert paired in text, (row, paired)
+    assert own in _read("docs", "results_classification.md"), (row, own)
