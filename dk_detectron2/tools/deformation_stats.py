@@ -25,7 +25,6 @@ Example (the classification study)::
 import argparse
 import json
 import logging
-import math
 import os
 import shlex
 import sys
@@ -35,9 +34,10 @@ import torch
 
 from ..checkpoint.atomic import atomic_write
 from ..layers.geometry import zero_rotation_cells
-from .erf_scale import _load_images, load_run
+from .erf_scale import _load_images, _seed_of, load_run
 from .erf_scale_stats import select_images
 from .rotation_stats import find_dk_layers, rotation_statistics
+from .study_report import _mean_std
 
 __all__ = ["scope_weight_statistics", "measure_run", "summarize", "main"]
 
@@ -86,15 +86,6 @@ def _layer_means(layers: List[Dict]) -> Dict[str, Optional[float]]:
         means[key] = (max(values) if key == "max_abs_rotation" else sum(values) / len(values)) \
             if values else None
     return means
-
-
-def _mean_std(values: List[float]) -> Dict:
-    n = len(values)
-    if not n:
-        return {"n": 0, "mean": None, "std": None}
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-    return {"n": n, "mean": mean, "std": std}
 
 
 def summarize(runs: List[Dict]) -> Dict[str, Dict]:
@@ -180,7 +171,7 @@ def _run_list(args) -> List[Dict]:
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"--study {args.study!r} has no config folder {name!r}")
             seeds = args.seeds if args.seeds is not None else sorted(
-                int(d[5:]) for d in os.listdir(folder) if d.startswith("seed_")
+                _seed_of(d) for d in os.listdir(folder) if _seed_of(d) is not None
                 and os.path.isfile(os.path.join(folder, d, "results.json")))
             runs += [{"label": name, "seed": s, "dir": os.path.join(folder, f"seed_{s}")}
                      for s in seeds]
