@@ -157,15 +157,15 @@ class _DeformKernelBase(KernelConvBase):
 
     def _reset_weight(self) -> None:
         super()._reset_weight()
-        self._scale_for_rigid_kernel()
+        self._finish_scope_init()
 
     def c2_msra_fill_(self) -> None:
         """``c2_msra_fill`` of the rigid kernel: the scope is scaled by ``1 / rigid_gain()`` so that
         the zero-rotation K x K kernel has the He-normal std of a K x K conv."""
         super().c2_msra_fill_()
-        self._scale_for_rigid_kernel()
+        self._finish_scope_init()
 
-    def _scale_for_rigid_kernel(self) -> None:
+    def _finish_scope_init(self) -> None:
         """Divides a scope initialised like a K x K kernel by ``rigid_gain()``; with
         ``scope_init="grid"`` then zeroes the cells the zero-rotation taps do not read."""
         with torch.no_grad():
