@@ -66,6 +66,8 @@ def test_a_classification_study_trains_resumes_and_reports(tmp_path):
         assert {"top1_small", "top1_medium", "top1_large"} <= set(r["metrics"])
         assert "-m dk_detectron2.classification.train --model" in r["command"]
     assert "--generator-lr-factor 0.1" in runs["dk"]["command"]
+    # Multiply-adds of one 32 px image: DK's generators and kernel reads cost more than rigid.
+    assert 0 < runs["rigid"]["metrics"]["macs_m"] < runs["dk"]["metrics"]["macs_m"]
     delta = payload["summary"]["dk"]["top1 - rigid"]
     assert delta["n"] == 1
     markdown = (root / "study.md").read_text()
@@ -75,3 +77,13 @@ def test_a_classification_study_trains_resumes_and_reports(tmp_path):
     mtime = os.path.getmtime(root / "dk" / "seed_3" / "results.json")
     assert study_tool.main(args) == 0
     assert os.path.getmtime(root / "dk" / "seed_3" / "results.json") == mtime
+    # A run whose results.json predates the multiply-add field is counted from its args.json.
+    results_path = root / "dk" / "seed_3" / "results.json"
+    results = json.loads(results_path.read_text())
+    recorded = results.pop("macs_per_image")
+    results_path.write_text(json.dumps(results))
+    assert study_tool.main(args + ["--summarize-only"]) == 0
+    with open(root / "study.json") as f:
+        backfilled = {r["name"]: r for r in json.load(f)["runs"]}["dk"]["metrics"]["macs_m"]
+    assert backfilled == pytest.approx(recorded / 1e6)
+    assert "MMACs/image" in (root / "study.md").read_text()

@@ -1,5 +1,6 @@
 """fvcore handles of the DK operators: counts equal hand counts; analyze_model reports a DK model."""
 
+import pytest
 import torch
 import torchvision
 from fvcore.nn import ActivationCountAnalysis, FlopCountAnalysis
@@ -15,6 +16,7 @@ from dk_detectron2.tools.flops import (
     add_dk_activation_handles,
     add_dk_flop_handles,
     dk_flop_handles,
+    image_model_macs,
 )
 
 
@@ -154,6 +156,28 @@ def test_dk_modules_count_generator_convolution_plus_op():
     counts = analysis.by_operator()
     assert counts["nd_linear_sample"] == 9 * 8 * 4  # one kernel sampled per image
     assert counts["conv"] == positions * 8 * 9  # the per-sample depthwise convolution
+
+
+def test_image_model_macs_counts_one_image_and_leaves_the_model_as_it_was():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),
+        DeformKernel2d(8, 8, 3, stride=1, padding=1, groups=8, scope_size=4),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    model.train()
+    running_mean = model[1].running_mean.clone()
+    positions = 10 * 10
+    expected = (positions * 8 * 3 * 9  # stem conv
+                + 2 * positions * 8  # eval-mode batch norm (fvcore: two per element)
+                + positions * 18 * 8 * 9  # DK rotation generator
+                + positions * 8 * 9 * 5  # DK op: tap product + kernel-space bilinear read
+                + positions * 8  # average pooling
+                + 8 * 5)  # classifier
+    assert image_model_macs(model, (3, 10, 10)) == expected
+    assert model.training and torch.equal(model[1].running_mean, running_mean)
+    assert model[1].num_batches_tracked.item() == 0
+    for bad in ((3, 10), (3, 0, 10), (3.5, 10, 10)):
+        with pytest.raises(ValueError, match="input_size must be"):
+            image_model_macs(model, bad)
 
 
 def test_activation_handles_count_output_elements():

@@ -7,8 +7,8 @@ sampler), ``create_optimizer_v2``, ``create_scheduler_v2``, ``ModelEmaV3``, ``Ch
 ``update_summary`` (``summary.csv``, one row per epoch) and ``accuracy`` (top-1/top-5). What it
 adds: the DK generators in their own parameter group (``--generator-lr-factor`` x the lr, no weight
 decay), input checks with clear errors, an ETA on the progress line, ``results.json`` (best and
-final top-1 and their epochs) and ``val_predictions.json`` (the final model's prediction for every
-validation image, for per-object-size accuracy).
+final top-1 and their epochs, parameters, multiply-adds per image) and ``val_predictions.json``
+(the final model's prediction for every validation image, for per-object-size accuracy).
 
 Data: ``--data-dir DIR`` holding ``DIR/train/<class>/*`` and ``DIR/val/<class>/*``.
 Distributed: ``torchrun --nproc_per_node N -m dk_detectron2.classification.train ...`` (NCCL on
@@ -39,6 +39,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import CheckpointSaver, ModelEmaV3, NativeScaler, ParseKwargs, random_seed, update_summary
 
 from . import checkpoint_filter_fn, generator_parameters  # noqa: F401  (registers the models)
+from ..tools.flops import image_model_macs
 from .engine import check_image_folder, dk_param_groups, format_eta, train_one_epoch, validate
 
 __all__ = ["build_parser", "main"]
@@ -180,10 +181,13 @@ def main(argv=None) -> dict:
         load_checkpoint(model, args.initial_checkpoint, filter_fn=checkpoint_filter_fn)
     model.to(device)
     data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
+    macs_per_image = None
     if args.rank == 0:
         generators = sum(p.numel() for p in generator_parameters(model))
+        macs_per_image = image_model_macs(model, data_config["input_size"])
         _logger.info(f"Model {args.model} ({sum(p.numel() for p in model.parameters()):,} "
-                     f"parameters, {generators:,} in DK generators), data {data_config}")
+                     f"parameters, {generators:,} in DK generators, {macs_per_image / 1e6:.2f} M "
+                     f"multiply-adds per image), data {data_config}")
 
     optimizer = create_optimizer_v2(
         dk_param_groups(model, args.weight_decay, args.generator_lr_factor),
@@ -283,6 +287,7 @@ def main(argv=None) -> dict:
             "final_top5": float(history[-1]["eval_top5"]),
             "parameters": sum(p.numel() for p in final_model.parameters()),
             "generator_parameters": sum(p.numel() for p in generator_parameters(final_model)),
+            "macs_per_image": macs_per_image,
             "train_seconds": round(time.time() - start_time, 1),
             "world_size": args.world_size,
         }

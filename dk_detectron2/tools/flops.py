@@ -48,7 +48,7 @@ Handles set on an analysis with ``set_op_handle`` still take precedence;
 """
 
 import importlib
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import torch
 from fvcore.nn.jit_handles import Handle, generic_activation_jit, get_shape
@@ -73,6 +73,7 @@ __all__ = [
     "add_dk_flop_handles",
     "add_dk_activation_handles",
     "register_default_handles",
+    "image_model_macs",
 ]
 
 KERNEL_BILINEAR_MACS = 4  # kernel-space bilinear read: 4 corners
@@ -202,3 +203,31 @@ def register_default_handles(torchvision: bool = False) -> None:
         flop_defaults.setdefault(name, handle)
     for name, handle in dk_activation_handles(torchvision).items():
         activation_defaults.setdefault(name, handle)
+
+
+def image_model_macs(model: torch.nn.Module, input_size: Sequence[int]) -> int:
+    """Multiply-adds of one forward pass of an image model (``model(x)``, x of shape
+    [1, C, H, W], e.g. a timm classifier) on one image of ``input_size`` = (C, H, W), with the DK
+    operators and ``torchvision::deform_conv2d`` counted (the convention above: pooling, additions
+    and other elementwise work are not counted).
+
+    The model is traced in eval mode under ``torch.no_grad`` (BatchNorm statistics are not
+    touched) and handed back in the mode it came in.
+    """
+    from fvcore.nn import FlopCountAnalysis
+
+    if len(input_size) != 3 or not all(is_int(v) and v > 0 for v in input_size):
+        raise ValueError(f"input_size must be (C, H, W) of positive ints, got {tuple(input_size)}")
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    image = torch.zeros(1, *input_size, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            analysis = add_dk_flop_handles(FlopCountAnalysis(model, image), torchvision=True)
+            analysis.unsupported_ops_warnings(False)
+            analysis.uncalled_modules_warnings(False)
+            return int(analysis.total())
+    finally:
+        model.train(was_training)

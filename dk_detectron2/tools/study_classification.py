@@ -6,8 +6,9 @@ ROOT/NAME --experiment seed_s TRAIN_ARGS... OPTS...``; it is finished when its `
 exists. Metrics per run: the final epoch's top-1 (``top1``; no model selection on the validation
 set), the best epoch's (``best_top1``), top-1 per object-size bin (``top1_small``,
 ``top1_medium``, ``top1_large``: the object's largest extent < 0.25, 0.25-0.5, >= 0.5 of the image,
-from the run's ``val_predictions.json`` and the split's ``meta.json``), the parameter count and
-the generators' share. The report: ``study.md`` (mean ± std per config; paired difference to the
+from the run's ``val_predictions.json`` and the split's ``meta.json``), the parameter count,
+the multiply-adds of one image (``macs_m``, millions: the run's ``results.json``, or counted from
+its model and input size for runs that predate that field) and the seconds per epoch. The report: ``study.md`` (mean ± std per config; paired difference to the
 baseline with its standard error and a 2-s.e. verdict) and ``study.png``.
 
 Spec::
@@ -55,7 +56,7 @@ class ClassificationRunner:
     kind = "classification"
     results_file = "results.json"
     metric_labels = ("top1", "best_top1", "top1_small", "top1_medium", "top1_large",
-                     "params_k", "seconds_per_epoch")
+                     "params_k", "macs_m", "seconds_per_epoch")
 
     def __init__(self, train_args: Sequence[str]):
         self.train_args = [str(a) for a in train_args]
@@ -65,6 +66,7 @@ class ClassificationRunner:
         self.val_split = (self.train_args[self.train_args.index("--val-split") + 1]
                           if "--val-split" in self.train_args else "val")
         self._meta = None
+        self._macs_cache: Dict[str, int] = {}
 
     def check(self) -> None:
         """Makes the default miniature dataset if the study names it and it is not there yet."""
@@ -91,11 +93,34 @@ class ClassificationRunner:
                     self._meta = json.load(f)
         return self._meta
 
+    def _macs_per_image(self, run: StudyRun, results: Dict) -> int:
+        """``results["macs_per_image"]``, or, for a run whose trainer did not record it, the count
+        for the model, keyword arguments, classes and input size in its ``args.json``."""
+        if results.get("macs_per_image") is not None:
+            return int(results["macs_per_image"])
+        import timm
+        from timm.data import resolve_data_config
+
+        from .. import classification  # noqa: F401  (registers the models)
+        from .flops import image_model_macs
+
+        with open(os.path.join(run.output_dir, "args.json")) as f:
+            args = json.load(f)
+        key = json.dumps([args["model"], args.get("model_kwargs") or {}, results["num_classes"],
+                          args.get("img_size"), args.get("input_size")], sort_keys=True)
+        if key not in self._macs_cache:
+            model = timm.create_model(args["model"], num_classes=results["num_classes"],
+                                      **(args.get("model_kwargs") or {}))
+            size = resolve_data_config(args, model=model)["input_size"]
+            self._macs_cache[key] = image_model_macs(model, size)
+        return self._macs_cache[key]
+
     def metrics(self, run: StudyRun) -> Dict:
         with open(run.results_path) as f:
             results = json.load(f)
         metrics = {"top1": results["final_top1"], "best_top1": results["best_top1"],
                    "params_k": results["parameters"] / 1e3,
+                   "macs_m": self._macs_per_image(run, results) / 1e6,
                    "seconds_per_epoch": results["train_seconds"] / max(1, results["epochs"])}
         predictions = os.path.join(run.output_dir, "val_predictions.json")
         meta = self._split_meta()
@@ -135,21 +160,22 @@ def format_classification_markdown(configs, records, summary, train_args) -> str
         "row's baseline over the seeds both finished (mean ± std), its standard error and whether "
         "|mean| > 2 s.e.", "",
         f"Common trainer arguments: `{shlex.join(train_args)}`", "",
-        "| config | model | seeds | top-1 | small | medium | large | params (k) | s/epoch "
-        "| baseline | Δ top-1 | s.e.; verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | model | seeds | top-1 | small | medium | large | params (k) | MMACs/image "
+        "| s/epoch | baseline | Δ top-1 | s.e.; verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in configs:
         s = summary.get(c.name)
         if not s:
-            lines.append(f"| `{c.name}` | `{c.config}` | — |" + " — |" * 9)
+            lines.append(f"| `{c.name}` | `{c.config}` | — |" + " — |" * 10)
             continue
         base = s.get("baseline")
         delta = s.get(f"top1 - {base}") if base else None
         lines.append(
             f"| `{c.name}` | `{c.config}` | {len(s['seeds'])} | {_fmt(s['top1'])} | "
             f"{_fmt(s['top1_small'])} | {_fmt(s['top1_medium'])} | {_fmt(s['top1_large'])} | "
-            f"{_fmt(s['params_k'], digits=0)} | {_fmt(s['seconds_per_epoch'])} | "
+            f"{_fmt(s['params_k'], digits=0)} | {_fmt(s.get('macs_m'), digits=1)} | "
+            f"{_fmt(s['seconds_per_epoch'])} | "
             f"{f'`{base}`' if base else '—'} | {_fmt(delta, True)} | {paired_verdict(delta)} |")
     lines += ["", "## Configs", ""]
     for c in configs:
