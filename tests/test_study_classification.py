@@ -8,7 +8,11 @@ import pytest
 from dk_detectron2.classification.shapes_data import ShapesClsSpec, ensure_shapes_cls
 from dk_detectron2.tools import study as study_tool
 from dk_detectron2.tools.study import load_spec_settings
-from dk_detectron2.tools.study_classification import paired_verdict, size_bin_accuracy
+from dk_detectron2.tools.study_classification import (
+    final_losses,
+    paired_verdict,
+    size_bin_accuracy,
+)
 
 
 def test_size_bins_count_each_prediction_once():
@@ -23,6 +27,15 @@ def test_size_bins_count_each_prediction_once():
     assert size_bin_accuracy(predictions, meta) == {"small": 100.0, "medium": 0.0, "large": 50.0}
     with pytest.raises(KeyError, match="c/9.png"):
         size_bin_accuracy([{"file_name": "c/9.png", "label": 0, "pred": 0}], meta)
+
+
+def test_final_losses_read_the_last_epoch_of_the_summary(tmp_path):
+    summary = tmp_path / "summary.csv"
+    assert final_losses(str(summary)) == {}
+    summary.write_text("epoch,train_loss,eval_loss,eval_top1\n")
+    assert final_losses(str(summary)) == {}
+    summary.write_text("epoch,train_loss,eval_loss,eval_top1\n0,1.9,1.8,20\n1,1.5,1.6,30\n")
+    assert final_losses(str(summary)) == {"train_loss": 1.5, "val_loss": 1.6}
 
 
 def test_paired_verdict_uses_two_standard_errors():
@@ -64,6 +77,7 @@ def test_a_classification_study_trains_resumes_and_reports(tmp_path):
     for r in runs.values():
         assert 0 <= r["metrics"]["top1"] <= 100
         assert {"top1_small", "top1_medium", "top1_large"} <= set(r["metrics"])
+        assert r["metrics"]["train_loss"] > 0 and r["metrics"]["val_loss"] > 0
         assert "-m dk_detectron2.classification.train --model" in r["command"]
     assert "--generator-lr-factor 0.1" in runs["dk"]["command"]
     # Multiply-adds of one 32 px image: DK's generators and kernel reads cost more than rigid.

@@ -8,7 +8,10 @@ set), the best epoch's (``best_top1``), top-1 per object-size bin (``top1_small`
 ``top1_medium``, ``top1_large``: the object's largest extent < 0.25, 0.25-0.5, >= 0.5 of the image,
 from the run's ``val_predictions.json`` and the split's ``meta.json``), the parameter count,
 the multiply-adds of one image (``macs_m``, millions: the run's ``results.json``, or counted from
-its model and input size for runs that predate that field) and the seconds per epoch. The report: ``study.md`` (mean ± std per config; paired difference to the
+its model and input size for runs that predate that field), the seconds per epoch, and the final
+epoch's mean training and validation losses (``train_loss``, ``val_loss``, from timm's
+``summary.csv``: a model that is behind on both fits worse; one behind on validation only
+overfits). The report: ``study.md`` (mean ± std per config; paired difference to the
 baseline with its standard error and a 2-s.e. verdict) and ``study.png``.
 
 Spec::
@@ -19,6 +22,7 @@ Spec::
       - {name: rigid3, config: resnet18_dw_050}
       - {name: dk, config: dk_resnet18_dw_050, opts: [--generator-lr-factor, "0.01"]}
 """
+import csv
 import json
 import math
 import os
@@ -50,13 +54,25 @@ def size_bin_accuracy(predictions: Sequence[Dict], meta: Dict) -> Dict[str, Opti
     return {name: (100.0 * sum(v) / len(v) if v else None) for name, v in hits.items()}
 
 
+def final_losses(summary_csv: str) -> Dict[str, float]:
+    """``{"train_loss", "val_loss"}`` of the last epoch in timm's ``summary.csv`` (``{}`` when the
+    file is missing or has no epoch)."""
+    if not os.path.exists(summary_csv):
+        return {}
+    with open(summary_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    return {"train_loss": float(rows[-1]["train_loss"]), "val_loss": float(rows[-1]["eval_loss"])}
+
+
 class ClassificationRunner:
     """The classification counterpart of :class:`~dk_detectron2.tools.study.DetectionRunner`."""
 
     kind = "classification"
     results_file = "results.json"
     metric_labels = ("top1", "best_top1", "top1_small", "top1_medium", "top1_large",
-                     "params_k", "macs_m", "seconds_per_epoch")
+                     "params_k", "macs_m", "seconds_per_epoch", "train_loss", "val_loss")
 
     def __init__(self, train_args: Sequence[str]):
         self.train_args = [str(a) for a in train_args]
@@ -122,6 +138,7 @@ class ClassificationRunner:
                    "params_k": results["parameters"] / 1e3,
                    "macs_m": self._macs_per_image(run, results) / 1e6,
                    "seconds_per_epoch": results["train_seconds"] / max(1, results["epochs"])}
+        metrics.update(final_losses(os.path.join(run.output_dir, "summary.csv")))
         predictions = os.path.join(run.output_dir, "val_predictions.json")
         meta = self._split_meta()
         if meta is not None and os.path.exists(predictions):
@@ -160,20 +177,21 @@ def format_classification_markdown(configs, records, summary, train_args) -> str
         "row's baseline over the seeds both finished (mean ± std), its standard error and whether "
         "|mean| > 2 s.e.", "",
         f"Common trainer arguments: `{shlex.join(train_args)}`", "",
-        "| config | model | seeds | top-1 | small | medium | large | params (k) | MMACs/image "
-        "| s/epoch | baseline | Δ top-1 | s.e.; verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | model | seeds | top-1 | small | medium | large | train / val loss "
+        "| params (k) | MMACs/image | s/epoch | baseline | Δ top-1 | s.e.; verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in configs:
         s = summary.get(c.name)
         if not s:
-            lines.append(f"| `{c.name}` | `{c.config}` | — |" + " — |" * 10)
+            lines.append(f"| `{c.name}` | `{c.config}` | — |" + " — |" * 11)
             continue
         base = s.get("baseline")
         delta = s.get(f"top1 - {base}") if base else None
         lines.append(
             f"| `{c.name}` | `{c.config}` | {len(s['seeds'])} | {_fmt(s['top1'])} | "
             f"{_fmt(s['top1_small'])} | {_fmt(s['top1_medium'])} | {_fmt(s['top1_large'])} | "
+            f"{_fmt(s.get('train_loss'), digits=3)} / {_fmt(s.get('val_loss'), digits=3)} | "
             f"{_fmt(s['params_k'], digits=0)} | {_fmt(s.get('macs_m'), digits=1)} | "
             f"{_fmt(s['seconds_per_epoch'])} | "
             f"{f'`{base}`' if base else '—'} | {_fmt(delta, True)} | {paired_verdict(delta)} |")
