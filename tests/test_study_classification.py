@@ -100,4 +100,10 @@ def test_a_classification_study_trains_resumes_and_reports(tmp_path):
     with open(root / "study.json") as f:
         backfilled = {r["name"]: r for r in json.load(f)["runs"]}["dk"]["metrics"]["macs_m"]
     assert backfilled == pytest.approx(recorded / 1e6)
+    # A trainer that could not trace its model records None: no count, the rest of the report.
+    results_path.write_text(json.dumps({**results, "macs_per_image": None}))
+    assert study_tool.main(args + ["--summarize-only"]) == 0
+    with open(root / "study.json") as f:
+        dk = {r["name"]: r for r in json.load(f)["runs"]}["dk"]["metrics"]
+    assert dk["macs_m"] is None and dk["top1"] == runs["dk"]["metrics"]["top1"]
     assert "MMACs/image" in (root / "study.md").read_text()

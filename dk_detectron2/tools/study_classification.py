@@ -109,18 +109,22 @@ class ClassificationRunner:
                     self._meta = json.load(f)
         return self._meta
 
-    def _macs_per_image(self, run: StudyRun, results: Dict) -> int:
+    def _macs_per_image(self, run: StudyRun, results: Dict) -> Optional[int]:
         """``results["macs_per_image"]``, or, for a run whose trainer did not record it, the count
-        for the model, keyword arguments, classes and input size in its ``args.json``."""
+        for the model, keyword arguments, classes and input size in its ``args.json`` (None when
+        neither is available: the trainer could not trace the model, or ``args.json`` is gone)."""
         if results.get("macs_per_image") is not None:
             return int(results["macs_per_image"])
+        args_path = os.path.join(run.output_dir, "args.json")
+        if "macs_per_image" in results or not os.path.exists(args_path):
+            return None  # recorded as not countable, or nothing to count from
         import timm
         from timm.data import resolve_data_config
 
         from .. import classification  # noqa: F401  (registers the models)
         from .flops import image_model_macs
 
-        with open(os.path.join(run.output_dir, "args.json")) as f:
+        with open(args_path) as f:
             args = json.load(f)
         key = json.dumps([args["model"], args.get("model_kwargs") or {}, results["num_classes"],
                           args.get("img_size"), args.get("input_size")], sort_keys=True)
@@ -131,12 +135,16 @@ class ClassificationRunner:
             self._macs_cache[key] = image_model_macs(model, size)
         return self._macs_cache[key]
 
+    @staticmethod
+    def _mega(value: Optional[int]) -> Optional[float]:
+        return None if value is None else value / 1e6
+
     def metrics(self, run: StudyRun) -> Dict:
         with open(run.results_path) as f:
             results = json.load(f)
         metrics = {"top1": results["final_top1"], "best_top1": results["best_top1"],
                    "params_k": results["parameters"] / 1e3,
-                   "macs_m": self._macs_per_image(run, results) / 1e6,
+                   "macs_m": self._mega(self._macs_per_image(run, results)),
                    "seconds_per_epoch": results["train_seconds"] / max(1, results["epochs"])}
         metrics.update(final_losses(os.path.join(run.output_dir, "summary.csv")))
         predictions = os.path.join(run.output_dir, "val_predictions.json")
