@@ -65,6 +65,7 @@ def test_train_evaluate_resume(data_dir, tmp_path, caplog):
 def test_ema_and_amp_run_and_resume(data_dir, tmp_path):
     results = main(_args(data_dir, tmp_path, "--model-ema", "--amp", model="resnet18_dw_050"))
     assert results["generator_parameters"] == 0
+    assert results["macs_per_image"] > 0  # at the 32 px input
     last = tmp_path / "run" / "last.pth.tar"
     checkpoint = torch.load(last, weights_only=False)
     assert "state_dict_ema" in checkpoint
@@ -72,6 +73,19 @@ def test_ema_and_amp_run_and_resume(data_dir, tmp_path):
                          model="resnet18_dw_050", epochs=2))
     assert results["epochs"] == 2
     assert len(_rows(tmp_path / "run" / "summary.csv")) == 2
+
+
+def test_a_model_that_cannot_be_counted_still_trains(data_dir, tmp_path, monkeypatch, caplog):
+    from dk_detectron2.classification import train as train_module
+
+    def untraceable(model, input_size):
+        raise RuntimeError("cannot trace this model")
+
+    monkeypatch.setattr(train_module, "image_model_macs", untraceable)
+    caplog.set_level("INFO", logger="train")
+    results = main(_args(data_dir, tmp_path, model="resnet18_dw_050"))
+    assert results["macs_per_image"] is None and 0 <= results["final_top1"] <= 100
+    assert "multiply-adds not counted (RuntimeError: cannot trace this model)" in caplog.text
 
 
 def test_generators_get_their_own_group(tmp_path):
