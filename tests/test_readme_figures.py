@@ -133,7 +133,8 @@ def test_the_deformation_figures_quote_the_tools_json():
 
 
 @pytest.mark.parametrize("row, quoted_n", [("dk_frozen", 5), ("dk_ring0", 5), ("condconv", 5),
-                                           ("dk_g01", 5), ("rigid3_wide", 5), ("rigid5", 5)])
+                                           ("dk_g01", 5), ("rigid3_wide", 5), ("rigid5", 5),
+                                           ("condconv19", 5)])
 def test_the_control_figures_quote_the_study_runs(row, quoted_n):
     """The controls' top-1 and their paired differences to DK (over the seeds both have, from the
     committed runs) as the README and the results page quote them."""
