@@ -51,6 +51,7 @@ import importlib
 from typing import Any, Dict, List, Sequence
 
 import torch
+from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import Handle, generic_activation_jit, get_shape
 
 from ..layers.geometry import is_int
@@ -214,8 +215,6 @@ def image_model_macs(model: torch.nn.Module, input_size: Sequence[int]) -> int:
     The model is traced in eval mode under ``torch.no_grad`` (BatchNorm statistics are not
     touched) and handed back in the mode it came in.
     """
-    from fvcore.nn import FlopCountAnalysis
-
     if len(input_size) != 3 or not all(is_int(v) and v > 0 for v in input_size):
         raise ValueError(f"input_size must be (C, H, W) of positive ints, got {tuple(input_size)}")
     parameter = next(model.parameters(), None)

@@ -135,16 +135,13 @@ class ClassificationRunner:
             self._macs_cache[key] = image_model_macs(model, size)
         return self._macs_cache[key]
 
-    @staticmethod
-    def _mega(value: Optional[int]) -> Optional[float]:
-        return None if value is None else value / 1e6
-
     def metrics(self, run: StudyRun) -> Dict:
         with open(run.results_path) as f:
             results = json.load(f)
+        macs = self._macs_per_image(run, results)
         metrics = {"top1": results["final_top1"], "best_top1": results["best_top1"],
                    "params_k": results["parameters"] / 1e3,
-                   "macs_m": self._mega(self._macs_per_image(run, results)),
+                   "macs_m": None if macs is None else macs / 1e6,
                    "seconds_per_epoch": results["train_seconds"] / max(1, results["epochs"])}
         metrics.update(final_losses(os.path.join(run.output_dir, "summary.csv")))
         predictions = os.path.join(run.output_dir, "val_predictions.json")
