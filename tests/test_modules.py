@@ -1,6 +1,8 @@
 """The Deformable Kernel modules, their rivals and DK_CONV_REGISTRY (CPU, tiny shapes)."""
 
+import copy
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -249,6 +251,36 @@ def test_cond_conv_mixes_experts_per_sample():
     # Fresh routing weighs every expert 0.5.
     fresh = CondConv2d(4, 4, 3, num_experts=2)
     torch.testing.assert_close(fresh.routing(x[:, :4]), torch.full((3, 2), 0.5))
+
+
+@pytest.mark.parametrize("stride, dilation, groups", [(1, 1, 4), (2, 1, 1), (1, 2, 2)])
+def test_deform_conv_on_the_cpu_runs_the_dk_operator_and_trains_as_torchvision(
+    stride, dilation, groups
+):
+    """One offset group on the CPU goes through deform_kernel_conv2d with a zero rotation: the
+    output and every gradient (input, weight, offset generator) equal torchvision's in float64."""
+    from torchvision.ops import deform_conv2d
+
+    torch.manual_seed(0)
+    module = LearntOffsetDeformConv2d(4, 4, 3, stride=stride, padding=dilation, dilation=dilation,
+                                      groups=groups).double()
+    nn.init.normal_(module.offset_conv.weight, std=0.2)
+    nn.init.normal_(module.offset_conv.bias, std=0.7)
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64, requires_grad=True)
+    twin = copy.deepcopy(module)
+    x_twin = x.detach().clone().requires_grad_()
+    grad_out = torch.randn_like(module(x))
+
+    with mock.patch("dk_detectron2.layers.rivals.deform_conv2d",
+                    side_effect=AssertionError("torchvision must not run")):
+        module(x).backward(grad_out)
+    deform_conv2d(x_twin, twin.offset_conv(x_twin), twin.weight, stride=stride,
+                  padding=dilation, dilation=dilation).backward(grad_out)
+
+    torch.testing.assert_close(x.grad, x_twin.grad)
+    torch.testing.assert_close(module.weight.grad, twin.weight.grad)
+    torch.testing.assert_close(module.offset_conv.weight.grad, twin.offset_conv.weight.grad)
+    torch.testing.assert_close(module.offset_conv.bias.grad, twin.offset_conv.bias.grad)
 
 
 def test_deform_conv_matches_torchvision_with_its_offsets():

@@ -6,7 +6,12 @@ import torchvision
 from fvcore.nn import ActivationCountAnalysis, FlopCountAnalysis
 from torch import nn
 
-from dk_detectron2.layers import deform_kernel2d, deform_kernel_conv2d, nd_linear_sample
+from dk_detectron2.layers import (
+    LearntOffsetDeformConv2d,
+    deform_kernel2d,
+    deform_kernel_conv2d,
+    nd_linear_sample,
+)
 from dk_detectron2.layers.deform_kernel import (
     DeformKernel2d,
     DeformKernelConv2d,
@@ -156,6 +161,19 @@ def test_dk_modules_count_generator_convolution_plus_op():
     counts = analysis.by_operator()
     assert counts["nd_linear_sample"] == 9 * 8 * 4  # one kernel sampled per image
     assert counts["conv"] == positions * 8 * 9  # the per-sample depthwise convolution
+
+
+def test_deform_conv_module_counts_as_deformable_convolution_on_the_cpu():
+    """The CPU forward runs the DK operator, but a trace (the FLOP count) records torchvision's:
+    the count is deformable convolution's, the same on every device."""
+    x = torch.randn(1, 8, 10, 10)
+    dcn = LearntOffsetDeformConv2d(8, 8, 3, padding=1, groups=8).eval()
+    counts = _count(dcn, (x,))
+    positions = 10 * 10
+    assert counts == {
+        "conv": positions * 18 * 8 * 9,  # offset_conv: 8 -> 18 channels, 3x3
+        "deform_conv2d": positions * 8 * 9 * 1 + positions * 8 * 9 * 4,  # taps + bilinear reads
+    }
 
 
 def test_image_model_macs_counts_one_image_and_leaves_the_model_as_it_was():

@@ -20,6 +20,7 @@ from torchvision.ops import deform_conv2d
 from .conv_base import KernelConvBase
 from .generators import global_average_pool, zero_init_
 from .geometry import check_divisor, check_int
+from .ops import deform_kernel_conv2d
 
 __all__ = ["LearntOffsetDeformConv2d", "CondConv2d"]
 
@@ -29,6 +30,13 @@ class LearntOffsetDeformConv2d(KernelConvBase):
 
     ``offset_conv`` (a rigid convolution with this module's geometry, zero-initialised) predicts
     ``offset_groups*K*K*2`` offsets per output position in DCN's layout (tap-major, (y, x)).
+
+    On the CPU with one offset group the convolution runs through this package's
+    :func:`~dk_detectron2.layers.deform_kernel_conv2d` with a zero rotation (the same function:
+    a K x K scope read at its own cells), whose CPU kernel is two orders of magnitude faster than
+    torchvision's forward + backward (``benchmarks/results.md``); elsewhere, and when traced (a
+    FLOP count then sees deformable convolution's cost on every device), through
+    ``torchvision.ops.deform_conv2d``.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as
@@ -66,6 +74,11 @@ class LearntOffsetDeformConv2d(KernelConvBase):
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:
         offset = self.offset_conv(x)
+        if self.offset_groups == 1 and x.device.type == "cpu" and not torch.jit.is_tracing():
+            return deform_kernel_conv2d(
+                x, offset, torch.zeros_like(offset), self.weight.to(x.dtype), self.kernel_size,
+                self.stride, self.padding, self.dilation,
+            )
         # torchvision's CPU kernel has no float16/bfloat16: half inputs run in float32 (as under
         # autocast on CUDA) and come back in their dtype.
         dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
