@@ -102,6 +102,9 @@ def _mean_std(stats, signed=False):
     ("study_cls.json", "rigid3_wide", "top1 - rigid3", True),
     ("study_cls.json", "condconv", "top1 - rigid3", True),
     ("study_cls.json", "dk_frozen", "top1", False),
+    ("study_cls_mbv2.json", "mbv2_rigid3", "top1", False),
+    ("study_cls_mbv2.json", "mbv2_dk", "top1", False),
+    ("study_cls_mbv2.json", "mbv2_dk", "top1 - mbv2_rigid3", True),
     ("study_cls_long.json", "rigid3", "top1", False),
     ("study_cls_long.json", "dk", "top1", False),
     ("study_cls_long.json", "dk", "top1 - rigid3", True),
@@ -111,8 +114,8 @@ def _mean_std(stats, signed=False):
 ])
 def test_the_classification_figures_quote_the_studies(study, row, metric, signed):
     """The README and docs/results_classification.md quote the five-seed rows of the committed
-    classification and pipeline studies and the three-seed rows of the 20-epoch study (mean ±
-    std, paired differences signed)."""
+    classification studies (both networks) and the pipeline study, and the three-seed rows of the
+    20-epoch study (mean ± std, paired differences signed)."""
     stats = json.loads(_read("docs", "results", study))["summary"][row][metric]
     assert stats["n"] == (3 if study == "study_cls_long.json" else 5), (row, metric, stats["n"])
     quoted = _mean_std(stats, signed)
