@@ -102,6 +102,8 @@ def _mean_std(stats, signed=False):
     ("study_cls.json", "rigid3_wide", "top1 - rigid3", True),
     ("study_cls.json", "condconv", "top1 - rigid3", True),
     ("study_cls.json", "dk_frozen", "top1", False),
+    ("study_cls.json", "dcn", "top1 - rigid3", True),
+    ("study_cls.json", "dk_s4", "top1 - rigid3", True),
     ("study_cls_mbv2.json", "mbv2_rigid3", "top1", False),
     ("study_cls_mbv2.json", "mbv2_dk", "top1", False),
     ("study_cls_mbv2.json", "mbv2_dk", "top1 - mbv2_rigid3", True),
@@ -137,7 +139,8 @@ def test_the_deformation_figures_quote_the_tools_json():
 
 @pytest.mark.parametrize("row, quoted_n", [("dk_frozen", 5), ("dk_ring0", 5), ("condconv", 5),
                                            ("dk_g01", 5), ("rigid3_wide", 5), ("rigid5", 5),
-                                           ("condconv19", 5)])
+                                           ("condconv19", 5), ("dcn", 5), ("gdk", 5),
+                                           ("dk_s4", 5), ("dk_s4_frozen", 5)])
 def test_the_control_figures_quote_the_study_runs(row, quoted_n):
     """The controls' top-1 and their paired differences to DK (over the seeds both have, from the
     committed runs) as the README and the results page quote them."""
@@ -155,7 +158,7 @@ def test_the_control_figures_quote_the_study_runs(row, quoted_n):
                         "std": statistics.stdev(differences)}, signed=True)
     own = _mean_std(study["summary"][row]["top1"])
     texts = [_read("docs", "results_classification.md")]
-    if row in ("dk_frozen", "dk_ring0", "condconv", "dk_g01"):  # the README quotes these four
+    if row in ("dk_frozen", "dk_ring0", "condconv", "dk_g01", "dcn", "gdk"):  # quoted there too
         texts.append(_read("README.md"))
     for text in texts:
         flowing = " ".join(text.split())  # Markdown's line breaks are spaces
@@ -163,3 +166,29 @@ def test_the_control_figures_quote_the_study_runs(row, quoted_n):
         quotes = (paired, " " + paired[1:] if paired.startswith("+") else paired)
         assert any(q in flowing for q in quotes), (row, paired)
     assert own in _read("docs", "results_classification.md"), (row, own)
+
+
+@pytest.mark.parametrize("row, reference, in_readme", [
+    ("dk_s4_frozen", "dk_frozen", True),  # what scope 4's parametrisation costs
+    ("dk_s4", "dk_s4_frozen", False),  # what its learned rotations cost on top
+])
+def test_the_scope_figures_quote_the_study_runs(row, reference, in_readme):
+    """What ``row`` costs against ``reference`` (their paired difference), as the results page (and
+    the README) quote it unsigned ("costs 4.5 ± 1.2 points")."""
+    import statistics
+
+    study = json.loads(_read("docs", "results", "study_cls.json"))
+    top1 = {}
+    for run in study["runs"]:
+        if run["metrics"]:
+            top1.setdefault(run["name"], {})[run["seed"]] = run["metrics"]["top1"]
+    seeds = sorted(set(top1[row]) & set(top1[reference]))
+    assert len(seeds) == 5
+    differences = [top1[reference][s] - top1[row][s] for s in seeds]
+    quoted = _mean_std({"mean": statistics.mean(differences),
+                        "std": statistics.stdev(differences)})
+    texts = [_read("docs", "results_classification.md")]
+    if in_readme:
+        texts.append(_read("README.md"))
+    for text in texts:
+        assert quoted in " ".join(text.split()), (row, reference, quoted)
