@@ -94,6 +94,21 @@ def _mean_std(stats, signed=False):
     return f"{mean} ± {stats['std']:.1f}"
 
 
+def _paired_difference(row, reference):
+    """Mean and std over the committed study_cls runs of top1[row] - top1[reference], paired by
+    seed, and the number of seeds both have."""
+    import statistics
+
+    study = json.loads(_read("docs", "results", "study_cls.json"))
+    top1 = {}
+    for run in study["runs"]:
+        if run["metrics"]:
+            top1.setdefault(run["name"], {})[run["seed"]] = run["metrics"]["top1"]
+    seeds = sorted(set(top1[row]) & set(top1[reference]))
+    differences = [top1[row][s] - top1[reference][s] for s in seeds]
+    return {"mean": statistics.mean(differences), "std": statistics.stdev(differences)}, len(seeds)
+
+
 @pytest.mark.parametrize("study, row, metric, signed", [
     ("study_cls.json", "rigid3", "top1", False),
     ("study_cls.json", "dk", "top1", False),
@@ -149,18 +164,10 @@ def test_the_deformation_figures_quote_the_tools_json():
 def test_the_control_figures_quote_the_study_runs(row, quoted_n):
     """The controls' top-1 and their paired differences to DK (over the seeds both have, from the
     committed runs) as the README and the results page quote them."""
-    import statistics
-
+    difference, n = _paired_difference(row, "dk")
+    assert n == quoted_n
+    paired = _mean_std(difference, signed=True)
     study = json.loads(_read("docs", "results", "study_cls.json"))
-    top1 = {}
-    for run in study["runs"]:
-        if run["metrics"]:
-            top1.setdefault(run["name"], {})[run["seed"]] = run["metrics"]["top1"]
-    seeds = sorted(set(top1[row]) & set(top1["dk"]))
-    assert len(seeds) == quoted_n
-    differences = [top1[row][s] - top1["dk"][s] for s in seeds]
-    paired = _mean_std({"mean": statistics.mean(differences),
-                        "std": statistics.stdev(differences)}, signed=True)
     own = _mean_std(study["summary"][row]["top1"])
     texts = [_read("docs", "results_classification.md")]
     if row in ("dk_frozen", "dk_ring0", "condconv", "dk_g01", "dcn", "gdk"):  # quoted there too
@@ -180,18 +187,9 @@ def test_the_control_figures_quote_the_study_runs(row, quoted_n):
 def test_the_scope_figures_quote_the_study_runs(row, reference, in_readme):
     """What ``row`` costs against ``reference`` (their paired difference), as the results page (and
     the README) quote it unsigned ("costs 4.5 ± 1.2 points")."""
-    import statistics
-
-    study = json.loads(_read("docs", "results", "study_cls.json"))
-    top1 = {}
-    for run in study["runs"]:
-        if run["metrics"]:
-            top1.setdefault(run["name"], {})[run["seed"]] = run["metrics"]["top1"]
-    seeds = sorted(set(top1[row]) & set(top1[reference]))
-    assert len(seeds) == 5
-    differences = [top1[reference][s] - top1[row][s] for s in seeds]
-    quoted = _mean_std({"mean": statistics.mean(differences),
-                        "std": statistics.stdev(differences)})
+    difference, n = _paired_difference(reference, row)
+    assert n == 5
+    quoted = _mean_std(difference)
     texts = [_read("docs", "results_classification.md")]
     if in_readme:
         texts.append(_read("README.md"))
