@@ -119,6 +119,8 @@ def _paired_difference(row, reference, study="study_cls.json"):
     ("study_cls.json", "dk_frozen", "top1", False),
     ("study_cls.json", "dcn", "top1 - rigid3", True),
     ("study_cls.json", "dk_s4", "top1 - rigid3", True),
+    ("study_cls.json", "dk_sep", "top1 - rigid3", True),
+    ("study_cls.json", "dkdcn", "top1 - rigid3", True),
     ("study_cls_mbv2.json", "mbv2_rigid3", "top1", False),
     ("study_cls_mbv2.json", "mbv2_dk", "top1", False),
     ("study_cls_mbv2.json", "mbv2_dk", "top1 - mbv2_rigid3", True),
@@ -158,10 +160,28 @@ def test_the_deformation_figures_quote_the_tools_json():
     assert f"grid grew to {dk['grid_abs_weight']['mean']:.3f}" in readme
 
 
+def test_the_deformation_correlation_quotes_the_tools_json():
+    """The rank correlation of top-1 with the taps' movement over the scope-5 variants, as the
+    results page quotes it, is the one the tool's ``--correlate`` wrote."""
+    report = json.loads(_read("docs", "results", "deformation_cls.json"))
+    correlation = report["correlation"]
+    assert "--correlate" in report["command"] and correlation["n"] == 35
+    assert sorted(correlation["configs"]) == sorted(
+        ["dk", "dk_g01", "dk_ring0", "dk_frozen", "gdk", "dk_sep", "dkdcn"])
+    low, high = correlation["ci"]
+    quoted = (f"**{correlation['rho']:.2f}** (95 % bootstrap interval over runs "
+              f"[{low:.2f}, {high:.2f}]").replace("-", "−")
+    assert quoted in " ".join(_read("docs", "results_classification.md").split()), quoted
+    in_readme = (f"rank correlation {correlation['rho']:.2f} over {correlation['n']} runs, interval "
+                 f"{low:.2f} to {high:.2f}").replace("-", "−")
+    assert in_readme in " ".join(_read("README.md").split()), in_readme
+
+
 @pytest.mark.parametrize("row, quoted_n", [("dk_frozen", 5), ("dk_ring0", 5), ("condconv", 5),
                                            ("dk_g01", 5), ("rigid3_wide", 5), ("rigid5", 5),
                                            ("condconv19", 5), ("dcn", 5), ("gdk", 5),
-                                           ("dk_s4", 5), ("dk_s4_frozen", 5)])
+                                           ("dk_s4", 5), ("dk_s4_frozen", 5), ("dk_sep", 5),
+                                           ("dkdcn", 5)])
 def test_the_control_figures_quote_the_study_runs(row, quoted_n):
     """The controls' top-1 and their paired differences to DK (over the seeds both have, from the
     committed runs) as the README and the results page quote them."""
@@ -184,6 +204,7 @@ def test_the_control_figures_quote_the_study_runs(row, quoted_n):
 @pytest.mark.parametrize("row, reference, in_readme", [
     ("dk_s4_frozen", "dk_frozen", True),  # what scope 4's parametrisation costs
     ("dk_s4", "dk_s4_frozen", False),  # what its learned rotations cost on top
+    ("dkdcn", "dcn", True),  # what DK's kernel deformation costs DCN
 ])
 def test_the_scope_figures_quote_the_study_runs(row, reference, in_readme):
     """What ``row`` costs against ``reference`` (their paired difference), as the results page (and

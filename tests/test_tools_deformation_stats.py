@@ -1,9 +1,11 @@
 """What trained DK layers learned (``python -m dk_detectron2.tools.deformation_stats``): the
 grid / ring weights, the rotation statistics of classification
-runs (zero generators: no rotation, no tap on the edge), the report, and clear errors."""
+runs (zero generators: no rotation, no tap on the edge), the rank correlation of top-1 with the
+deformation, the report, and clear errors."""
 import json
 import os
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -12,7 +14,7 @@ import dk_detectron2  # noqa: F401  (registers the models)
 from dk_detectron2.classification.shapes_data import ShapesClsSpec, ensure_shapes_cls
 from dk_detectron2.layers.deform_kernel import DeformKernel2d
 from dk_detectron2.tools import deformation_stats
-from dk_detectron2.tools.deformation_stats import scope_weight_statistics
+from dk_detectron2.tools.deformation_stats import rank_correlation, scope_weight_statistics
 
 TINY = {"train": ShapesClsSpec(num_images=12, image_size=32),
         "val": ShapesClsSpec(num_images=24, image_size=32)}
@@ -55,7 +57,8 @@ def test_command_line_on_runs(data_dir, tmp_path):
     out = tmp_path / "out"
     report = deformation_stats.main([
         "--study", str(study), "--configs", "dk", "frozen", "--num-images", "8",
-        "--json", str(out / "d.json"), "--markdown", str(out / "d.md")])
+        "--json", str(out / "d.json"), "--markdown", str(out / "d.md"),
+        "--correlate", "dk", "frozen"])
     assert [(r["label"], r["seed"]) for r in report["runs"]] == [
         ("dk", 0), ("dk", 1), ("frozen", 0), ("frozen", 1)]
     for run in report["runs"]:
@@ -70,6 +73,15 @@ def test_command_line_on_runs(data_dir, tmp_path):
     assert saved["summary"]["dk"]["seeds"] == [0, 1]
     text = (out / "d.md").read_text()
     assert "| `frozen` | 0 1 |" in text and "deformation_stats --study" in text
+    # Over the four runs: the frozen ones (no rotation, top-1 20) rank below the moving ones in
+    # |rotation|; top-1 ties three runs at 20 and the moving seed 1 is highest.
+    correlation = saved["correlation"]
+    assert correlation["configs"] == ["dk", "frozen"] and correlation["n"] == 4
+    rotation = [r["means"]["mean_abs_rotation"] for r in report["runs"]]
+    top1 = [r["info"]["top1"] for r in report["runs"]]
+    assert correlation["rho"] == pytest.approx(rank_correlation(rotation, top1)["rho"])
+    assert correlation["rho"] > 0
+    assert f"**{correlation['rho']:+.2f}**" in text
 
 
 def test_errors_name_the_problem(data_dir, tmp_path):
@@ -85,3 +97,27 @@ def test_errors_name_the_problem(data_dir, tmp_path):
         deformation_stats.main(["--runs", f"rigid={rigid}", "--num-images", "0"])
     with pytest.raises(ValueError, match="nothing to measure"):
         deformation_stats.main([])
+    with pytest.raises(ValueError, match=r"--correlate .*\['dk'\]; measured: \['rigid'\]"):
+        deformation_stats.main(["--runs", f"rigid={rigid}", "--correlate", "dk"])
+
+
+def test_rank_correlation_is_spearmans():
+    """Without ties it is 1 - 6 sum d^2 / (n (n^2 - 1)); ties share their mean rank; monotone
+    pairs give +-1 with an interval at it; bad input is refused."""
+    rng = np.random.default_rng(0)
+    x, y = rng.permutation(12).astype(float), rng.permutation(12).astype(float)
+    d2 = ((x - y) ** 2).sum()  # x and y are their own 0-based ranks
+    result = rank_correlation(x, y, num_bootstrap=200)
+    assert result["rho"] == pytest.approx(1 - 6 * d2 / (12 * (12 ** 2 - 1)))
+    assert result["n"] == 12 and result["ci"][0] <= result["rho"] <= result["ci"][1]
+    # Ties: x's two 2s share rank 1.5, so the ranks are [0, 1.5, 1.5, 3] and [0, 2, 1, 3].
+    expected = np.corrcoef([0, 1.5, 1.5, 3], [0, 2, 1, 3])[0, 1]
+    assert rank_correlation([1, 2, 2, 3], [1, 3, 2, 4])["rho"] == pytest.approx(expected)
+    falling = rank_correlation([0.0, 0.1, 0.2, 0.4, 0.9], [30, 29, 27, 25, 24])
+    assert falling["rho"] == pytest.approx(-1.0) and falling["ci"] == pytest.approx([-1.0, -1.0])
+    with pytest.raises(ValueError, match="at least 3 pairs"):
+        rank_correlation([1, 2], [2, 1])
+    with pytest.raises(ValueError, match="one length"):
+        rank_correlation([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="constant"):
+        rank_correlation([1, 1, 1], [1, 2, 3])

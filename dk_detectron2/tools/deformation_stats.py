@@ -14,13 +14,17 @@ eval mode on validation images balanced over object size, and per DK layer
   in proportion to how far it moves; a ring far smaller than the grid says the ring is barely
   trained, one of the same size that it is used.
 
-Per config, the means over the layers of each run, then mean ± sample std over seeds.
+Per config, the means over the layers of each run, then mean ± sample std over seeds. With
+``--correlate CONFIG ...`` the report adds, over every run of those configs, Spearman's rank
+correlation of the run's final top-1 with how far its taps move (mean |rotation|), with a
+percentile bootstrap interval resampling the runs: does a variant lose in proportion to how much
+it deforms? (Give configs of one scope size: a cell is a different distance at another.)
 
 Example (the classification study)::
 
     python -m dk_detectron2.tools.deformation_stats --study output/study_cls \\
         --configs dk dk_frozen --seeds 0 1 2 3 4 --num-images 120 \\
-        --json deformation_cls.json --markdown deformation_cls.md
+        --json deformation_cls.json --markdown deformation_cls.md --correlate dk dk_frozen
 """
 import argparse
 import json
@@ -30,6 +34,7 @@ import shlex
 import sys
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..checkpoint.atomic import atomic_write
@@ -39,7 +44,7 @@ from .erf_scale_stats import select_images
 from .rotation_stats import find_dk_layers, rotation_statistics
 from .study_report import _mean_std
 
-__all__ = ["scope_weight_statistics", "measure_run", "summarize", "main"]
+__all__ = ["scope_weight_statistics", "measure_run", "summarize", "rank_correlation", "main"]
 
 logger = logging.getLogger(__name__)
 LAYER_METRICS = ("mean_abs_rotation", "max_abs_rotation", "taps_on_scope_edge",
@@ -104,6 +109,66 @@ def summarize(runs: List[Dict]) -> Dict[str, Dict]:
     return summary
 
 
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """0-based ranks of a 1-D array; tied values share the mean of their positions."""
+    ranks = np.empty(len(values))
+    ranks[np.argsort(values, kind="mergesort")] = np.arange(len(values))
+    for value in np.unique(values):
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    rx, ry = _average_ranks(x), _average_ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float], num_bootstrap: int = 2000,
+                     seed: int = 0, level: float = 0.95) -> Dict:
+    """Spearman's rank correlation of the pairs ``(x[i], y[i])`` (the Pearson r of their average
+    ranks) and its percentile bootstrap interval, resampling the pairs ``num_bootstrap`` times
+    (resamples in which x or y is constant are left out).
+
+    Returns ``{"n", "rho", "ci": [low, high], "level", "num_bootstrap"}``.
+
+    Raises:
+        ValueError: x and y differ in length, have fewer than 3 pairs, or one of them is constant.
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(f"x and y must be 1-D of one length, got shapes {x.shape} and {y.shape}")
+    if len(x) < 3:
+        raise ValueError(f"a rank correlation needs at least 3 pairs, got {len(x)}")
+    rho = _spearman(x, y)
+    if np.isnan(rho):
+        raise ValueError("a rank correlation needs x and y that vary; one of them is constant")
+    rng = np.random.default_rng(seed)
+    samples = np.array([_spearman(x[i], y[i])
+                        for i in rng.integers(0, len(x), size=(num_bootstrap, len(x)))])
+    samples = samples[~np.isnan(samples)]
+    low, high = np.percentile(samples, [50 * (1 - level), 50 * (1 + level)])
+    return {"n": int(len(x)), "rho": rho, "ci": [float(low), float(high)], "level": level,
+            "num_bootstrap": num_bootstrap}
+
+
+def correlate_deformation_with_top1(runs: List[Dict], configs: Sequence[str]) -> Dict:
+    """:func:`rank_correlation` of each run's top-1 with its mean |rotation|, over the runs of
+    ``configs`` (labels of ``runs``)."""
+    labels = {run["label"] for run in runs}
+    unknown = [name for name in configs if name not in labels]
+    if unknown:
+        raise ValueError(f"--correlate names config(s) that were not measured: {unknown}; "
+                         f"measured: {sorted(labels)}")
+    chosen = [run for run in runs if run["label"] in configs
+              and run["info"].get("top1") is not None]
+    result = rank_correlation([run["means"]["mean_abs_rotation"] for run in chosen],
+                              [run["info"]["top1"] for run in chosen])
+    return {"configs": list(configs), "x": "mean_abs_rotation", "y": "top1", **result}
+
+
 def _cell(stats: Optional[Dict], scale: float = 1.0, digits: int = 3) -> str:
     if not stats or stats["mean"] is None:
         return "—"
@@ -129,6 +194,14 @@ def format_markdown(report: Dict) -> str:
             f"| {_cell(entry.get('taps_on_scope_edge'), 100, 2)} "
             f"| {_cell(entry.get('grid_abs_weight'), 1, 4)} | {_cell(entry.get('ring_abs_weight'), 1, 4)} "
             f"| {_cell(_mean_std(ratio), 1, 2)} |")
+    correlation = report.get("correlation")
+    if correlation:
+        low, high = correlation["ci"]
+        lines += ["", f"Rank correlation (Spearman) of top-1 with mean |rotation| over the "
+                  f"{correlation['n']} runs of {', '.join(f'`{c}`' for c in correlation['configs'])}: "
+                  f"**{correlation['rho']:+.2f}** ({100 * correlation['level']:.0f} % bootstrap "
+                  f"interval over runs [{low:+.2f}, {high:+.2f}], {correlation['num_bootstrap']} "
+                  "resamples)."]
     lines += ["", "## Runs", "", "| config | seed | mean \\|rotation\\| | edge (%) | ring / grid |",
               "|---|---|---|---|---|"]
     for run in report["runs"]:
@@ -153,6 +226,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="default: each run's args.json")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
+    p.add_argument("--correlate", nargs="+", default=[], metavar="CONFIG",
+                   help="configs (of one scope size) whose runs enter the rank correlation of "
+                        "top-1 with mean |rotation|")
     return p
 
 
@@ -184,8 +260,13 @@ def main(argv=None) -> Dict:
     args = get_parser().parse_args(argv)
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    items = _run_list(args)
+    unknown = sorted(set(args.correlate) - {item["label"] for item in items})
+    if unknown:  # before the measuring, which takes minutes
+        raise ValueError(f"--correlate names config(s) that are not measured: {unknown}; "
+                         f"measured: {sorted({item['label'] for item in items})}")
     runs = []
-    for item in _run_list(args):
+    for item in items:
         logger.info("measuring %s seed %s (%s)", item["label"], item["seed"], item["dir"])
         measured = measure_run(item["dir"], args.num_images, args.data_dir)
         runs.append({**item, **measured})
@@ -193,6 +274,8 @@ def main(argv=None) -> Dict:
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     report = {"command": command, "num_images": args.num_images, "runs": runs,
               "summary": summarize(runs)}
+    if args.correlate:
+        report["correlation"] = correlate_deformation_with_top1(runs, args.correlate)
     for path in (args.json, args.markdown):
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
