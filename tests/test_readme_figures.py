@@ -137,6 +137,7 @@ def _paired_difference(row, reference, study="study_cls.json"):
     ("study_pretrained.json", "dw_pre", "bbox/AP", False),
     ("study_pretrained.json", "dk_pre", "bbox/AP", False),
     ("study_pretrained.json", "dk_pre", "bbox/AP - dw_pre", True),
+    ("study_pretrained.json", "dk_rigidpre", "bbox/AP - dw_pre", True),
 ])
 def test_the_classification_figures_quote_the_studies(study, row, metric, signed):
     """The README and docs/results_classification.md quote the five-seed rows of the committed
