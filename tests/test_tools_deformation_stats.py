@@ -121,3 +121,5 @@ def test_rank_correlation_is_spearmans():
         rank_correlation([1, 2, 3], [1, 2])
     with pytest.raises(ValueError, match="constant"):
         rank_correlation([1, 1, 1], [1, 2, 3])
+    with pytest.raises(ValueError, match="num_bootstrap must be >= 1"):
+        rank_correlation([1, 2, 3], [1, 2, 3], num_bootstrap=0)

@@ -40,7 +40,7 @@ import torch
 from ..checkpoint.atomic import atomic_write
 from ..layers.geometry import zero_rotation_cells
 from .erf_scale import _load_images, _seed_of, load_run
-from .erf_scale_stats import select_images
+from .erf_scale_stats import _ci, select_images
 from .rotation_stats import find_dk_layers, rotation_statistics
 from .study_report import _mean_std
 
@@ -135,8 +135,12 @@ def rank_correlation(x: Sequence[float], y: Sequence[float], num_bootstrap: int 
     Returns ``{"n", "rho", "ci": [low, high], "level", "num_bootstrap"}``.
 
     Raises:
-        ValueError: x and y differ in length, have fewer than 3 pairs, or one of them is constant.
+        ValueError: x and y differ in length, have fewer than 3 pairs, or one of them is constant;
+            ``num_bootstrap`` < 1 or ``level`` outside (0, 1).
     """
+    if num_bootstrap < 1 or not 0 < level < 1:
+        raise ValueError(f"num_bootstrap must be >= 1 and level in (0, 1), got {num_bootstrap} "
+                         f"and {level}")
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if x.ndim != 1 or x.shape != y.shape:
         raise ValueError(f"x and y must be 1-D of one length, got shapes {x.shape} and {y.shape}")
@@ -148,20 +152,21 @@ def rank_correlation(x: Sequence[float], y: Sequence[float], num_bootstrap: int 
     rng = np.random.default_rng(seed)
     samples = np.array([_spearman(x[i], y[i])
                         for i in rng.integers(0, len(x), size=(num_bootstrap, len(x)))])
-    samples = samples[~np.isnan(samples)]
-    low, high = np.percentile(samples, [50 * (1 - level), 50 * (1 + level)])
-    return {"n": int(len(x)), "rho": rho, "ci": [float(low), float(high)], "level": level,
+    return {"n": int(len(x)), "rho": rho, "ci": _ci(samples, level), "level": level,
             "num_bootstrap": num_bootstrap}
+
+
+def _check_measured(configs: Sequence[str], labels) -> None:
+    unknown = sorted(set(configs) - set(labels))
+    if unknown:
+        raise ValueError(f"--correlate names config(s) that are not measured: {unknown}; "
+                         f"measured: {sorted(set(labels))}")
 
 
 def correlate_deformation_with_top1(runs: List[Dict], configs: Sequence[str]) -> Dict:
     """:func:`rank_correlation` of each run's top-1 with its mean |rotation|, over the runs of
     ``configs`` (labels of ``runs``)."""
-    labels = {run["label"] for run in runs}
-    unknown = [name for name in configs if name not in labels]
-    if unknown:
-        raise ValueError(f"--correlate names config(s) that were not measured: {unknown}; "
-                         f"measured: {sorted(labels)}")
+    _check_measured(configs, [run["label"] for run in runs])
     chosen = [run for run in runs if run["label"] in configs
               and run["info"].get("top1") is not None]
     result = rank_correlation([run["means"]["mean_abs_rotation"] for run in chosen],
@@ -261,10 +266,7 @@ def main(argv=None) -> Dict:
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
     items = _run_list(args)
-    unknown = sorted(set(args.correlate) - {item["label"] for item in items})
-    if unknown:  # before the measuring, which takes minutes
-        raise ValueError(f"--correlate names config(s) that are not measured: {unknown}; "
-                         f"measured: {sorted({item['label'] for item in items})}")
+    _check_measured(args.correlate, [item["label"] for item in items])  # before minutes of measuring
     runs = []
     for item in items:
         logger.info("measuring %s seed %s (%s)", item["label"], item["seed"], item["dir"])
