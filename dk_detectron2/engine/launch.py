@@ -87,3 +87,8 @@ def _distributed_worker(
         torch.cuda.set_device(local_rank)
     comm.synchronize()
     main_func(*args)
+    # Every rank leaves together and tears its process group down itself: a group left to the
+    # interpreter's teardown can abort in the backend's threads ("terminate called without an
+    # active exception", SIGABRT) after the work has finished.
+    comm.synchronize()
+    dist.destroy_process_group()
