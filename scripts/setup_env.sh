@@ -32,6 +32,19 @@ quiet() {
   fi
 }
 
+want=$(cat "$REQ" scripts/setup_env.sh | sha1sum | cut -d' ' -f1)
+# The pinned torch is a CUDA build: with its NVIDIA libraries a new environment takes about 6 GiB.
+# Refuse before starting when the disk cannot hold it, rather than stop half-installed.
+MIN_FREE_GIB="${DK_SETUP_MIN_FREE_GIB:-6.5}"
+if ! compgen -G "$VENV/lib/python*/site-packages/torch" >/dev/null; then
+  free_kib=$(df -Pk "$ROOT" | awk 'NR == 2 {print $4}')
+  if awk -v free="$free_kib" -v need="$MIN_FREE_GIB" 'BEGIN {exit !(free < need * 1048576)}'; then
+    echo "[setup] not enough disk space: a new $VENV needs about $MIN_FREE_GIB GiB free" \
+         "(DK_SETUP_MIN_FREE_GIB), but the file system of $ROOT has $((free_kib / 1024)) MiB free" >&2
+    exit 1
+  fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   "$PY" -m venv "$VENV"
@@ -42,7 +55,6 @@ elif ! "$VENV/bin/python" -c "import pip" >/dev/null 2>&1; then
 fi
 VPY="$VENV/bin/python"
 
-want=$(cat "$REQ" scripts/setup_env.sh | sha1sum | cut -d' ' -f1)
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   echo "[setup] installing pinned dependencies (torch, torchvision, detectron2, ...)"
   quiet "$VPY" -m pip install --upgrade "pip<26" wheel
