@@ -17,8 +17,9 @@
 // taps that read it); for deform_kernel_conv2d, whose taps land anywhere, each task owns a block
 // of channels of one image and scatters into it. No atomics, no data races.
 //
-// Which path runs (host code below; kernels in deform_kernel_forward.h / deform_kernel_backward.h;
-// kOffset = deform_kernel_conv2d, image taps displaced by an offset):
+// Which path runs (host code below; kernels in deform_kernel_forward.h, deform_kernel_backward.h
+// and deform_kernel_input_grad.h; kOffset = deform_kernel_conv2d, image taps displaced by an
+// offset):
 //
 //   call       | condition                                   | path
 //   -----------+---------------------------------------------+---------------------------------
@@ -51,6 +52,7 @@
 
 #include "cpu/deform_kernel_backward.h"
 #include "cpu/deform_kernel_forward.h"
+#include "cpu/deform_kernel_input_grad.h"
 #include "cpu/nchw_staging.h"
 #include "cpu/scope_space_cpu.h"
 #include "cpu/tap_sampling.h"

@@ -1,6 +1,6 @@
 // One tap of one output position: where it reads in the scope and in the image. Shared by the
-// depthwise kernels (deform_kernel_forward.h, deform_kernel_backward.h) and the scope-space path
-// (scope_space_cpu.cpp).
+// depthwise kernels (deform_kernel_forward.h, deform_kernel_backward.h,
+// deform_kernel_input_grad.h) and the scope-space path (scope_space_cpu.cpp).
 #pragma once
 
 #include <algorithm>
