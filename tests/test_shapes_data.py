@@ -13,6 +13,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 import dk_detectron2  # noqa: F401
+from dk_detectron2.data.shapes import WIDE_SCALE_RANGE
 from dk_detectron2.data import (
     SHAPE_CLASSES,
     DatasetNotFoundError,
@@ -135,10 +136,41 @@ def test_spec_validation():
 
 
 def test_builtin_names_registered():
-    for name in ("dk_shapes_train", "dk_shapes_val"):
+    for name in ("dk_shapes_train", "dk_shapes_val", "dk_shapes_wide_train", "dk_shapes_wide_val"):
         assert name in DatasetCatalog.list()
         meta = MetadataCatalog.get(name)
         assert meta.thing_classes == list(SHAPE_CLASSES) and meta.evaluator_type == "coco"
+    # The embedded job's splits keep their spec (the wide version is a new dataset, not a change).
+    for name in ("dk_shapes_train", "dk_shapes_val"):
+        spec = MetadataCatalog.get(name).dk_shapes_spec
+        assert (spec.min_scale, spec.max_scale) == (0.18, 0.5) and spec.image_size == 256
+    for name, split in (("dk_shapes_wide_train", "wide_train"), ("dk_shapes_wide_val", "wide_val")):
+        meta = MetadataCatalog.get(name)
+        assert meta.dk_shapes_split == split
+        assert (meta.dk_shapes_spec.min_scale, meta.dk_shapes_spec.max_scale) == WIDE_SCALE_RANGE
+
+
+def _box_side_spread(root, split, spec):
+    """The ratio of the 95th to the 5th percentile of the objects' longest box sides, and the
+    sides as fractions of the image."""
+    json_file, _ = ensure_shapes_split(root, split, spec)
+    with open(json_file) as f:
+        sides = np.array([max(a["bbox"][2:]) for a in json.load(f)["annotations"]])
+    sides = sides / spec.image_size
+    return np.percentile(sides, 95) / np.percentile(sides, 5), sides
+
+
+def test_wide_version_spans_a_wider_range_of_object_sizes(tmp_path):
+    low, high = WIDE_SCALE_RANGE
+    default = ShapesSpec(num_images=60, image_size=128)
+    wide = ShapesSpec(num_images=60, image_size=128, min_scale=low, max_scale=high)
+    default_spread, default_sides = _box_side_spread(str(tmp_path), "train", default)
+    wide_spread, wide_sides = _box_side_spread(str(tmp_path), "wide_train", wide)
+    assert default_spread < 3.5 < 5 < wide_spread
+    assert wide_sides.min() < 0.9 * default_sides.min()
+    assert wide_sides.max() > 1.3 * default_sides.max()
+    # Large objects still leave room for others: on average more than 2 objects per image.
+    assert len(wide_sides) > 2 * wide.num_images
 
 
 def test_registered_dataset_generated_on_first_use(tmp_path):

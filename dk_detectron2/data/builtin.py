@@ -1,6 +1,7 @@
 """Registers the embedded ``dk_shapes`` datasets in Detectron2's catalogs.
 
-``dk_shapes_train`` and ``dk_shapes_val`` (specs in :data:`shapes.DEFAULT_SPLITS`) are registered on
+``dk_shapes_train`` and ``dk_shapes_val``, and the wide-scale version ``dk_shapes_wide_train`` and
+``dk_shapes_wide_val`` (specs in :data:`shapes.DEFAULT_SPLITS`), are registered on
 ``import dk_detectron2`` with Detectron2's ``register_coco_instances``, so ``COCOEvaluator`` and the
 Visualizer work on them as on COCO. The files are generated on first use (``DatasetCatalog.get``)
 under ``$DETECTRON2_DATASETS/dk_shapes`` (default ``datasets/dk_shapes``).

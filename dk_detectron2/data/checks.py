@@ -11,8 +11,9 @@ __all__ = ["DatasetNotFoundError", "check_datasets_available"]
 _HOW_TO = (
     "How to get a dataset:\n"
     "  * the embedded one needs nothing: use DATASETS.TRAIN ('dk_shapes_train',) and DATASETS.TEST "
-    "('dk_shapes_val',); it is generated on first use under $DETECTRON2_DATASETS/dk_shapes "
-    "(default ./datasets/dk_shapes);\n"
+    "('dk_shapes_val',) (or the wide-scale version, dk_shapes_wide_train and dk_shapes_wide_val); "
+    "it is generated on first use under $DETECTRON2_DATASETS/dk_shapes (default "
+    "./datasets/dk_shapes);\n"
     "  * COCO: point DETECTRON2_DATASETS at the folder holding coco/annotations/instances_*2017.json "
     "and coco/{train2017,val2017}/ and use Detectron2's names (coco_2017_train, coco_2017_val);\n"
     "  * your own COCO-format data: call detectron2.data.datasets.register_coco_instances(name, {}, "

@@ -8,6 +8,10 @@ background with distractor strokes. Objects never overlap (their boxes keep a ga
 annotation's polygon is exactly the object's visible mask: the pixels are painted with the very
 raster that ``pycocotools`` makes of the annotated polygon.
 
+Registered splits (:data:`DEFAULT_SPLITS`): ``dk_shapes_train`` / ``dk_shapes_val`` (objects
+0.18-0.5 of the image, the embedded job's) and the second version ``dk_shapes_wide_train`` /
+``dk_shapes_wide_val`` (objects 0.1-0.85 of the image, :data:`WIDE_SCALE_RANGE`).
+
 Layout under ``<root>/dk_shapes/`` (``root`` defaults to ``$DETECTRON2_DATASETS`` or ``datasets``,
 as for Detectron2's builtin datasets)::
 
@@ -34,6 +38,7 @@ __all__ = [
     "SHAPE_CLASSES",
     "ShapesSpec",
     "DEFAULT_SPLITS",
+    "WIDE_SCALE_RANGE",
     "generate_shapes_split",
     "ensure_shapes_split",
     "shapes_split_paths",
@@ -78,10 +83,20 @@ class ShapesSpec:
             )
 
 
-# Specs of the registered datasets dk_shapes_train / dk_shapes_val.
+# Object sizes of the second dataset version, dk_shapes_wide: 0.1-0.85 of the image, so that the
+# box sides of its objects span about 7x between their 5th and 95th percentiles (dk_shapes: 3x),
+# for studies of how receptive fields and detectors adapt to scale.
+WIDE_SCALE_RANGE: Tuple[float, float] = (0.1, 0.85)
+
+# Specs of the registered datasets dk_shapes_<split>: train / val (the embedded job's) and
+# wide_train / wide_val. A registered spec never changes: a new version gets new split names.
 DEFAULT_SPLITS: Dict[str, ShapesSpec] = {
     "train": ShapesSpec(num_images=600, seed=0),
     "val": ShapesSpec(num_images=100, seed=0),
+    "wide_train": ShapesSpec(num_images=600, seed=0, min_scale=WIDE_SCALE_RANGE[0],
+                             max_scale=WIDE_SCALE_RANGE[1]),
+    "wide_val": ShapesSpec(num_images=100, seed=0, min_scale=WIDE_SCALE_RANGE[0],
+                           max_scale=WIDE_SCALE_RANGE[1]),
 }
 
 
