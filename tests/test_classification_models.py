@@ -172,3 +172,31 @@ def test_forward_intermediates_gives_the_features_only_outputs(name):
                 torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
         last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
         assert [t.shape[1] for t in last_two] == [i["num_chs"] for i in model.feature_info[-2:]]
+
+
+def test_mobilenet_rigid_control_with_a_larger_kernel():
+    """``kernel_size=5`` makes the depthwise convs of ``dk_stages`` K x K (the rigid control with a
+    5 x 5 scope's support); the other stages and every feature map keep their shapes."""
+    three = create("dk_mobilenetv2_050", dk_type="rigid_conv").eval()
+    five = create("dk_mobilenetv2_050", dk_type="rigid_conv", kernel_size=5).eval()
+    for stage, (blocks3, blocks5) in enumerate(zip(three.blocks, five.blocks)):
+        for block3, block5 in zip(blocks3, blocks5):
+            weight3 = next(block3.conv_dw.parameters())
+            weight5 = next(block5.conv_dw.parameters())
+            expected = (5, 5) if stage in five.dk_stages else (3, 3)
+            assert tuple(weight5.shape[-2:]) == expected, (stage, weight5.shape)
+            assert weight5.shape[:2] == weight3.shape[:2]
+    x = an_input(batch=1)
+    with torch.no_grad():
+        features3 = three.forward_intermediates(x, intermediates_only=True)
+        features5 = five.forward_intermediates(x, intermediates_only=True)
+    assert [f.shape for f in features5] == [f.shape for f in features3]
+    params3 = sum(p.numel() for p in three.parameters())
+    params5 = sum(p.numel() for p in five.parameters())
+    assert params5 > params3
+
+
+@pytest.mark.parametrize("kernel_size", [4, 0, 2.0, True])
+def test_mobilenet_kernel_size_must_be_odd(kernel_size):
+    with pytest.raises(ValueError, match=r"kernel_size must be an odd positive int, got"):
+        create("dk_mobilenetv2_050", dk_type="rigid_conv", kernel_size=kernel_size)

@@ -11,11 +11,13 @@ small data and CPUs; its rigid twin is timm's ``mobilenetv2_050``). Keyword argu
 ``dk_type`` (a ``DK_CONV_REGISTRY`` name, default ``"deform_kernel"``), ``dk_stages`` (indices of
 timm's ``blocks`` stages; default 2-6, the blocks at stride 8 and beyond, as res3-res5 of the
 ResNets), ``scope_size``, ``rotation_groups``, ``rotation_clip``, ``rotation_clip_range``,
-``generator``, ``num_experts``, ``scope_init`` (defaults of ``add_dk_config``), and timm's ``EfficientNet``
-arguments (``num_classes``, ``drop_rate``, ``drop_path_rate``, ...).
+``generator``, ``num_experts``, ``scope_init`` (defaults of ``add_dk_config``), ``kernel_size`` (K of
+the replaced convs, odd; default the blocks' own 3; ``dk_type=rigid_conv, kernel_size=5`` is the
+rigid control with a 5x5 scope's support), and timm's ``EfficientNet`` arguments
+(``num_classes``, ``drop_rate``, ``drop_path_rate``, ...).
 """
 from functools import partial
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 from timm.layers import get_act_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -58,9 +60,15 @@ class DKMobileNetV2(EfficientNet):
         generator: str = DKOptions.generator,
         num_experts: int = DKOptions.num_experts,
         scope_init: str = DKOptions.scope_init,
+        kernel_size: Optional[int] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if kernel_size is not None and (
+            isinstance(kernel_size, bool) or not isinstance(kernel_size, int)
+            or kernel_size < 1 or kernel_size % 2 == 0
+        ):
+            raise ValueError(f"kernel_size must be an odd positive int, got {kernel_size!r}")
         stages = [int(s) for s in dk_stages]
         bad = [s for s in stages if not 0 <= s < len(self.blocks)]
         if bad:
@@ -81,21 +89,28 @@ class DKMobileNetV2(EfficientNet):
         self.dk_stages = tuple(stages)
         for stage in stages:
             for block in self.blocks[stage]:
-                block.conv_dw = _registry_depthwise(dk_type, block.conv_dw, options)
+                block.conv_dw = _registry_depthwise(dk_type, block.conv_dw, options, kernel_size)
 
 
-def _registry_depthwise(name: str, conv: nn.Conv2d, options: DKOptions) -> nn.Module:
-    """A ``DK_CONV_REGISTRY`` conv with the geometry of the depthwise ``conv``, He-initialised as
-    timm initialises ``conv`` (normal, std sqrt(2 / fan_out))."""
+def _registry_depthwise(
+    name: str, conv: nn.Conv2d, options: DKOptions, kernel_size: Optional[int] = None
+) -> nn.Module:
+    """A ``DK_CONV_REGISTRY`` conv with the geometry of the depthwise ``conv`` (K x K with
+    ``kernel_size``, padded to keep the output size), He-initialised as timm initialises ``conv``
+    (normal, std sqrt(2 / fan_out))."""
     if not isinstance(conv, nn.Conv2d) or conv.groups != conv.in_channels:
         raise TypeError(f"expected a depthwise nn.Conv2d, got {conv!r}")
+    size, padding = conv.kernel_size, conv.padding
+    if kernel_size is not None and (kernel_size, kernel_size) != tuple(size):
+        size = (kernel_size, kernel_size)
+        padding = tuple(d * (kernel_size // 2) for d in conv.dilation)
     replacement = build_dk_conv(
         name,
         conv.in_channels,
         conv.out_channels,
-        conv.kernel_size,
+        size,
         stride=conv.stride,
-        padding=conv.padding,
+        padding=padding,
         dilation=conv.dilation,
         groups=conv.groups,
         bias=conv.bias is not None,
