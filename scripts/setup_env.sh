@@ -32,7 +32,6 @@ quiet() {
   fi
 }
 
-want=$(cat "$REQ" scripts/setup_env.sh | sha1sum | cut -d' ' -f1)
 # The pinned torch is a CUDA build: with its NVIDIA libraries a new environment takes about 6 GiB.
 # Refuse before starting when the disk cannot hold it, rather than stop half-installed.
 MIN_FREE_GIB="${DK_SETUP_MIN_FREE_GIB:-6.5}"
@@ -55,6 +54,7 @@ elif ! "$VENV/bin/python" -c "import pip" >/dev/null 2>&1; then
 fi
 VPY="$VENV/bin/python"
 
+want=$(cat "$REQ" scripts/setup_env.sh | sha1sum | cut -d' ' -f1)
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   echo "[setup] installing pinned dependencies (torch, torchvision, detectron2, ...)"
   quiet "$VPY" -m pip install --upgrade "pip<26" wheel

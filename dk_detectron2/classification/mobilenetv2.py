@@ -63,12 +63,12 @@ class DKMobileNetV2(EfficientNet):
         kernel_size: Optional[int] = None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
         if kernel_size is not None and (
             isinstance(kernel_size, bool) or not isinstance(kernel_size, int)
             or kernel_size < 1 or kernel_size % 2 == 0
         ):
             raise ValueError(f"kernel_size must be an odd positive int, got {kernel_size!r}")
+        super().__init__(**kwargs)
         stages = [int(s) for s in dk_stages]
         bad = [s for s in stages if not 0 <= s < len(self.blocks)]
         if bad:
