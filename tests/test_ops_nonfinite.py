@@ -4,7 +4,7 @@ The rule: a tap whose image point or scope point reads nothing is skipped (its g
 a bilinear corner outside the grid is never read -- not even with weight 0, since 0 * inf is NaN.
 So inf / -inf / NaN at pixel (0, 0), in scope cell 0 or in grad_output reaches only the outputs
 and gradients of the taps that really read it. The expected values come from the pure-PyTorch
-``skip_reference_*`` of scripts/cuda_emulation/cases.py (the ones the CUDA emulation is checked
+``skip_reference_*`` of scripts/cuda_emulation/skip_reference.py (the ones the CUDA emulation is checked
 against): same non-finite places, finite values within the dtype's tolerance.
 
 Every CPU path is run: depthwise (direct kernels: float32 vectors and the generic loop, the
@@ -23,7 +23,8 @@ from dk_detectron2.layers import reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts", "cuda_emulation"))
-import cases  # noqa: E402  (the skip references; needs torch only)
+import harness  # noqa: E402  (geometry, test tensors; needs torch only)
+import skip_reference  # noqa: E402  (the skip references; needs torch only)
 
 OPS = torch.ops.dk_detectron2
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
@@ -43,8 +44,8 @@ def _geometry(sweep, channels):
     # B * G >= 2 (one thread): the single sweep per (image, rotation group), staging NCHW images;
     # B * G == 1: the two sweeps (parameters, then the input gradient).
     if sweep == "one":
-        return cases.Geometry(2, channels, 6, 5, (3, 3), (4, 4), G=2)
-    return cases.Geometry(1, channels, 6, 5, (3, 3), (4, 4), G=1)
+        return harness.Geometry(2, channels, 6, 5, (3, 3), (4, 4), G=2)
+    return harness.Geometry(1, channels, 6, 5, (3, 3), (4, 4), G=1)
 
 
 def _poison(place, x, weight, grad):
@@ -66,7 +67,7 @@ def _run_cpu(op, x, offset, rotation, weight, grad, geo, dtype, channels_last):
         xs = xs.contiguous(memory_format=torch.channels_last)
     args = [xs, offset.to(dtype)] if op == "dkc" else [xs]
     args += [rotation.to(dtype), weight.to(dtype)]
-    g = cases._geometry_args(geo)
+    g = harness.geometry_args(geo)
     if op == "dkc":
         out = OPS.deform_kernel_conv2d(*args, *g)
         grads = OPS._deform_kernel_conv2d_backward(grad.to(dtype), *args, *g)
@@ -78,18 +79,18 @@ def _run_cpu(op, x, offset, rotation, weight, grad, geo, dtype, channels_last):
 
 def _check(op, kind, place, dtype, channels_last, sweep, channels):
     geo = _geometry(sweep, channels)
-    x, offset, rotation, weight = cases._tensors(geo, kind, dtype, False, seed=channels + 7)
-    ref_shape = (geo.B, cases._weights(kind, geo)[1], *geo.out())
+    x, offset, rotation, weight = harness.make_tensors(geo, kind, dtype, False, seed=channels + 7)
+    ref_shape = (geo.B, harness.weight_channels(kind, geo)[1], *geo.out())
     grad = torch.randn(ref_shape, generator=torch.Generator().manual_seed(2), dtype=F64)
     grad = grad.to(dtype).double()
     _poison(place, x, weight, grad)
     leaves = [t.clone().requires_grad_() for t in (x, offset, rotation, weight)]
     off = leaves[1] if op == "dkc" else None
     if kind == "depthwise":
-        ref = cases.skip_reference_depthwise(leaves[0], off, leaves[2], leaves[3], geo)
+        ref = skip_reference.skip_reference_depthwise(leaves[0], off, leaves[2], leaves[3], geo)
     else:
         groups = geo.C // weight.shape[1]
-        ref = cases.skip_reference_scope_space(leaves[0], off, leaves[2], leaves[3], groups, geo)
+        ref = skip_reference.skip_reference_scope_space(leaves[0], off, leaves[2], leaves[3], groups, geo)
     used = leaves if op == "dkc" else [leaves[0], leaves[2], leaves[3]]
     want = torch.autograd.grad(ref, used, grad, allow_unused=True)
     want = [torch.zeros_like(u) if w is None else w for u, w in zip(used, want)]
@@ -97,9 +98,9 @@ def _check(op, kind, place, dtype, channels_last, sweep, channels):
     names = ["input", "offset", "rotation", "weight"] if op == "dkc" else [
         "input", "rotation", "weight"]
     errors = []
-    cases._compare_nonfinite("output", out, ref.detach(), dtype, errors)
+    skip_reference.compare_nonfinite("output", out, ref.detach(), dtype, errors)
     for n, got, w in zip(names, grads, want):
-        cases._compare_nonfinite("grad_" + n, got, w, dtype, errors)
+        skip_reference.compare_nonfinite("grad_" + n, got, w, dtype, errors)
     # The poisoned value must reach something (else the case tests nothing), but not everything.
     bad = int((~torch.isfinite(ref)).sum()) + sum(int((~torch.isfinite(w)).sum()) for w in want)
     assert bad > 0
@@ -155,14 +156,14 @@ def test_nd_linear_sample(M, dtype, place):
         grad[1] = float("nan")
         grad[0, 0], grad[2, 1] = float("inf"), -float("inf")
     leaves = [inp.clone().requires_grad_(), coord.clone().requires_grad_()]
-    ref = cases.skip_reference_nd(*leaves)
+    ref = skip_reference.skip_reference_nd(*leaves)
     want = torch.autograd.grad(ref, leaves, grad)
     out = OPS.nd_linear_sample(inp.to(dtype), coord.to(dtype))
     gi, gc = OPS._nd_linear_sample_backward(grad.to(dtype), inp.to(dtype), coord.to(dtype))
     errors = []
     for n, got, w in (("output", out, ref.detach()), ("grad_input", gi, want[0]),
                       ("grad_coord", gc, want[1])):
-        cases._compare_nonfinite(n, got, w, dtype, errors)
+        skip_reference.compare_nonfinite(n, got, w, dtype, errors)
     assert not errors, errors
 
 
@@ -172,7 +173,7 @@ def test_reference_follows_the_rule(op, place):
     """dk_detectron2/layers/reference.py skips the same taps and corners as the skip reference
     (depthwise weights, where the two compute the same sums)."""
     geo = _geometry("one", 4)
-    x, offset, rotation, weight = cases._tensors(geo, "depthwise", F64, False, seed=5)
+    x, offset, rotation, weight = harness.make_tensors(geo, "depthwise", F64, False, seed=5)
     grad = torch.randn((geo.B, geo.C, *geo.out()), generator=torch.Generator().manual_seed(3),
                        dtype=F64)
     _poison(place, x, weight, grad)
@@ -183,14 +184,14 @@ def test_reference_follows_the_rule(op, place):
         used = leaves if op == "dkc" else [leaves[0], leaves[2], leaves[3]]
         off = leaves[1] if op == "dkc" else None
         if skip:
-            out = cases.skip_reference_depthwise(leaves[0], off, leaves[2], leaves[3], geo)
+            out = skip_reference.skip_reference_depthwise(leaves[0], off, leaves[2], leaves[3], geo)
         else:
             out = reference.deform_kernel_conv2d_reference(leaves[0], off, leaves[2], leaves[3],
                                                            *geometry)
         results.append([out.detach()] + list(torch.autograd.grad(out, used, grad)))
     errors = []
     for i, (got, want) in enumerate(zip(*results)):
-        cases._compare_nonfinite(f"result {i}", got, want, F64, errors)
+        skip_reference.compare_nonfinite(f"result {i}", got, want, F64, errors)
     assert not errors, errors
 
 
@@ -201,11 +202,11 @@ def test_nd_reference_follows_the_rule():
     grad = torch.randn(4, 3, dtype=F64)
     grad[1] = float("nan")
     results = []
-    for fn in (reference.nd_linear_sample_reference, cases.skip_reference_nd):
+    for fn in (reference.nd_linear_sample_reference, skip_reference.skip_reference_nd):
         leaves = [inp.clone().requires_grad_(), coord.clone().requires_grad_()]
         out = fn(*leaves)
         results.append([out.detach()] + list(torch.autograd.grad(out, leaves, grad)))
     errors = []
     for i, (got, want) in enumerate(zip(*results)):
-        cases._compare_nonfinite(f"result {i}", got, want, F64, errors)
+        skip_reference.compare_nonfinite(f"result {i}", got, want, F64, errors)
     assert not errors, errors

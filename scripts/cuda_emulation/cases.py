@@ -8,144 +8,15 @@ take several shared-memory passes; the alerts of torch.use_deterministic_algorit
 the emulator itself. A case's ``run()`` returns
 a list of error messages (empty: passed). Importing this module needs no compiled code.
 """
-import importlib.util
 import itertools
-import os
-import sys
-import types
-from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import List
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
-DTYPE_NAMES = {F64: "f64", F32: "f32", F16: "f16", BF16: "bf16"}
-# max |emulated - reference| / max(1, max |reference|)
-TOLERANCE = {F64: 1e-9, F32: 2e-4, F16: 2e-2, BF16: 8e-2}
-
-
-def _reference():
-    """dk_detectron2/layers/reference.py (and geometry.py, which it imports), loaded by path as
-    a stand-alone package: they need torch only, not dk_detectron2 (whose import needs the
-    compiled dk_detectron2._C)."""
-    global _REFERENCE
-    if _REFERENCE is None:
-        layers = os.path.join(REPO, "dk_detectron2", "layers")
-        package = types.ModuleType("_dk_layers")
-        package.__path__ = [layers]
-        sys.modules[package.__name__] = package
-        for name in ("geometry", "reference"):
-            spec = importlib.util.spec_from_file_location(
-                f"_dk_layers.{name}", os.path.join(layers, f"{name}.py"))
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module
-            spec.loader.exec_module(module)
-        _REFERENCE = module
-    return _REFERENCE
-
-
-_REFERENCE = None
-
-
-def _emu():
-    return torch.ops.dk_emu
-
-
-def _out_size(n, k, s, p, d):
-    return (n + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-@dataclass
-class Geometry:
-    B: int
-    C: int
-    H: int
-    W: int
-    K: Tuple[int, int]
-    S: Tuple[int, int]
-    stride: Tuple[int, int] = (1, 1)
-    pad: Tuple[int, int] = (1, 1)
-    dil: Tuple[int, int] = (1, 1)
-    G: int = 1
-
-    def out(self):
-        return (_out_size(self.H, self.K[0], self.stride[0], self.pad[0], self.dil[0]),
-                _out_size(self.W, self.K[1], self.stride[1], self.pad[1], self.dil[1]))
-
-
-@dataclass
-class Case:
-    name: str
-    run: Callable[[], List[str]] = field(repr=False)
-
-
-def _compare(name, got, want, dtype, errors):
-    got, want = got.double(), want.double()
-    if got.shape != want.shape:
-        errors.append(f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
-        return
-    if want.numel() == 0:
-        return
-    if not torch.isfinite(got).all():
-        errors.append(f"{name}: non-finite values")
-        return
-    err = (got - want).abs().max().item() / max(1.0, want.abs().max().item())
-    if err > TOLERANCE[dtype]:
-        errors.append(f"{name}: error {err:.2e} > {TOLERANCE[dtype]:.0e}")
-
-
-def _weights(kind, geo: Geometry):
-    """(in channels, out channels, weight.size(1)) of depthwise / grouped / full weights."""
-    if kind == "depthwise":
-        return geo.C, geo.C, 1
-    groups = 2 if kind == "grouped" else 1
-    c_out = geo.C + 2 * geo.G if (geo.C + 2 * geo.G) % (groups * geo.G) == 0 else geo.C
-    return geo.C, c_out, geo.C // groups
-
-
-def _tensors(geo: Geometry, kind, dtype, nonfinite, seed):
-    gen = torch.Generator().manual_seed(seed)
-    c_in, c_out, per_group = _weights(kind, geo)
-    ho, wo = geo.out()
-    taps = geo.K[0] * geo.K[1]
-
-    def randn(*shape, scale=1.0):
-        # values the kernels can hold exactly: the reference sees the same (rounded) numbers
-        return (torch.randn(*shape, generator=gen, dtype=F64) * scale).to(dtype).double()
-
-    x = randn(geo.B, c_in, geo.H, geo.W)
-    offset = randn(geo.B, taps * 2, ho, wo, scale=2.0)
-    rotation = randn(geo.B, geo.G * taps * 2, ho, wo, scale=1.5)
-    weight = randn(c_out, per_group, *geo.S)
-    if nonfinite and rotation.numel():
-        rotation.view(-1)[::7] = float("nan")
-        rotation.view(-1)[3::11] = float("inf")
-        rotation.view(-1)[5::13] = -float("inf")
-        offset.view(-1)[::5] = float("nan")
-        offset.view(-1)[2::9] = float("inf")
-    return x, offset, rotation, weight
-
-
-def _geometry_args(geo: Geometry):
-    return [list(geo.K), list(geo.stride), list(geo.pad), list(geo.dil), geo.G]
-
-
-def _run_emulated(op, x, offset, rotation, weight, grad, geo, dtype, channels_last):
-    E = _emu()
-    xs = x.to(dtype)
-    if channels_last:
-        xs = xs.contiguous(memory_format=torch.channels_last)
-    args = [xs, offset.to(dtype)] if op == "dkc" else [xs]
-    args += [rotation.to(dtype), weight.to(dtype)]
-    g = _geometry_args(geo)
-    if op == "dkc":
-        out = E.deform_kernel_conv2d(*args, *g)
-        grads = E._deform_kernel_conv2d_backward(grad.to(dtype), *args, *g)
-    else:
-        out = E.deform_kernel2d(*args, *g)
-        grads = E._deform_kernel2d_backward(grad.to(dtype), *args, *g)
-    return out, list(grads)
+from harness import (BF16, DTYPE_NAMES, F16, F32, F64, Case, Geometry, compare, emu,
+                     geometry_args, make_tensors, reference_module, run_emulated)
+from skip_reference import (compare_nonfinite, skip_reference_depthwise,
+                            skip_reference_nd, skip_reference_scope_space)
 
 
 def dk_case(op, kind, geo: Geometry, dtype, channels_last, nonfinite=False, tag="case"):
@@ -155,26 +26,26 @@ def dk_case(op, kind, geo: Geometry, dtype, channels_last, nonfinite=False, tag=
 
     def run():
         errors: List[str] = []
-        x, offset, rotation, weight = _tensors(geo, kind, dtype, nonfinite, seed=len(name))
+        x, offset, rotation, weight = make_tensors(geo, kind, dtype, nonfinite, seed=len(name))
         leaves = [t.clone().requires_grad_() for t in (x, offset, rotation, weight)]
         geometry = (geo.K, geo.stride, geo.pad, geo.dil, geo.G)
         if op == "dkc":
-            ref = _reference().deform_kernel_conv2d_reference(*leaves, *geometry)
+            ref = reference_module().deform_kernel_conv2d_reference(*leaves, *geometry)
             used = leaves
         else:
             used = [leaves[0], leaves[2], leaves[3]]
-            ref = _reference().deform_kernel2d_reference(*used, *geometry)
+            ref = reference_module().deform_kernel2d_reference(*used, *geometry)
         grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
         grad = grad.to(dtype).double()
         want = torch.autograd.grad(ref, used, grad, allow_unused=True)
         want = [torch.zeros_like(u) if w is None else w for u, w in zip(used, want)]
-        out, grads = _run_emulated(op, x, offset, rotation, weight, grad, geo, dtype,
+        out, grads = run_emulated(op, x, offset, rotation, weight, grad, geo, dtype,
                                    channels_last)
         names = ["input", "offset", "rotation", "weight"] if op == "dkc" else [
             "input", "rotation", "weight"]
-        _compare("output", out, ref, dtype, errors)
+        compare("output", out, ref, dtype, errors)
         for n, g, w in zip(names, grads, want):
-            _compare("grad_" + n, g, w, dtype, errors)
+            compare("grad_" + n, g, w, dtype, errors)
             if g.dtype != dtype:
                 errors.append(f"grad_{n}: dtype {g.dtype}, expected {dtype}")
         if channels_last and x.numel() and geo.C > 1:
@@ -184,12 +55,12 @@ def dk_case(op, kind, geo: Geometry, dtype, channels_last, nonfinite=False, tag=
         if dtype == F32 and not errors and ref.numel():
             # Another schedule (shuffled blocks and threads) must give bitwise equal results for
             # every quantity the kernels compute without atomics.
-            _emu().set_schedule(7, 3)
+            emu().set_schedule(7, 3)
             try:
-                out2, grads2 = _run_emulated(op, x, offset, rotation, weight, grad, geo, dtype,
+                out2, grads2 = run_emulated(op, x, offset, rotation, weight, grad, geo, dtype,
                                              channels_last)
             finally:
-                _emu().set_schedule(0, 3)
+                emu().set_schedule(0, 3)
             atomic_input = op == "dkc" or kind != "depthwise"
             checked = [("output", out, out2)] + [
                 ("grad_" + n, a, b) for n, a, b in zip(names, grads, grads2)
@@ -214,15 +85,15 @@ def nd_case(tag, M, Sh, Sw, P, dtype, nonfinite=False):
         if nonfinite and P >= 3:
             coord[0, 0], coord[1, 1], coord[2, 0] = float("nan"), float("inf"), -float("inf")
         leaves = [inp.clone().requires_grad_(), coord.clone().requires_grad_()]
-        ref = _reference().nd_linear_sample_reference(*leaves)
+        ref = reference_module().nd_linear_sample_reference(*leaves)
         grad = torch.randn(ref.shape, generator=gen, dtype=F64).to(dtype).double()
         want = torch.autograd.grad(ref, leaves, grad, allow_unused=True)
         want = [torch.zeros_like(u) if w is None else w for u, w in zip(leaves, want)]
-        out = _emu().nd_linear_sample(inp.to(dtype), coord.to(dtype))
-        gi, gc = _emu()._nd_linear_sample_backward(grad.to(dtype), inp.to(dtype), coord.to(dtype))
+        out = emu().nd_linear_sample(inp.to(dtype), coord.to(dtype))
+        gi, gc = emu()._nd_linear_sample_backward(grad.to(dtype), inp.to(dtype), coord.to(dtype))
         for n, g, w in (("output", out, ref), ("grad_input", gi, want[0]),
                         ("grad_coord", gc, want[1])):
-            _compare(n, g, w, dtype, errors)
+            compare(n, g, w, dtype, errors)
         return errors
 
     return Case(name, run)
@@ -236,9 +107,9 @@ def empty_image_case(op, kind):
     def run():
         errors: List[str] = []
         geo = Geometry(2, 4, 0, 3, (3, 3), (4, 4), pad=(2, 1))
-        x, offset, rotation, weight = _tensors(geo, kind, F64, False, seed=3)
+        x, offset, rotation, weight = make_tensors(geo, kind, F64, False, seed=3)
         grad = torch.randn(geo.B, weight.shape[0], *geo.out(), dtype=F64)
-        out, grads = _run_emulated(op, x, offset, rotation, weight, grad, geo, F64, False)
+        out, grads = run_emulated(op, x, offset, rotation, weight, grad, geo, F64, False)
         if tuple(out.shape) != (geo.B, weight.shape[0], *geo.out()) or out.abs().max() != 0:
             errors.append(f"output: {tuple(out.shape)}, max {out.abs().max().item()}")
         for g, t in zip(grads, ([x, offset] if op == "dkc" else [x]) + [rotation, weight]):
@@ -255,13 +126,13 @@ def alert_case(op, kind, expect_alert):
 
     def run():
         geo = Geometry(1, 4, 5, 5, (3, 3), (4, 4), G=2)
-        x, offset, rotation, weight = _tensors(geo, kind, F64, False, seed=5)
+        x, offset, rotation, weight = make_tensors(geo, kind, F64, False, seed=5)
         if op == "nd":
             args = (torch.randn(5, 3), torch.randn(3, 4, 4), torch.rand(5, 2) * 3)  # grad [P, M]
-            call = lambda: _emu()._nd_linear_sample_backward(*args)  # noqa: E731
+            call = lambda: emu()._nd_linear_sample_backward(*args)  # noqa: E731
         else:
             grad = torch.randn(1, weight.shape[0], *geo.out(), dtype=F64)
-            call = lambda: _run_emulated(op, x, offset, rotation, weight, grad, geo, F64,  # noqa
+            call = lambda: run_emulated(op, x, offset, rotation, weight, grad, geo, F64,  # noqa
                                          False)
         previous = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True)
@@ -286,7 +157,7 @@ def emulator_cases() -> List[Case]:
 
     def limits():
         errors = []
-        launch = lambda *a: _emu().selftest_launch(*a)  # noqa: E731
+        launch = lambda *a: emu().selftest_launch(*a)  # noqa: E731
         for config, why in [((1, 1, 1, 1025, 1, 1, 0, 0), "1025 threads"),
                             ((1, 1, 1, 32, 32, 2, 0, 0), "2048 threads"),
                             ((1, 65536, 1, 32, 1, 1, 0, 0), "grid.y 65536"),
@@ -313,24 +184,24 @@ def emulator_cases() -> List[Case]:
         want = values.view(3, 64).sum(1)
         errors = []
         for schedule in (0, 1, 7):
-            _emu().set_schedule(schedule, 3)
-            good = _emu().selftest_block_sum(values, 64, True)
-            bad = _emu().selftest_block_sum(values, 64, False)
+            emu().set_schedule(schedule, 3)
+            good = emu().selftest_block_sum(values, 64, True)
+            bad = emu().selftest_block_sum(values, 64, False)
             if not torch.equal(good, want):
                 errors.append(f"schedule {schedule}: the correct kernel gave {good.tolist()}")
             # Reverse order (schedule 1) runs this tree like a serial loop and may get it right;
             # index order (every case's first run) and a shuffle (its second run) must not.
             if schedule != 1 and torch.equal(bad, want):
                 errors.append(f"schedule {schedule}: a missing barrier went unnoticed")
-        _emu().set_schedule(0, 3)
+        emu().set_schedule(0, 3)
         return errors
 
     def block_order():
         seen = set()
         for schedule in (0, 1, 7):
-            _emu().set_schedule(schedule, 3)
-            seen.add(_emu().selftest_last_writer(9))
-        _emu().set_schedule(0, 3)
+            emu().set_schedule(schedule, 3)
+            seen.add(emu().selftest_last_writer(9))
+        emu().set_schedule(0, 3)
         return [] if len(seen) > 1 else ["every schedule ran the blocks in the same order"]
 
     return [Case("emulator:launch-limits", limits), Case("emulator:missing-barrier", barriers),
@@ -392,157 +263,6 @@ def all_cases() -> List[Case]:
     return cases
 
 
-# ------------------------------------------------------------------------------------------------
-# Non-finite values where no tap reads them. dk_detectron2/layers/reference.py multiplies every
-# corner by its weight (a corner outside the grid reads cell 0 with weight 0, so inf there gives
-# NaN): it is exact for finite values only. The functions below state the rule of csrc/bilinear.h
-# for any value: a tap whose image point or scope point reads nothing is skipped, and a corner
-# outside the grid is never read (torch.where, not a product with 0), gradients included.
-# ------------------------------------------------------------------------------------------------
-def _skip_corners(y, x, height, width):
-    """(inside [same shape as y], [(index, weight, valid)] * 4), weight 0 where not valid."""
-    inside = (y > -1) & (y < height) & (x > -1) & (x < width)
-    y = torch.where(inside, y, torch.zeros_like(y))
-    x = torch.where(inside, x, torch.zeros_like(x))
-    y0, x0 = torch.floor(y).detach(), torch.floor(x).detach()
-    ly, lx = y - y0, x - x0
-    corners = []
-    for dy, dx, w in ((0, 0, (1 - ly) * (1 - lx)), (0, 1, (1 - ly) * lx), (1, 0, ly * (1 - lx)),
-                      (1, 1, ly * lx)):
-        cy, cx = y0 + dy, x0 + dx
-        valid = inside & (cy >= 0) & (cy < height) & (cx >= 0) & (cx < width)
-        index = torch.where(valid, cy * width + cx, torch.zeros_like(cy)).long()
-        corners.append((index, torch.where(valid, w, torch.zeros_like(w)), valid))
-    return inside, corners
-
-
-def _skip_taps(input, offset, rotation, weight, geo: Geometry):
-    """Yields, per tap: the image corners [(read [B, C_in, P], weight [B, P], valid [B, P])],
-    reads_image [B, P], the scope corners [(index, weight, valid)] over [B, G, P], and
-    reads_scope [B, G, P]. An integer tap (offset None) has one image corner of weight 1."""
-    B, c_in, H, W = input.shape
-    ho, wo = geo.out()
-    P = ho * wo
-    Sh, Sw = weight.shape[2:]
-    flat = input.reshape(B, c_in, H * W)
-    rot = rotation.reshape(B, geo.G, geo.K[0] * geo.K[1], 2, P)
-    oy = (torch.arange(ho, dtype=F64) * geo.stride[0] - geo.pad[0]).view(-1, 1).expand(ho, wo)
-    ox = (torch.arange(wo, dtype=F64) * geo.stride[1] - geo.pad[1]).view(1, -1).expand(ho, wo)
-    for kh in range(geo.K[0]):
-        for kw in range(geo.K[1]):
-            tap = kh * geo.K[1] + kw
-            iy = (oy + kh * geo.dil[0]).reshape(1, P).expand(B, P)
-            ix = (ox + kw * geo.dil[1]).reshape(1, P).expand(B, P)
-            if offset is None:
-                reads_image = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-                index = torch.where(reads_image, iy * W + ix, torch.zeros_like(iy)).long()
-                corners = [(index, torch.ones_like(iy), reads_image)]
-            else:
-                py = iy + offset[:, 2 * tap].reshape(B, P)
-                px = ix + offset[:, 2 * tap + 1].reshape(B, P)
-                reads_image, corners = _skip_corners(py, px, H, W)
-            image = [(flat.gather(2, index.unsqueeze(1).expand(-1, c_in, -1)), w, valid)
-                     for index, w, valid in (corners if H * W else ())]
-            sy = rot[:, :, tap, 0] + kh + (Sh - geo.K[0]) / 2
-            sx = rot[:, :, tap, 1] + kw + (Sw - geo.K[1]) / 2
-            reads_scope, scope = _skip_corners(sy, sx, Sh, Sw)
-            yield image, reads_image, scope, reads_scope
-
-
-def _read(got, weight, keep):
-    """sum_j where(keep_j, got_j, 0) * weight_j: a masked value is never multiplied, so neither
-    the sum nor autograd's chain rule meets 0 * inf."""
-    total = 0
-    for g, w, k in zip(got, weight, keep):
-        total = total + torch.where(k, g, torch.zeros_like(g)) * w
-    return total
-
-
-def skip_reference_depthwise(input, offset, rotation, weight, geo: Geometry):
-    """The depthwise kernels' rule (offset None: deform_kernel2d): out = sum over the taps that
-    read something of value * kernel, each a sum over the corners inside the grid."""
-    B, C = input.shape[:2]
-    ho, wo = geo.out()
-    flat_w = weight.reshape(1, C, -1).expand(B, -1, -1)
-    out = input.new_zeros(B, C, ho * wo)
-
-    def per_channel(t):  # [B, G, P] -> [B, C, P]
-        return t.repeat_interleave(C // geo.G, dim=1)
-
-    for image, reads_image, scope, reads_scope in _skip_taps(input, offset, rotation, weight,
-                                                             geo):
-        reads = per_channel(reads_scope) & reads_image.unsqueeze(1)
-        value = _read([g for g, _, _ in image], [w.unsqueeze(1) for _, w, _ in image],
-                      [v.unsqueeze(1) & reads for _, _, v in image])
-        kernel = _read([flat_w.gather(2, per_channel(i)) for i, _, _ in scope],
-                       [per_channel(w) for _, w, _ in scope],
-                       [per_channel(v) & reads for _, _, v in scope])
-        if not image:  # an empty image: nothing is read
-            continue
-        out = out + torch.where(reads, value * kernel, torch.zeros_like(kernel))
-    return out.reshape(B, C, ho, wo)
-
-
-def skip_reference_scope_space(input, offset, rotation, weight, groups, geo: Geometry):
-    """The grouped / full path's rule: columns U[b, g, c, s, p] built from the taps that read
-    something and the corners inside the grid, then out[o] = sum_{c, s} W[o, c, s] U[g(o), c, s]
-    (a GEMM: a non-finite weight reaches every output of its channel, as in any convolution)."""
-    B, c_in = input.shape[:2]
-    c_out, cq, Sh, Sw = weight.shape
-    ho, wo = geo.out()
-    P = ho * wo
-    U = input.new_zeros(B, geo.G, c_in, Sh * Sw, P)
-    for image, reads_image, scope, reads_scope in _skip_taps(input, offset, rotation, weight,
-                                                             geo):
-        if not image:
-            continue
-        reads = (reads_scope & reads_image.unsqueeze(1)).unsqueeze(2)  # [B, G, 1, P]
-        value = _read([g.unsqueeze(1) for g, _, _ in image],
-                      [w.unsqueeze(1).unsqueeze(2) for _, w, _ in image],
-                      [v.unsqueeze(1).unsqueeze(2) & reads for _, _, v in image])  # [B,G,C,P]
-        for index, w, valid in scope:
-            keep = valid.unsqueeze(2) & reads
-            product = w.unsqueeze(2) * value
-            spread = torch.where(keep, product, torch.zeros_like(product))
-            at = index.unsqueeze(2).unsqueeze(3).expand(-1, -1, c_in, 1, -1)
-            U = U.scatter_add(3, at, spread.unsqueeze(3))
-    outs = []
-    for o in range(c_out):
-        g, q = o // (c_out // geo.G), o // (c_out // groups)
-        outs.append(torch.einsum("cs,bcsp->bp", weight[o].reshape(cq, -1),
-                                 U[:, g, q * cq:(q + 1) * cq]))
-    return torch.stack(outs, 1).reshape(B, c_out, ho, wo)
-
-
-def skip_reference_nd(input, coord):
-    M, H, W = input.shape
-    flat = input.reshape(M, H * W)
-    out = input.new_zeros(coord.shape[0], M)
-    for index, w, valid in _skip_corners(coord[:, 0], coord[:, 1], H, W)[1]:
-        got = flat[:, index].t()
-        out = out + torch.where(valid.unsqueeze(1), got, torch.zeros_like(got)) * w.unsqueeze(1)
-    return out
-
-
-def _compare_nonfinite(name, got, want, dtype, errors):
-    """Non-finite at the same places, finite values within tolerance. (Whether a place holds NaN
-    or inf depends on where the product with inf is taken: inf * (a - b) in a kernel, inf * a -
-    inf * b in autograd; the rule is about which places a non-finite value reaches.)"""
-    got, want = got.double(), want.double()
-    if got.shape != want.shape:
-        errors.append(f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
-        return
-    bad_got, bad_want = ~torch.isfinite(got), ~torch.isfinite(want)
-    if not torch.equal(bad_got, bad_want):
-        extra = (bad_got & ~bad_want).nonzero()[:3].tolist()
-        missing = (bad_want & ~bad_got).nonzero()[:3].tolist()
-        errors.append(f"{name}: non-finite at {int(bad_got.sum())} places, expected "
-                      f"{int(bad_want.sum())} (unexpected at {extra}, missing at {missing})")
-        return
-    if (~bad_want).any():
-        _compare(name, got[~bad_want], want[~bad_want], dtype, errors)
-
-
 NONFINITE_PLACES = ("pixel00", "scope-cell0", "grad")
 
 
@@ -556,7 +276,7 @@ def nonfinite_case(op, kind, place, dtype, channels_last):
 
     def run():
         errors: List[str] = []
-        x, offset, rotation, weight = _tensors(geo, kind, dtype, False, seed=len(name))
+        x, offset, rotation, weight = make_tensors(geo, kind, dtype, False, seed=len(name))
         if place == "pixel00":
             x[:, :, 0, 0] = float("inf")
             x[0, 1, 0, 0], x[1, 0, 0, 0] = float("nan"), -float("inf")
@@ -580,13 +300,13 @@ def nonfinite_case(op, kind, place, dtype, channels_last):
             grad[1, 0, -1, -1], grad[0, -1, 1, 2] = float("nan"), -float("inf")
         want = torch.autograd.grad(ref, used, grad, allow_unused=True)
         want = [torch.zeros_like(u) if w is None else w for u, w in zip(used, want)]
-        out, grads = _run_emulated(op, x, offset, rotation, weight, grad, geo, dtype,
+        out, grads = run_emulated(op, x, offset, rotation, weight, grad, geo, dtype,
                                    channels_last)
         names = ["input", "offset", "rotation", "weight"] if op == "dkc" else [
             "input", "rotation", "weight"]
-        _compare_nonfinite("output", out, ref.detach(), dtype, errors)
+        compare_nonfinite("output", out, ref.detach(), dtype, errors)
         for n, g, w in zip(names, grads, want):
-            _compare_nonfinite("grad_" + n, g, w, dtype, errors)
+            compare_nonfinite("grad_" + n, g, w, dtype, errors)
         return errors
 
     return Case(name, run)
@@ -615,11 +335,11 @@ def nd_nonfinite_case(place, dtype):
         leaves = [inp.clone().requires_grad_(), coord.clone().requires_grad_()]
         ref = skip_reference_nd(*leaves)
         want = torch.autograd.grad(ref, leaves, grad)
-        out = _emu().nd_linear_sample(inp.to(dtype), coord.to(dtype))
-        gi, gc = _emu()._nd_linear_sample_backward(grad.to(dtype), inp.to(dtype), coord.to(dtype))
+        out = emu().nd_linear_sample(inp.to(dtype), coord.to(dtype))
+        gi, gc = emu()._nd_linear_sample_backward(grad.to(dtype), inp.to(dtype), coord.to(dtype))
         for n, g, w in (("output", out, ref.detach()), ("grad_input", gi, want[0]),
                         ("grad_coord", gc, want[1])):
-            _compare_nonfinite(n, g, w, dtype, errors)
+            compare_nonfinite(n, g, w, dtype, errors)
         return errors
 
     return Case(name, run)
@@ -639,15 +359,15 @@ def half_overflow_case() -> Case:
         rotation = torch.zeros(1, 2, 4, 4, dtype=F64)
         grad = torch.full((1, 4, 4, 4), 400.0, dtype=F64)
         leaves = [t.clone().requires_grad_() for t in (x, rotation, weight)]
-        ref = _reference().deform_kernel2d_reference(*leaves, geo.K, geo.stride, geo.pad, geo.dil,
+        ref = reference_module().deform_kernel2d_reference(*leaves, geo.K, geo.stride, geo.pad, geo.dil,
                                                      geo.G)
         want = torch.autograd.grad(ref, leaves, grad)
         args = [t.to(F16) for t in (x, rotation, weight)]
-        out = _emu().deform_kernel2d(*args, *_geometry_args(geo))
-        grads = _emu()._deform_kernel2d_backward(grad.to(F16), *args, *_geometry_args(geo))
-        _compare("output", out, ref, F16, errors)
+        out = emu().deform_kernel2d(*args, *geometry_args(geo))
+        grads = emu()._deform_kernel2d_backward(grad.to(F16), *args, *geometry_args(geo))
+        compare("output", out, ref, F16, errors)
         for n, g, w in zip(("input", "rotation", "weight"), grads, want):
-            _compare("grad_" + n, g, w, F16, errors)
+            compare("grad_" + n, g, w, F16, errors)
         return errors
 
     return Case("dk:full:f16-gemm-overflow", run)
