@@ -22,8 +22,9 @@ TWINS = {
     "resnet50_dw": ("dk_resnet50_dw",),
     "resnet18_dw_050": ("dk_resnet18_dw_050", "dkdcn_resnet18_dw_050"),
     "mobilenetv2_050": ("dk_mobilenetv2_050",),
+    "mobilenetv2_075": ("dk_mobilenetv2_075",),
 }
-RIGID = ("resnet50_dw", "resnet18_dw", "resnet18_dw_050", "mobilenetv2_050")
+RIGID = ("resnet50_dw", "resnet18_dw", "resnet18_dw_050", "mobilenetv2_050", "mobilenetv2_075")
 
 
 def an_input(seed: int = 0, batch: int = 2) -> torch.Tensor:
@@ -194,6 +195,20 @@ def test_mobilenet_rigid_control_with_a_larger_kernel():
     params3 = sum(p.numel() for p in three.parameters())
     params5 = sum(p.numel() for p in five.parameters())
     assert params5 > params3
+
+
+def test_mobilenet_width_075_rigid_is_dk_050s_budget_control():
+    """The rigid MobileNet-V2 at width 0.75 spends what DK costs at width 0.5: parameters and
+    multiply-adds per 64 px image within 5 % of DK's (the study's budget-matched control)."""
+    from dk_detectron2.tools.flops import image_model_macs
+
+    dk = create("dk_mobilenetv2_050", num_classes=6).eval()
+    wide = create("dk_mobilenetv2_075", num_classes=6, dk_type="rigid_conv").eval()
+    assert not generator_parameters(wide)
+    params = [sum(p.numel() for p in m.parameters()) for m in (dk, wide)]
+    macs = [image_model_macs(m, (3, SIZE, SIZE)) for m in (dk, wide)]
+    assert abs(params[1] / params[0] - 1) < 0.05, params
+    assert abs(macs[1] / macs[0] - 1) < 0.05, macs
 
 
 @pytest.mark.parametrize("kernel_size", [4, 0, 2.0, True])

@@ -6,8 +6,8 @@ dataset.
 
 - :mod:`.resnet`: ``resnet50_dw`` / ``dk_resnet50_dw`` / ``dkdcn_resnet50_dw``, the R18 siblings
   ``resnet18_dw`` / ``dk_resnet18_dw`` / ``dkdcn_resnet18_dw`` and their half-width ``*_050``;
-- :mod:`.mobilenetv2`: ``dk_mobilenetv2_100`` / ``dk_mobilenetv2_050`` beside timm's
-  ``mobilenetv2_100`` / ``mobilenetv2_050``.
+- :mod:`.mobilenetv2`: ``dk_mobilenetv2_100`` / ``_075`` / ``_050`` beside timm's
+  ``mobilenetv2_100`` / ``_075`` / ``_050``.
 
 :func:`generator_parameters` gives the DK generators (for their own learning rate); a checkpoint of
 these models is a valid ``MODEL.WEIGHTS`` of the matching Detectron2 config (``DKCheckpointer``).
@@ -32,7 +32,9 @@ __all__ = [
     "unwrap_checkpoint",
 ]
 
-MODEL_NAMES = tuple(MODEL_SPECS) + ("dk_mobilenetv2_100", "dk_mobilenetv2_050")
+MODEL_NAMES = tuple(MODEL_SPECS) + (
+    "dk_mobilenetv2_100", "dk_mobilenetv2_075", "dk_mobilenetv2_050"
+)
 
 
 def generator_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:

@@ -6,8 +6,10 @@ depthwise conv (``conv_dw``) of every inverted-residual block in ``dk_stages`` i
 initialisation is timm's, so a ``mobilenetv2_100`` checkpoint loads into ``dk_mobilenetv2_100``
 through the 3x3 -> scope conversion (:mod:`.checkpoint_filter`).
 
-Registered names: ``dk_mobilenetv2_100`` (width 1.0) and ``dk_mobilenetv2_050`` (width 0.5, for
-small data and CPUs; its rigid twin is timm's ``mobilenetv2_050``). Keyword arguments:
+Registered names: ``dk_mobilenetv2_100`` (width 1.0), ``dk_mobilenetv2_075`` (width 0.75) and
+``dk_mobilenetv2_050`` (width 0.5, for small data and CPUs); their rigid twins are timm's
+``mobilenetv2_100`` / ``_075`` / ``_050``. With ``dk_type=rigid_conv`` the width-0.75 network is the
+rigid control at DK-0.5's parameters and multiply-adds. Keyword arguments:
 ``dk_type`` (a ``DK_CONV_REGISTRY`` name, default ``"deform_kernel"``), ``dk_stages`` (indices of
 timm's ``blocks`` stages; default 2-6, the blocks at stride 8 and beyond, as res3-res5 of the
 ResNets), ``scope_size``, ``rotation_groups``, ``rotation_clip``, ``rotation_clip_range``,
@@ -146,7 +148,7 @@ def _create(variant: str, pretrained: bool, channel_multiplier: float, **kwargs)
 default_cfgs = generate_default_cfgs(
     {
         name: classification_cfg(first_conv="conv_stem", classifier="classifier", pool_size=(7, 7))
-        for name in ("dk_mobilenetv2_100", "dk_mobilenetv2_050")
+        for name in ("dk_mobilenetv2_100", "dk_mobilenetv2_075", "dk_mobilenetv2_050")
     }
 )
 
@@ -155,6 +157,12 @@ default_cfgs = generate_default_cfgs(
 def dk_mobilenetv2_100(pretrained: bool = False, **kwargs) -> DKMobileNetV2:
     """MobileNet-V2 (width 1.0) with Deformable Kernels in the depthwise convs of stages 2-6."""
     return _create("dk_mobilenetv2_100", pretrained, 1.0, **kwargs)
+
+
+@register_model
+def dk_mobilenetv2_075(pretrained: bool = False, **kwargs) -> DKMobileNetV2:
+    """MobileNet-V2 (width 0.75) with Deformable Kernels in the depthwise convs of stages 2-6."""
+    return _create("dk_mobilenetv2_075", pretrained, 0.75, **kwargs)
 
 
 @register_model
