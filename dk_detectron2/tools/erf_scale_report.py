@@ -106,6 +106,7 @@ def plot(report: Dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     level, metric = report["headline"]["level"], report["headline"]["metric"]
     key = f"{level}/{metric}"
@@ -137,9 +138,11 @@ def plot(report: Dict, path: str) -> None:
                             fmt=style, color=colors[f["label"]], capsize=3,
                             mfc="none" if shift else None)
                 if not shift:
-                    ticks.append(f"{f['label']}\ns{f['seed']}")
+                    ticks.append(f"s{f['seed']}")
         ax.set_xticks(range(len(ticks)), ticks, fontsize=7)
         ax.axhline(0, color="grey", lw=0.5)
+        ax.legend(handles=[Line2D([], [], color=colors[label], marker="o", ls="none", label=label)
+                           for label in labels], fontsize=7)
         ax.set(ylabel=name, title=f"{name} ± 95 % bootstrap CI (images), per run\n"
                "(open squares: object position partialled out)")
     fig.tight_layout()
