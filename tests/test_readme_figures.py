@@ -94,18 +94,23 @@ def _mean_std(stats, signed=False):
     return f"{mean} ± {stats['std']:.1f}"
 
 
-def _paired_difference(row, reference, study="study_cls.json"):
-    """Mean and std over the committed runs of ``study`` (docs/results/) of top1[row] -
-    top1[reference], paired by seed, and the number of seeds both have."""
+def _top1_by_seed(study, row):
+    """Final top-1 per seed of ``row``'s finished runs in the committed ``study`` (docs/results/)."""
+    runs = json.loads(_read("docs", "results", study))["runs"]
+    return {run["seed"]: run["metrics"]["top1"] for run in runs
+            if run["name"] == row and run["metrics"]}
+
+
+def _paired_difference(row, reference, study="study_cls.json", reference_study=None):
+    """Mean and std over the committed runs of top1[row] (in ``study``) - top1[reference] (in
+    ``reference_study``, default the same study), paired by seed, and the number of seeds both
+    have."""
     import statistics
 
-    study = json.loads(_read("docs", "results", study))
-    top1 = {}
-    for run in study["runs"]:
-        if run["metrics"]:
-            top1.setdefault(run["name"], {})[run["seed"]] = run["metrics"]["top1"]
-    seeds = sorted(set(top1[row]) & set(top1[reference]))
-    differences = [top1[row][s] - top1[reference][s] for s in seeds]
+    top1 = _top1_by_seed(study, row)
+    base = _top1_by_seed(reference_study or study, reference)
+    seeds = sorted(set(top1) & set(base))
+    differences = [top1[s] - base[s] for s in seeds]
     return {"mean": statistics.mean(differences), "std": statistics.stdev(differences)}, len(seeds)
 
 
@@ -128,6 +133,10 @@ def _paired_difference(row, reference, study="study_cls.json"):
     ("study_cls_mbv2_recipe.json", "mbv2_dk_sgd01", "top1", False),
     ("study_cls_mbv2_recipe.json", "mbv2_dk_sgd01", "top1 - mbv2_rigid3_sgd01", True),
     ("study_cls_mbv2_recipe.json", "mbv2_rigid5_sgd01", "top1 - mbv2_rigid3_sgd01", True),
+    ("study_cls_lr01.json", "rigid3_sgd01", "top1", False),
+    ("study_cls_lr01.json", "dk_sgd01", "top1", False),
+    ("study_cls_lr01.json", "dk_sgd01", "top1 - rigid3_sgd01", True),
+    ("study_cls_lr01.json", "rigid5_sgd01", "top1 - rigid3_sgd01", True),
     ("study_cls_upgrade.json", "rigid3_more", "top1", False),
     ("study_cls_upgrade.json", "dk_from_rigid3", "top1", False),
     ("study_cls_upgrade.json", "dk_from_rigid3", "top1 - rigid3_more", True),
@@ -248,3 +257,51 @@ def test_the_mobilenet_rigid5_control_figure_quotes_the_study_runs():
     quoted = _mean_std(difference, signed=True)
     for text in (_read("README.md"), _read("docs", "results_classification.md")):
         assert quoted in " ".join(text.split()), quoted
+
+
+def test_the_dw_resnet_learning_rate_figures_quote_the_study_runs():
+    """DK at lr 0.01 against the rigid 3x3 at lr 0.05 (each model at its better rate: paired by
+    seed across the two committed studies) and against the rigid 5x5 at lr 0.01, as the README
+    and the results page quote them."""
+    across, n = _paired_difference("dk_sgd01", "rigid3", study="study_cls_lr01.json",
+                                   reference_study="study_cls.json")
+    assert n == 5
+    below_rigid5, n = _paired_difference("rigid5_sgd01", "dk_sgd01", study="study_cls_lr01.json")
+    assert n == 5
+    for text in (_read("README.md"), _read("docs", "results_classification.md")):
+        flowing = " ".join(text.split())
+        assert _mean_std(across, signed=True) in flowing, across
+        # "8.2 ± 5.6 above DK" (README) or "DK is −8.2 ± 5.6 below it" (results page)
+        gap = _mean_std(below_rigid5)
+        assert f"{gap} above DK" in flowing or f"−{gap} below it" in flowing, gap
+
+
+def test_the_mobilenet_erf_figures_quote_the_tools_json():
+    """The MobileNet-V2 ERF sizes and the paired slope difference (last stage, size10, five seeds)
+    as the results page (and the README) quote them, from the committed erf_scale JSON."""
+    report = json.loads(_read("docs", "results", "erf_scale_cls_mbv2.json"))
+    assert report["headline"] == {"level": "res5", "metric": "size10"}
+    configs = report["configs"]["res5/size10"]
+    rigid, dk = configs["mbv2_rigid3_sgd01"], configs["mbv2_dk_sgd01"]
+    assert rigid["seeds"] == dk["seeds"] == [0, 1, 2, 3, 4]
+    sizes = f"{dk['mean_size']['mean']:.1f} against {rigid['mean_size']['mean']:.1f} px"
+    assert sizes in " ".join(_read("README.md").split()), sizes
+    page = " ".join(_read("docs", "results_classification.md").split())
+    assert (f"{dk['mean_size']['mean']:.1f} px against the rigid model's "
+            f"{rigid['mean_size']['mean']:.1f} px") in page
+    paired = report["paired"]["res5/size10"]["mbv2_dk_sgd01"]["slope_diff"]
+    low, high = paired["ci"]
+    quoted = (f"paired difference {paired['mean']:+.3f} px/px (95 % interval {low:.3f} to "
+              f"{high:.3f}").replace("-", "−")
+    assert quoted in page, quoted
+
+
+@pytest.mark.parametrize("report, config, phrase", [
+    ("deformation_cls_mbv2.json", "mbv2_dk_sgd01", "The trained taps move {:.3f} cells on average"),
+    ("deformation_cls_lr01.json", "dk_sgd01", "the trained taps move {:.3f} cells on average"),
+])
+def test_the_deformation_figures_of_the_lr_studies_quote_the_tools_json(report, config, phrase):
+    stats = json.loads(_read("docs", "results", report))["summary"][config]["mean_abs_rotation"]
+    assert stats["n"] == 5
+    quoted = phrase.format(stats["mean"])
+    assert quoted in " ".join(_read("docs", "results_classification.md").split()), quoted
