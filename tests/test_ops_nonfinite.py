@@ -62,19 +62,7 @@ def _poison(place, x, weight, grad):
 
 
 def _run_cpu(op, x, offset, rotation, weight, grad, geo, dtype, channels_last):
-    xs = x.to(dtype)
-    if channels_last:
-        xs = xs.contiguous(memory_format=torch.channels_last)
-    args = [xs, offset.to(dtype)] if op == "dkc" else [xs]
-    args += [rotation.to(dtype), weight.to(dtype)]
-    g = harness.geometry_args(geo)
-    if op == "dkc":
-        out = OPS.deform_kernel_conv2d(*args, *g)
-        grads = OPS._deform_kernel_conv2d_backward(grad.to(dtype), *args, *g)
-    else:
-        out = OPS.deform_kernel2d(*args, *g)
-        grads = OPS._deform_kernel2d_backward(grad.to(dtype), *args, *g)
-    return out, list(grads)
+    return harness.run_ops(OPS, op, x, offset, rotation, weight, grad, geo, dtype, channels_last)
 
 
 def _check(op, kind, place, dtype, channels_last, sweep, channels):

@@ -124,8 +124,10 @@ def geometry_args(geo: Geometry):
     return [list(geo.K), list(geo.stride), list(geo.pad), list(geo.dil), geo.G]
 
 
-def run_emulated(op, x, offset, rotation, weight, grad, geo, dtype, channels_last):
-    E = emu()
+def run_ops(ops, op, x, offset, rotation, weight, grad, geo, dtype, channels_last):
+    """Forward and every gradient of deform_kernel2d ("dk") or deform_kernel_conv2d ("dkc") from
+    the operator namespace ``ops`` (``torch.ops.dk_emu`` or ``torch.ops.dk_detectron2``), the
+    tensors cast to ``dtype`` (the input channels-last if asked): (output, [gradients])."""
     xs = x.to(dtype)
     if channels_last:
         xs = xs.contiguous(memory_format=torch.channels_last)
@@ -133,10 +135,14 @@ def run_emulated(op, x, offset, rotation, weight, grad, geo, dtype, channels_las
     args += [rotation.to(dtype), weight.to(dtype)]
     g = geometry_args(geo)
     if op == "dkc":
-        out = E.deform_kernel_conv2d(*args, *g)
-        grads = E._deform_kernel_conv2d_backward(grad.to(dtype), *args, *g)
+        out = ops.deform_kernel_conv2d(*args, *g)
+        grads = ops._deform_kernel_conv2d_backward(grad.to(dtype), *args, *g)
     else:
-        out = E.deform_kernel2d(*args, *g)
-        grads = E._deform_kernel2d_backward(grad.to(dtype), *args, *g)
+        out = ops.deform_kernel2d(*args, *g)
+        grads = ops._deform_kernel2d_backward(grad.to(dtype), *args, *g)
     return out, list(grads)
 
+
+def run_emulated(op, x, offset, rotation, weight, grad, geo, dtype, channels_last):
+    """:func:`run_ops` on the emulated CUDA operators."""
+    return run_ops(emu(), op, x, offset, rotation, weight, grad, geo, dtype, channels_last)
