@@ -305,3 +305,25 @@ def test_the_deformation_figures_of_the_lr_studies_quote_the_tools_json(report, 
     assert stats["n"] == 5
     quoted = phrase.format(stats["mean"])
     assert quoted in " ".join(_read("docs", "results_classification.md").split()), quoted
+
+
+@pytest.mark.parametrize("label, study, rigid3, dk, rigid5", [
+    ("DW-ResNet (`resnet18_dw_050`), lr 0.05", "study_cls.json", "rigid3", "dk", "rigid5"),
+    ("DW-ResNet, lr 0.01", "study_cls_lr01.json", "rigid3_sgd01", "dk_sgd01", "rigid5_sgd01"),
+    ("MobileNet-V2 (`dk_mobilenetv2_050`), lr 0.01", "study_cls_mbv2_recipe.json",
+     "mbv2_rigid3_sgd01", "mbv2_dk_sgd01", "mbv2_rigid5_sgd01"),
+])
+def test_the_readme_summary_table_quotes_the_studies(label, study, rigid3, dk, rigid5):
+    """Each row of the README's table of where DK stands: the three models' top-1 and DK's paired
+    differences to both rigid controls, over five seeds of the committed study."""
+    summary = json.loads(_read("docs", "results", study))["summary"]
+    cells = []
+    for row in (rigid3, dk):
+        assert summary[row]["top1"]["n"] == 5, row
+        cells.append(_mean_std(summary[row]["top1"]))
+    over3, n3 = _paired_difference(dk, rigid3, study=study)
+    over5, n5 = _paired_difference(dk, rigid5, study=study)
+    assert n3 == n5 == summary[rigid5]["top1"]["n"] == 5
+    cells += [_mean_std(over3, signed=True), _mean_std(summary[rigid5]["top1"]),
+              _mean_std(over5, signed=True)]
+    assert f"| {label} | " + " | ".join(cells) + " |" in _read("README.md").splitlines(), cells
