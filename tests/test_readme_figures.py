@@ -133,6 +133,8 @@ def _paired_difference(row, reference, study="study_cls.json", reference_study=N
     ("study_cls_mbv2_recipe.json", "mbv2_dk_sgd01", "top1", False),
     ("study_cls_mbv2_recipe.json", "mbv2_dk_sgd01", "top1 - mbv2_rigid3_sgd01", True),
     ("study_cls_mbv2_recipe.json", "mbv2_rigid5_sgd01", "top1 - mbv2_rigid3_sgd01", True),
+    ("study_cls_mbv2_recipe.json", "mbv2_rigid3_w075_sgd01", "top1 - mbv2_rigid3_sgd01", True),
+    ("study_cls_mbv2_recipe.json", "mbv2_condconv19_sgd01", "top1 - mbv2_rigid3_sgd01", True),
     ("study_cls_lr01.json", "rigid3_sgd01", "top1", False),
     ("study_cls_lr01.json", "dk_sgd01", "top1", False),
     ("study_cls_lr01.json", "dk_sgd01", "top1 - rigid3_sgd01", True),
@@ -248,10 +250,13 @@ def test_the_upgrade_control_figure_quotes_the_study_runs(study, rigid, dk):
     assert quoted in " ".join(_read("docs", "results_classification.md").split()), quoted
 
 
-def test_the_mobilenet_rigid5_control_figure_quotes_the_study_runs():
-    """DK against MobileNet-V2's rigid 5x5 control at lr 0.01, paired over the seeds both have in
-    the committed study, as the README and the results page quote it."""
-    difference, n = _paired_difference("mbv2_dk_sgd01", "mbv2_rigid5_sgd01",
+@pytest.mark.parametrize("control", ["mbv2_rigid5_sgd01", "mbv2_rigid3_w075_sgd01",
+                                     "mbv2_condconv19_sgd01"])
+def test_the_mobilenet_control_figures_quote_the_study_runs(control):
+    """DK against MobileNet-V2's controls at lr 0.01 (rigid 5x5; the rigid width-0.75 network at
+    DK's budget; CondConv at DK's parameters), paired over the seeds both have in the committed
+    study, as the README and the results page quote it."""
+    difference, n = _paired_difference("mbv2_dk_sgd01", control,
                                        study="study_cls_mbv2_recipe.json")
     assert n == 5
     quoted = _mean_std(difference, signed=True)
