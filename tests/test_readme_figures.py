@@ -159,8 +159,7 @@ def test_the_classification_figures_quote_the_studies(study, row, metric, signed
     classification studies (both networks, both learning rates, the upgrade) and the pipeline
     study, and the three-seed rows of the 20-epoch study (mean ± std, differences signed)."""
     stats = json.loads(_read("docs", "results", study))["summary"][row][metric]
-    three_seeds = study == "study_cls_long.json"
-    assert stats["n"] == (3 if three_seeds else 5), (row, metric, stats["n"])
+    assert stats["n"] == (3 if study == "study_cls_long.json" else 5), (row, metric, stats["n"])
     quoted = _mean_std(stats, signed)
     assert quoted in _read("README.md"), quoted
     assert quoted in _read("docs", "results_classification.md"), quoted
