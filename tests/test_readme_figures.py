@@ -331,3 +331,40 @@ def test_the_readme_summary_table_quotes_the_studies(label, study, rigid3, dk, r
     cells += [_mean_std(over3, signed=True), _mean_std(summary[rigid5]["top1"]),
               _mean_std(over5, signed=True)]
     assert f"| {label} | " + " | ".join(cells) + " |" in _read("README.md").splitlines(), cells
+
+
+def test_the_second_cpu_rerun_quotes_its_study_and_pools_both():
+    """The lr-0.01 DW-ResNet rows rerun on a second CPU: the README's table row and the results
+    page's figures come from docs/results/study_cls_lr01_replica.json, the ten pairs of both
+    machines are pooled from both committed studies, and the per-seed moves between machines are
+    the ones the two JSONs hold."""
+    import statistics
+
+    replica = "study_cls_lr01_replica.json"
+    summary = json.loads(_read("docs", "results", replica))["summary"]
+    rigid3, dk = summary["rigid3_sgd01"]["top1"], summary["dk_sgd01"]["top1"]
+    over, n = _paired_difference("dk_sgd01", "rigid3_sgd01", study=replica)
+    assert rigid3["n"] == dk["n"] == n == 5
+    row = (f"| DW-ResNet, lr 0.01, the same seeds on a second CPU | {_mean_std(rigid3)} | "
+           f"{_mean_std(dk)} | {_mean_std(over, signed=True)} | not run | |")
+    assert row in _read("README.md").splitlines(), row
+    page = " ".join(_read("docs", "results_classification.md").split())
+    assert f"| `dk_sgd01` | 0-4 | {_mean_std(dk)} |" in page
+    assert f"{_mean_std(over, signed=True)} (s.e. {over['std'] / 5 ** 0.5:.1f}; within 2 s.e.)" in page
+
+    differences = []
+    for study in ("study_cls_lr01.json", replica):
+        dk_runs = _top1_by_seed(study, "dk_sgd01")
+        rigid_runs = _top1_by_seed(study, "rigid3_sgd01")
+        differences += [dk_runs[s] - rigid_runs[s] for s in range(5)]
+    pooled = {"mean": statistics.mean(differences), "std": statistics.stdev(differences)}
+    quoted = _mean_std(pooled, signed=True)
+    readme = " ".join(_read("README.md").split())
+    assert f"ten pairs together give {quoted} (s.e. {pooled['std'] / 10 ** 0.5:.1f}" in readme
+    assert f"ten pairs: **{quoted}** (s.e. {pooled['std'] / 10 ** 0.5:.1f}" in page
+
+    for row_name, label in (("rigid3_sgd01", "for the rigid 3×3"), ("dk_sgd01", "for DK")):
+        first, second = (_top1_by_seed(s, row_name) for s in ("study_cls_lr01.json", replica))
+        moves = [second[s] - first[s] for s in range(5)]
+        quoted = f"{_signed(min(moves))} to {_signed(max(moves))} points {label}"
+        assert quoted in page, quoted
