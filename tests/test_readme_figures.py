@@ -399,3 +399,34 @@ def test_the_lr01_pipeline_figures_quote_the_study():
     readme = " ".join(_read("README.md").split())
     assert (f"{_mean_std(dk['bbox/AP'])} against {_mean_std(rigid['bbox/AP'])} box AP "
             f"(**{_mean_std(over, signed=True)}**, three paired seeds, lower on every seed") in readme
+
+
+def test_the_mobilenet_rerun_quotes_its_study_and_pools_both():
+    """MobileNet-V2's rigid 3x3 / DK rows rerun on the second CPU (three seeds): the README's
+    table row and the results page quote docs/results/study_cls_mbv2_replica.json, and the pooled
+    pairs of both machines come from both committed studies."""
+    import statistics
+
+    replica = "study_cls_mbv2_replica.json"
+    summary = json.loads(_read("docs", "results", replica))["summary"]
+    rigid3, dk = summary["mbv2_rigid3_sgd01"]["top1"], summary["mbv2_dk_sgd01"]["top1"]
+    over, n = _paired_difference("mbv2_dk_sgd01", "mbv2_rigid3_sgd01", study=replica)
+    assert rigid3["n"] == dk["n"] == n == 3
+    row = (f"| MobileNet-V2, lr 0.01, seeds 0-2 on the second CPU | {_mean_std(rigid3)} | "
+           f"{_mean_std(dk)} | {_mean_std(over, signed=True)} | not run | |")
+    assert row in _read("README.md").splitlines(), row
+    page = " ".join(_read("docs", "results_classification.md").split())
+    assert (f"| `mbv2_dk_sgd01` | 0-2 | {_mean_std(dk)} |" in page)
+    assert f"**{_mean_std(over, signed=True)}** (s.e. {over['std'] / 3 ** 0.5:.1f}; higher on every seed)" in page
+
+    differences = []
+    for study in ("study_cls_mbv2_recipe.json", replica):
+        dk_runs = _top1_by_seed(study, "mbv2_dk_sgd01")
+        rigid_runs = _top1_by_seed(study, "mbv2_rigid3_sgd01")
+        differences += [dk_runs[s] - rigid_runs[s] for s in sorted(dk_runs)]
+    assert len(differences) == 8 and min(differences) > 0
+    pooled = _mean_std({"mean": statistics.mean(differences), "std": statistics.stdev(differences)},
+                       signed=True)
+    se = statistics.stdev(differences) / 8 ** 0.5
+    assert f"eight pairs give **{pooled}** (s.e. {se:.1f}, beyond two standard errors" in page
+    assert f"the eight pairs {pooled}, every one positive" in " ".join(_read("README.md").split())
