@@ -333,35 +333,55 @@ def test_the_readme_summary_table_quotes_the_studies(label, study, rigid3, dk, r
     assert f"| {label} | " + " | ".join(cells) + " |" in _read("README.md").splitlines(), cells
 
 
-def test_the_second_cpu_rerun_quotes_its_study_and_pools_both():
-    """The lr-0.01 DW-ResNet rows rerun on a second CPU: the README's table row and the results
-    page's figures come from docs/results/study_cls_lr01_replica.json, the ten pairs of both
-    machines are pooled from both committed studies, and the per-seed moves between machines are
-    the ones the two JSONs hold."""
+def _pooled_paired_difference(row, reference, studies):
+    """top1[row] - top1[reference] paired by seed within each committed study and pooled over
+    ``studies`` (the same experiment on different machines): mean, std and the smallest pair,
+    and the number of pairs."""
     import statistics
 
-    replica = "study_cls_lr01_replica.json"
-    summary = json.loads(_read("docs", "results", replica))["summary"]
-    rigid3, dk = summary["rigid3_sgd01"]["top1"], summary["dk_sgd01"]["top1"]
-    over, n = _paired_difference("dk_sgd01", "rigid3_sgd01", study=replica)
-    assert rigid3["n"] == dk["n"] == n == 5
-    row = (f"| DW-ResNet, lr 0.01, the same seeds on a second CPU | {_mean_std(rigid3)} | "
-           f"{_mean_std(dk)} | {_mean_std(over, signed=True)} | not run | |")
+    differences = []
+    for study in studies:
+        top1, base = _top1_by_seed(study, row), _top1_by_seed(study, reference)
+        differences += [top1[s] - base[s] for s in sorted(set(top1) & set(base))]
+    return ({"mean": statistics.mean(differences), "std": statistics.stdev(differences),
+             "min": min(differences)}, len(differences))
+
+
+@pytest.mark.parametrize("label, study, rigid3, dk, seeds", [
+    ("DW-ResNet, lr 0.01, the same seeds on a second CPU", "study_cls_lr01_replica.json",
+     "rigid3_sgd01", "dk_sgd01", 5),
+    ("MobileNet-V2, lr 0.01, seeds 0-2 on the second CPU", "study_cls_mbv2_replica.json",
+     "mbv2_rigid3_sgd01", "mbv2_dk_sgd01", 3),
+])
+def test_the_second_cpu_rows_quote_their_studies(label, study, rigid3, dk, seeds):
+    """The README's table rows of the second-CPU reruns and the results page's DK rows come from
+    the reruns' committed studies."""
+    summary = json.loads(_read("docs", "results", study))["summary"]
+    rigid_top1, dk_top1 = summary[rigid3]["top1"], summary[dk]["top1"]
+    over, n = _paired_difference(dk, rigid3, study=study)
+    assert rigid_top1["n"] == dk_top1["n"] == n == seeds
+    row = (f"| {label} | {_mean_std(rigid_top1)} | {_mean_std(dk_top1)} | "
+           f"{_mean_std(over, signed=True)} | not run | |")
     assert row in _read("README.md").splitlines(), row
     page = " ".join(_read("docs", "results_classification.md").split())
-    assert f"| `dk_sgd01` | 0-4 | {_mean_std(dk)} |" in page
+    assert f"| `{dk}` | 0-{seeds - 1} | {_mean_std(dk_top1)} |" in page
+
+
+def test_the_dw_resnet_rerun_does_not_replicate_and_pools_both():
+    """The lr-0.01 DW-ResNet rerun: its verdict, the ten pairs of both machines pooled from both
+    committed studies, and the per-seed moves between machines that the two JSONs hold."""
+    replica = "study_cls_lr01_replica.json"
+    over, _ = _paired_difference("dk_sgd01", "rigid3_sgd01", study=replica)
+    page = " ".join(_read("docs", "results_classification.md").split())
     assert f"{_mean_std(over, signed=True)} (s.e. {over['std'] / 5 ** 0.5:.1f}; within 2 s.e.)" in page
 
-    differences = []
-    for study in ("study_cls_lr01.json", replica):
-        dk_runs = _top1_by_seed(study, "dk_sgd01")
-        rigid_runs = _top1_by_seed(study, "rigid3_sgd01")
-        differences += [dk_runs[s] - rigid_runs[s] for s in range(5)]
-    pooled = {"mean": statistics.mean(differences), "std": statistics.stdev(differences)}
-    quoted = _mean_std(pooled, signed=True)
+    pooled, n = _pooled_paired_difference("dk_sgd01", "rigid3_sgd01",
+                                          ("study_cls_lr01.json", replica))
+    assert n == 10
+    quoted, se = _mean_std(pooled, signed=True), pooled["std"] / n ** 0.5
     readme = " ".join(_read("README.md").split())
-    assert f"ten pairs together give {quoted} (s.e. {pooled['std'] / 10 ** 0.5:.1f}" in readme
-    assert f"ten pairs: **{quoted}** (s.e. {pooled['std'] / 10 ** 0.5:.1f}" in page
+    assert f"ten pairs together give {quoted} (s.e. {se:.1f}" in readme
+    assert f"ten pairs: **{quoted}** (s.e. {se:.1f}" in page
 
     for row_name, label in (("rigid3_sgd01", "for the rigid 3×3"), ("dk_sgd01", "for DK")):
         first, second = (_top1_by_seed(s, row_name) for s in ("study_cls_lr01.json", replica))
@@ -401,32 +421,18 @@ def test_the_lr01_pipeline_figures_quote_the_study():
             f"(**{_mean_std(over, signed=True)}**, three paired seeds, lower on every seed") in readme
 
 
-def test_the_mobilenet_rerun_quotes_its_study_and_pools_both():
-    """MobileNet-V2's rigid 3x3 / DK rows rerun on the second CPU (three seeds): the README's
-    table row and the results page quote docs/results/study_cls_mbv2_replica.json, and the pooled
-    pairs of both machines come from both committed studies."""
-    import statistics
-
+def test_the_mobilenet_rerun_holds_and_pools_both():
+    """MobileNet-V2's rerun on the second CPU: its verdict, and the eight pairs of both machines
+    pooled from both committed studies, every one positive."""
     replica = "study_cls_mbv2_replica.json"
-    summary = json.loads(_read("docs", "results", replica))["summary"]
-    rigid3, dk = summary["mbv2_rigid3_sgd01"]["top1"], summary["mbv2_dk_sgd01"]["top1"]
-    over, n = _paired_difference("mbv2_dk_sgd01", "mbv2_rigid3_sgd01", study=replica)
-    assert rigid3["n"] == dk["n"] == n == 3
-    row = (f"| MobileNet-V2, lr 0.01, seeds 0-2 on the second CPU | {_mean_std(rigid3)} | "
-           f"{_mean_std(dk)} | {_mean_std(over, signed=True)} | not run | |")
-    assert row in _read("README.md").splitlines(), row
+    over, _ = _paired_difference("mbv2_dk_sgd01", "mbv2_rigid3_sgd01", study=replica)
     page = " ".join(_read("docs", "results_classification.md").split())
-    assert (f"| `mbv2_dk_sgd01` | 0-2 | {_mean_std(dk)} |" in page)
-    assert f"**{_mean_std(over, signed=True)}** (s.e. {over['std'] / 3 ** 0.5:.1f}; higher on every seed)" in page
+    verdict = f"(s.e. {over['std'] / 3 ** 0.5:.1f}; higher on every seed)"
+    assert f"**{_mean_std(over, signed=True)}** {verdict}" in page
 
-    differences = []
-    for study in ("study_cls_mbv2_recipe.json", replica):
-        dk_runs = _top1_by_seed(study, "mbv2_dk_sgd01")
-        rigid_runs = _top1_by_seed(study, "mbv2_rigid3_sgd01")
-        differences += [dk_runs[s] - rigid_runs[s] for s in sorted(dk_runs)]
-    assert len(differences) == 8 and min(differences) > 0
-    pooled = _mean_std({"mean": statistics.mean(differences), "std": statistics.stdev(differences)},
-                       signed=True)
-    se = statistics.stdev(differences) / 8 ** 0.5
-    assert f"eight pairs give **{pooled}** (s.e. {se:.1f}, beyond two standard errors" in page
-    assert f"the eight pairs {pooled}, every one positive" in " ".join(_read("README.md").split())
+    pooled, n = _pooled_paired_difference("mbv2_dk_sgd01", "mbv2_rigid3_sgd01",
+                                          ("study_cls_mbv2_recipe.json", replica))
+    assert n == 8 and pooled["min"] > 0
+    quoted, se = _mean_std(pooled, signed=True), pooled["std"] / n ** 0.5
+    assert f"eight pairs give **{quoted}** (s.e. {se:.1f}, beyond two standard errors" in page
+    assert f"the eight pairs {quoted}, every one positive" in " ".join(_read("README.md").split())
