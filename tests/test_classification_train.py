@@ -62,7 +62,6 @@ def test_train_evaluate_resume(data_dir, tmp_path, caplog):
     timm.models.load_checkpoint(model, str(run / "last.pth.tar"))
 
 
-
 def test_a_seed_repeats_the_run_exactly(data_dir, tmp_path):
     """On one machine a seed fixes the whole run (data order, initialisation, augmentation, the
     DK kernels' forward and backward): two runs of the same seed end with the same summary and
@@ -84,6 +83,7 @@ def test_a_seed_repeats_the_run_exactly(data_dir, tmp_path):
                        weights_only=False)["state_dict"]
     assert any(not torch.equal(first[key], other[key]) for key in first
                if first[key].is_floating_point())
+
 
 def test_ema_and_amp_run_and_resume(data_dir, tmp_path):
     results = main(_args(data_dir, tmp_path, "--model-ema", "--amp", model="resnet18_dw_050"))

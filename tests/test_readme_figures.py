@@ -94,10 +94,11 @@ def _mean_std(stats, signed=False):
     return f"{mean} ± {stats['std']:.1f}"
 
 
-def _top1_by_seed(study, row):
-    """Final top-1 per seed of ``row``'s finished runs in the committed ``study`` (docs/results/)."""
+def _metric_by_seed(study, row, metric="top1"):
+    """The final ``metric`` (default top-1) per seed of ``row``'s finished runs in the committed
+    ``study`` (docs/results/)."""
     runs = json.loads(_read("docs", "results", study))["runs"]
-    return {run["seed"]: run["metrics"]["top1"] for run in runs
+    return {run["seed"]: run["metrics"][metric] for run in runs
             if run["name"] == row and run["metrics"]}
 
 
@@ -107,8 +108,8 @@ def _paired_difference(row, reference, study="study_cls.json", reference_study=N
     have."""
     import statistics
 
-    top1 = _top1_by_seed(study, row)
-    base = _top1_by_seed(reference_study or study, reference)
+    top1 = _metric_by_seed(study, row)
+    base = _metric_by_seed(reference_study or study, reference)
     seeds = sorted(set(top1) & set(base))
     differences = [top1[s] - base[s] for s in seeds]
     return {"mean": statistics.mean(differences), "std": statistics.stdev(differences)}, len(seeds)
@@ -341,7 +342,7 @@ def _pooled_paired_difference(row, reference, studies):
 
     differences = []
     for study in studies:
-        top1, base = _top1_by_seed(study, row), _top1_by_seed(study, reference)
+        top1, base = _metric_by_seed(study, row), _metric_by_seed(study, reference)
         differences += [top1[s] - base[s] for s in sorted(set(top1) & set(base))]
     return ({"mean": statistics.mean(differences), "std": statistics.stdev(differences),
              "min": min(differences)}, len(differences))
@@ -384,7 +385,7 @@ def test_the_dw_resnet_rerun_does_not_replicate_and_pools_both():
     assert f"ten pairs: **{quoted}** (s.e. {se:.1f}" in page
 
     for row_name, label in (("rigid3_sgd01", "for the rigid 3×3"), ("dk_sgd01", "for DK")):
-        first, second = (_top1_by_seed(s, row_name) for s in ("study_cls_lr01.json", replica))
+        first, second = (_metric_by_seed(s, row_name) for s in ("study_cls_lr01.json", replica))
         moves = [second[s] - first[s] for s in range(5)]
         quoted = f"{_signed(min(moves))} to {_signed(max(moves))} points {label}"
         assert quoted in page, quoted
@@ -401,8 +402,8 @@ def test_the_lr01_pipeline_figures_quote_the_study():
     rigid, dk = summary["dw_pre01"], summary["dk_pre01"]
     over = dk["bbox/AP - dw_pre01"]
     assert rigid["bbox/AP"]["n"] == dk["bbox/AP"]["n"] == over["n"] == 3
-    box = {run["seed"]: run["metrics"]["bbox/AP"] for run in runs if run["name"] == "dk_pre01"}
-    base = {run["seed"]: run["metrics"]["bbox/AP"] for run in runs if run["name"] == "dw_pre01"}
+    box = _metric_by_seed("study_pretrained_lr01.json", "dk_pre01", metric="bbox/AP")
+    base = _metric_by_seed("study_pretrained_lr01.json", "dw_pre01", metric="bbox/AP")
     assert all(box[s] < base[s] for s in box), "lower on every seed"
     for run in runs:
         source = "rigid3_sgd01" if run["name"] == "dw_pre01" else "dk_sgd01"
@@ -410,7 +411,7 @@ def test_the_lr01_pipeline_figures_quote_the_study():
     page = " ".join(_read("docs", "results_classification.md").split())
     se = over["std"] / 3 ** 0.5
     for row, backbone in (("dw_pre01", "rigid3_sgd01"), ("dk_pre01", "dk_sgd01")):
-        top1 = _top1_by_seed("study_cls_lr01_replica.json", backbone)
+        top1 = _metric_by_seed("study_cls_lr01_replica.json", backbone)
         values = [top1[s] for s in (0, 1, 2)]
         cells = [_mean_std({"mean": statistics.mean(values), "std": statistics.stdev(values)}),
                  _mean_std(summary[row]["bbox/AP"]), _mean_std(summary[row]["segm/AP"])]

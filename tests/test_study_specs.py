@@ -60,24 +60,24 @@ def test_classification_rows_parse_and_build(path, row):
 
 
 PIPELINES = [
-    # (pipeline spec, classification spec it reads, {pipeline row: classification row})
-    ("shapes_pretrained.yaml", "cls_shapes.yaml",
+    # (pipeline spec, classification spec it reads, that study's output folder,
+    #  {pipeline row: classification row})
+    ("shapes_pretrained.yaml", "cls_shapes.yaml", "study_cls",
      {"dw_pre": "rigid3", "dk_pre": "dk", "dk_rigidpre": "rigid3"}),
-    ("shapes_pretrained_lr01.yaml", "cls_shapes_lr01.yaml",
+    ("shapes_pretrained_lr01.yaml", "cls_shapes_lr01.yaml", "study_cls_lr01",
      {"dw_pre01": "rigid3_sgd01", "dk_pre01": "dk_sgd01"}),
 ]
 
 
-@pytest.mark.parametrize("pipeline_spec,classification_spec,sources", PIPELINES,
+@pytest.mark.parametrize("pipeline_spec,classification_spec,study_folder,sources", PIPELINES,
                          ids=[p[0] for p in PIPELINES])
 def test_pipeline_spec_reads_the_classification_study_backbones(pipeline_spec, classification_spec,
-                                                                 sources):
+                                                                 study_folder, sources):
     """A pretrain-then-detect study starts each detection seed from the same seed of the
     classification study's rigid / DK rows (paired), from configs that load timm checkpoints."""
     pipeline = {r.name: r for r in load_spec(os.path.join(REPO, "configs/studies", pipeline_spec))}
     classification = {r.name: r for r in load_spec(os.path.join(REPO, "configs/studies",
                                                                 classification_spec))}
-    study_folder = "study_" + os.path.splitext(classification_spec)[0].replace("cls_shapes", "cls")
     assert set(pipeline) == set(sources)
     for name, source in sources.items():
         weights = dict(zip(pipeline[name].opts[::2], pipeline[name].opts[1::2]))["MODEL.WEIGHTS"]
