@@ -6,11 +6,11 @@ __all__ = ["add_dk_config"]
 
 
 def add_dk_config(cfg):
-    """Adds ``MODEL.DK.*`` and ``MODEL.ALLOW_PARTIAL_WEIGHTS`` (defaults below) to a Detectron2
-    config, in place; returns it.
+    """Adds ``MODEL.DK.*``, ``MODEL.MOBILENETV2.*`` and ``MODEL.ALLOW_PARTIAL_WEIGHTS`` (defaults
+    below) to a Detectron2 config, in place; returns it.
 
     Call it before ``merge_from_file`` of any dk_detectron2 config. Used by the backbones
-    ``build_resnet_dk_backbone`` / ``build_resnet_dk_fpn_backbone``.
+    ``build_resnet_dk_backbone`` / ``build_resnet_dk_fpn_backbone`` and the MobileNet-V2 ones.
     """
     _C = cfg
     # Loading MODEL.WEIGHTS: False (default) fails on a checkpoint tensor that fits no parameter
@@ -56,4 +56,14 @@ def add_dk_config(cfg):
     _C.MODEL.DK.GENERATOR_WARMUP_ITERS = 0
     # E, experts of "cond_conv".
     _C.MODEL.DK.NUM_EXPERTS = 4
+
+    # The MobileNet-V2 backbones (build_dk_mobilenetv2_backbone, build_dk_mobilenetv2_fpn_backbone;
+    # MODEL.DK says which depthwise convs are Deformable Kernels).
+    _C.MODEL.MOBILENETV2 = CN()
+    # Channel multiplier: 1.0, 0.75 and 0.5 are timm's mobilenetv2_100 / _075 / _050.
+    _C.MODEL.MOBILENETV2.WIDTH = 1.0
+    # "FrozenBN" (statistics and affine fixed, as Detectron2's ResNets from ImageNet), "BN" or "SyncBN".
+    _C.MODEL.MOBILENETV2.NORM = "FrozenBN"
+    # Stages returned: stem (stride 2), res2 (4), res3 (8), res4 (16), res5 (32).
+    _C.MODEL.MOBILENETV2.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     return cfg

@@ -66,6 +66,8 @@ PIPELINES = [
      {"dw_pre": "rigid3", "dk_pre": "dk", "dk_rigidpre": "rigid3"}),
     ("shapes_pretrained_lr01.yaml", "cls_shapes_lr01.yaml", "study_cls_lr01",
      {"dw_pre01": "rigid3_sgd01", "dk_pre01": "dk_sgd01"}),
+    ("shapes_pretrained_mbv2.yaml", "cls_shapes_mbv2_recipe.yaml", "study_cls_mbv2_recipe",
+     {"mbv2_pre01": "mbv2_rigid3_sgd01", "mbv2_dk_pre01": "mbv2_dk_sgd01"}),
 ]
 
 

@@ -11,9 +11,10 @@ the model's prefix (``backbone.bottom_up.``); Detectron2's suffix matching adds 
   renamed by Detectron2's ``convert_c2_detectron_names``.
 - ``"torchvision"``: ``torchvision.models.ResNet`` state dicts (``layer1.0.conv2.weight`` ...).
 - ``"timm_dk"``: checkpoints of the classification models of :mod:`dk_detectron2.classification`
-  (timm's training checkpoint or a plain state dict): Detectron2 names already (the models are
-  built from the backbone's pieces), plus timm's classifier ``head.fc.*``, which the loader
-  reports as not used by the detector (:mod:`.timm_format`).
+  (timm's training checkpoint or a plain state dict): the backbones' names already (the ResNets
+  are built from the backbone's pieces, the MobileNet-V2 backbone keeps timm's names), plus the
+  classification head (``head.fc.*``; MobileNet-V2's ``conv_head.*``, ``bn2.*``, ``classifier.*``),
+  which the loader reports as not used by the detector (:mod:`.timm_format`).
 """
 import re
 from typing import Any, Dict, Mapping
@@ -75,8 +76,9 @@ def torchvision(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
 
 @SOURCE_FORMAT_REGISTRY.register()
 def timm_dk(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
-    """The timm DK ResNets (``dk_resnet50_dw`` ...): Detectron2 names already; unchanged (the
-    classifier ``head.fc.*`` matches nothing in a detector and is reported by the loader)."""
+    """The timm DK ResNets (``dk_resnet50_dw`` ...) and MobileNet-V2s (``dk_mobilenetv2_050`` ...):
+    the backbones' names already; unchanged (the classification head matches nothing in a
+    detector and is reported by the loader)."""
     return dict(state_dict)
 
 
@@ -89,8 +91,8 @@ def rename_to_detectron2(state_dict: Mapping[str, Any], source_format: str) -> D
 
 
 _TORCHVISION_MARKERS = re.compile(r"^(module\.)?(layer\d+\.\d+\.(conv|bn)\d\.|bn1\.)")
-_TIMM_DK_STEM = re.compile(r"^(module\.)?stem\.conv1\.")
-_TIMM_DK_HEAD = re.compile(r"^(module\.)?head\.fc\.")
+_TIMM_DK_STEM = re.compile(r"^(module\.)?(stem\.conv1|conv_stem)\.")
+_TIMM_DK_HEAD = re.compile(r"^(module\.)?(head\.fc|classifier)\.")
 
 
 def detect_source_format(checkpoint: Mapping[str, Any]) -> str:
@@ -104,7 +106,8 @@ def detect_source_format(checkpoint: Mapping[str, Any]) -> str:
         ``"caffe2"`` for Caffe2 / Detectron1 files (``__author__ == "Caffe2"``), ``"timm_dk"``
         for timm's training checkpoints (``__author__ == "timm"``, set by the loader for a file
         with a ``"state_dict"``) and for state dicts of the timm DK ResNets (``stem.conv1.*`` and
-        the classifier ``head.fc.*``, without a model prefix), ``"torchvision"`` when the keys
+        the classifier ``head.fc.*``, without a model prefix) and MobileNet-V2s (``conv_stem.*``
+        and ``classifier.*``), ``"torchvision"`` when the keys
         follow torchvision's ResNet (``layer1.0.conv1.weight``, ``bn1.weight``), else
         ``"detectron2"``.
     """

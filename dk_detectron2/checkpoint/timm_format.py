@@ -2,8 +2,10 @@
 
 The timm ResNets of :mod:`dk_detectron2.classification.resnet` are built from the Detectron2
 backbone's own pieces under its names (``stem.conv1.weight``, ``res3.0.conv2.weight``,
-``res3.0.conv2.rotation_conv.weight`` ...) plus timm's classifier ``head.fc``; so their checkpoint
-needs no renaming, only Detectron2's suffix matching onto ``backbone.bottom_up.``. What this module
+``res3.0.conv2.rotation_conv.weight`` ...) plus timm's classifier ``head.fc``; the MobileNet-V2
+backbone keeps timm's names under its stages (``res3.blocks.2.0.conv_dw.weight`` for the
+checkpoint's ``blocks.2.0.conv_dw.weight``). So their checkpoints need no renaming, only
+Detectron2's suffix matching onto ``backbone.bottom_up.``. What this module
 adds for :class:`~dk_detectron2.checkpoint.DKCheckpointer`:
 
 - :func:`unwrap_checkpoint`: the model state dict of timm's training checkpoint (written by timm's
@@ -33,7 +35,9 @@ __all__ = [
 ]
 
 TIMM_AUTHOR = "timm"
-CLASSIFIER_PREFIX = "head."  # timm's ClassifierHead of DKResNet (``head.fc.weight``, ...)
+# The classification heads, which no detector has: DKResNet's ClassifierHead (``head.fc.*``) and
+# DKMobileNetV2's 1x1 conv, norm and classifier (``conv_head.*``, ``bn2.*``, ``classifier.*``).
+CLASSIFIER_PREFIXES = ("head.", "conv_head.", "bn2.", "classifier.")
 
 # Entries of a training checkpoint that hold a model state dict, in order of preference: timm's
 # CheckpointSaver writes "state_dict" (and "state_dict_ema" with --model-ema), Detectron2 "model".
@@ -101,9 +105,10 @@ def read_timm_checkpoint(loaded: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def split_classifier(result: ConversionResult) -> List[Tuple[str, Tuple[int, ...]]]:
-    """Removes the checkpoint's classifier (``head.*`` names that matched no model tensor) from
-    ``result`` (its ``state_dict`` and ``unmatched``); returns their ``(name, shape)``."""
-    classifier = [name for name in result.unmatched if name.startswith(CLASSIFIER_PREFIX)]
+    """Removes the checkpoint's classification head (names under :data:`CLASSIFIER_PREFIXES` that
+    matched no model tensor) from ``result`` (its ``state_dict`` and ``unmatched``); returns their
+    ``(name, shape)``."""
+    classifier = [name for name in result.unmatched if name.startswith(CLASSIFIER_PREFIXES)]
     for name in classifier:
         result.unmatched.remove(name)
     return [(name, tuple(result.state_dict.pop(name).shape)) for name in classifier]

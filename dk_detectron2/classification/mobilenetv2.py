@@ -31,7 +31,7 @@ from ..layers.registry import DKOptions, build_dk_conv
 from .checkpoint_filter import checkpoint_filter_fn
 from .pretrained_cfgs import classification_cfg
 
-__all__ = ["DKMobileNetV2"]
+__all__ = ["DKMobileNetV2", "mobilenetv2_kwargs"]
 
 # MobileNet-V2's stages in timm's block notation (Sandler et al. 2018, Table 2).
 ARCH_DEF = (
@@ -123,10 +123,17 @@ def _registry_depthwise(
     return replacement
 
 
-def _create(variant: str, pretrained: bool, channel_multiplier: float, **kwargs) -> DKMobileNetV2:
+def mobilenetv2_kwargs(channel_multiplier: float, **kwargs) -> dict:
+    """The :class:`DKMobileNetV2` arguments of MobileNet-V2 at width ``channel_multiplier`` (timm's
+    ``mobilenetv2_*`` architecture: channels rounded to multiples of 8, ReLU6, BatchNorm), with
+    ``kwargs`` (``dk_type``, ``num_classes`` ...) passed on. The Detectron2 backbone
+    (:mod:`dk_detectron2.modeling.backbone.mobilenetv2_dk`) builds its trunk from the same."""
+    if isinstance(channel_multiplier, bool) or not isinstance(channel_multiplier, (int, float)) \
+            or not channel_multiplier > 0:
+        raise ValueError(f"channel_multiplier must be a positive number, got {channel_multiplier!r}")
     round_chs_fn = partial(round_channels, multiplier=channel_multiplier)
     act_layer = get_act_layer(kwargs.pop("act_layer", "relu6"))
-    model_kwargs = dict(
+    return dict(
         block_args=decode_arch_def([list(stage) for stage in ARCH_DEF]),
         num_features=max(1280, round_chs_fn(1280)),
         stem_size=32,
@@ -135,13 +142,16 @@ def _create(variant: str, pretrained: bool, channel_multiplier: float, **kwargs)
         act_layer=act_layer,
         **kwargs,
     )
+
+
+def _create(variant: str, pretrained: bool, channel_multiplier: float, **kwargs) -> DKMobileNetV2:
     return build_model_with_cfg(
         DKMobileNetV2,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(flatten_sequential=True),
-        **model_kwargs,
+        **mobilenetv2_kwargs(channel_multiplier, **kwargs),
     )
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "DKBottleneckBlock",
     "DKBasicBlock",
     "SeparableConv",
+    "check_conv_type",
     "make_resnet_dk_stages",
     "build_resnet_dk_backbone",
     "build_resnet_dk_fpn_backbone",
@@ -186,9 +187,11 @@ class DKBasicBlock(BasicBlock):
         return SeparableConv(conv3x3(in_channels, in_channels, in_channels, None), pointwise)
 
 
-def _check_type(key: str, name: str) -> None:
+def check_conv_type(key: str, name: str) -> str:
+    """The registered ``DK_CONV_REGISTRY`` name of config value ``name`` (an alias resolved);
+    ValueError naming ``key`` and the valid names if there is none."""
     try:
-        resolve_dk_conv_name(name)
+        return resolve_dk_conv_name(name)
     except KeyError:
         raise ValueError(
             f"{key} = {name!r} is not a DK_CONV_REGISTRY name; valid: {', '.join(dk_conv_names())}"
@@ -237,8 +240,8 @@ def make_resnet_dk_stages(
             "MODEL.DK.ON_PER_STAGE must be 4 booleans (res2, res3, res4, res5), "
             f"got {on_per_stage!r}"
         )
-    _check_type("MODEL.DK.TYPE", dk_type)
-    _check_type("MODEL.DK.BASE_TYPE", base_type)
+    check_conv_type("MODEL.DK.TYPE", dk_type)
+    check_conv_type("MODEL.DK.BASE_TYPE", base_type)
     # DKOptions checked its own fields; what depends on the architecture is checked here.
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 \
             or kernel_size % 2 == 0:
