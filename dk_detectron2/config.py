@@ -62,7 +62,8 @@ def add_dk_config(cfg):
     _C.MODEL.MOBILENETV2 = CN()
     # Channel multiplier: 1.0, 0.75 and 0.5 are timm's mobilenetv2_100 / _075 / _050.
     _C.MODEL.MOBILENETV2.WIDTH = 1.0
-    # "FrozenBN" (statistics and affine fixed, as Detectron2's ResNets from ImageNet), "BN" or "SyncBN".
+    # "FrozenBN" (statistics and affine fixed, as Detectron2's ResNets from ImageNet), "BN" or
+    # "SyncBN".
     _C.MODEL.MOBILENETV2.NORM = "FrozenBN"
     # Stages returned: stem (stride 2), res2 (4), res3 (8), res4 (16), res5 (32).
     _C.MODEL.MOBILENETV2.OUT_FEATURES = ["res2", "res3", "res4", "res5"]

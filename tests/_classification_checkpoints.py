@@ -4,8 +4,8 @@
   generators (so rotations and offsets are not zero and a lost generator would show);
 - :func:`save_timm_checkpoint`: the file timm's ``CheckpointSaver`` writes in training
   (``{"state_dict", "state_dict_ema", "arch", "epoch", "optimizer", "args", ...}``);
-- :func:`stage_outputs` and :func:`relative_difference`, to compare a timm model with a Detectron2
-  backbone stage by stage.
+- :func:`stage_outputs`, :func:`relative_difference` and :func:`assert_stages_match`, to compare a
+  timm model with a Detectron2 backbone stage by stage.
 """
 import argparse
 import os
@@ -16,7 +16,13 @@ from timm.utils import CheckpointSaver, ModelEmaV3
 
 from dk_detectron2.classification import generator_parameters
 
-__all__ = ["trained_like", "save_timm_checkpoint", "stage_outputs", "relative_difference"]
+__all__ = [
+    "trained_like",
+    "save_timm_checkpoint",
+    "stage_outputs",
+    "relative_difference",
+    "assert_stages_match",
+]
 
 STAGES = ("res2", "res3", "res4", "res5")
 
@@ -71,3 +77,11 @@ def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected| (float64)."""
     expected = expected.double()
     return float((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+def assert_stages_match(ours: Dict[str, torch.Tensor], theirs: Dict[str, torch.Tensor],
+                        stages=STAGES, tolerance: float = 1e-5) -> None:
+    """Each of ``stages`` of ``ours`` within ``tolerance`` (relative) of ``theirs``."""
+    for stage in stages:
+        difference = relative_difference(ours[stage], theirs[stage])
+        assert difference <= tolerance, (stage, difference)

@@ -21,7 +21,7 @@ from dk_detectron2.checkpoint import DKCheckpointer
 from dk_detectron2.layers import CondConv2d, DeformKernel2d
 from dk_detectron2.modeling.backbone import DKMobileNetV2Backbone
 
-from _classification_checkpoints import relative_difference, save_timm_checkpoint, trained_like
+from _classification_checkpoints import assert_stages_match, save_timm_checkpoint, trained_like
 from _training_inputs import two_training_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +42,14 @@ def _cfg(**dk):
     cfg.MODEL.MOBILENETV2.NORM = "BN"
     for key, value in dk.items():
         setattr(cfg.MODEL.DK, key, value)
+    return cfg
+
+
+def _load_config(variant: str):
+    """The shapes pipeline config of the rigid ("dw") or DK ("dk") MobileNet-V2 detector."""
+    cfg = get_cfg()
+    add_dk_config(cfg)
+    cfg.merge_from_file(CONFIG.format(variant))
     return cfg
 
 
@@ -93,7 +101,8 @@ def test_on_per_stage_places_the_type_in_the_stages_that_are_on(on_per_stage, dk
     convs = _depthwise_convs(backbone)
     assert sorted(convs) == list(range(7))
     for index, stage_convs in convs.items():
-        assert {type(conv) for conv in stage_convs} == ({cls} if index in dk_blocks else {nn.Conv2d})
+        expected = cls if index in dk_blocks else nn.Conv2d
+        assert {type(conv) for conv in stage_convs} == {expected}, index
         assert all(conv.groups == conv.in_channels for conv in stage_convs), index  # depthwise
 
 
@@ -164,10 +173,7 @@ def test_missing_config_section_and_bad_input():
 @pytest.mark.parametrize("variant", ["dw", "dk"])
 def test_mask_rcnn_training_step(variant):
     torch.manual_seed(0)
-    cfg = get_cfg()
-    add_dk_config(cfg)
-    cfg.merge_from_file(CONFIG.format(variant))
-    model = build_model(cfg)
+    model = build_model(_load_config(variant))
     model.train()
     with EventStorage():
         losses = model(two_training_images())
@@ -208,10 +214,7 @@ def test_the_detector_backbone_from_a_classification_checkpoint_computes_its_sta
     torch.manual_seed(0)
     classifier = trained_like(timm.create_model(arch, num_classes=6, **kwargs)).eval()
     path = save_timm_checkpoint(classifier, tmp_path, arch=arch)
-    cfg = get_cfg()
-    add_dk_config(cfg)
-    cfg.merge_from_file(CONFIG.format(variant))
-    detector = build_model(cfg)
+    detector = build_model(_load_config(variant))
     with caplog.at_level(logging.INFO, logger="fvcore.common.checkpoint"):
         DKCheckpointer(detector).load(path)
     log = caplog.text
@@ -224,20 +227,14 @@ def test_the_detector_backbone_from_a_classification_checkpoint_computes_its_sta
     backbone = detector.backbone.bottom_up.eval()
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours = backbone(x)
-        theirs = _timm_stages(classifier, x)
-    for stage in STAGES:
-        assert relative_difference(ours[stage], theirs[stage]) <= TOLERANCE, stage
+        assert_stages_match(backbone(x), _timm_stages(classifier, x), STAGES, TOLERANCE)
 
 
 def test_a_rigid_checkpoint_into_the_dk_config_computes_the_rigid_model(tmp_path, caplog):
     torch.manual_seed(0)
     rigid = trained_like(timm.create_model("mobilenetv2_050", num_classes=6)).eval()
     path = save_timm_checkpoint(rigid, tmp_path, arch="mobilenetv2_050")
-    cfg = get_cfg()
-    add_dk_config(cfg)
-    cfg.merge_from_file(CONFIG.format("dk"))
-    detector = build_model(cfg)
+    detector = build_model(_load_config("dk"))
     with caplog.at_level(logging.INFO, logger="fvcore.common.checkpoint"):
         DKCheckpointer(detector).load(path)
     assert "3x3 kernel(s) -> 5x5 DK scopes, exact" in caplog.text
@@ -245,6 +242,4 @@ def test_a_rigid_checkpoint_into_the_dk_config_computes_the_rigid_model(tmp_path
     backbone = detector.backbone.bottom_up.eval()
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        ours, theirs = backbone(x), _timm_stages(rigid, x)
-    for stage in STAGES:
-        assert relative_difference(ours[stage], theirs[stage]) <= TOLERANCE, stage
+        assert_stages_match(backbone(x), _timm_stages(rigid, x), STAGES, TOLERANCE)

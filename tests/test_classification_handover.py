@@ -29,6 +29,7 @@ from dk_detectron2.modeling.backbone import build_resnet_dk_backbone
 
 from _classification_checkpoints import (
     STAGES,
+    assert_stages_match,
     relative_difference,
     save_timm_checkpoint,
     stage_outputs,
@@ -108,8 +109,7 @@ def test_detectron2_backbone_from_a_timm_checkpoint_computes_the_timm_stages(
         normalised = detector.preprocess_image([{"image": image}]).tensor
         ours = detector.backbone.bottom_up(normalised)
     theirs = stage_outputs(classifier, timm_input(image))
-    for stage in STAGES:
-        assert relative_difference(ours[stage], theirs[stage]) <= TOLERANCE, stage
+    assert_stages_match(ours, theirs, STAGES, TOLERANCE)
     if name.startswith("dk"):  # the generators were carried over: at zero they would differ
         at_zero = copy.deepcopy(classifier)
         for parameter in generator_parameters(at_zero):
@@ -132,8 +132,7 @@ def test_plain_state_dict_with_a_ddp_prefix_loads_into_a_bare_backbone(tmp_path)
     with torch.no_grad():
         ours = backbone(x)
     theirs = stage_outputs(classifier, x)
-    for stage in STAGES:
-        assert relative_difference(ours[stage], theirs[stage]) <= TOLERANCE, stage
+    assert_stages_match(ours, theirs, STAGES, TOLERANCE)
 
 
 def test_rigid_checkpoint_into_a_dk_config_computes_the_rigid_model(tmp_path, caplog):
@@ -151,8 +150,7 @@ def test_rigid_checkpoint_into_a_dk_config_computes_the_rigid_model(tmp_path, ca
     with torch.no_grad():
         ours = detector.backbone.bottom_up(x)
     theirs = stage_outputs(rigid, x)
-    for stage in STAGES:
-        assert relative_difference(ours[stage], theirs[stage]) <= TOLERANCE, stage
+    assert_stages_match(ours, theirs, STAGES, TOLERANCE)
 
 
 def _load(config, path, opts=()):

@@ -1,4 +1,5 @@
-"""DK ResNet and MobileNet-V2 backbones, registered in detectron2's ``BACKBONE_REGISTRY`` on import."""
+"""DK ResNet and MobileNet-V2 backbones, registered in detectron2's ``BACKBONE_REGISTRY`` on
+import."""
 
 from .mobilenetv2_dk import (  # noqa: F401
     DKMobileNetV2Backbone,

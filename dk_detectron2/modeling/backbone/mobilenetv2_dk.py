@@ -21,18 +21,19 @@ trainer (``blocks.2.0.conv_dw.weight`` ...) loads by Detectron2's suffix matchin
 ``classifier`` is reported as not used). ``MODEL.DK.ON_PER_STAGE`` (res2..res5) says which stages'
 depthwise convs are ``MODEL.DK.TYPE``; the others stay timm's rigid convs.
 """
+import dataclasses
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from detectron2.modeling.backbone.fpn import FPN
 from timm.layers import convert_sync_batchnorm, freeze_batch_norm_2d
 from torch import nn
 
 from ...classification.mobilenetv2 import DKMobileNetV2, mobilenetv2_kwargs
 from ...layers.registry import DKOptions
-from .resnet_dk import check_conv_type
+from .resnet_dk import check_conv_type, fpn_from_config
 
 __all__ = [
     "DKMobileNetV2Backbone",
@@ -59,7 +60,9 @@ class MobileNetV2Stage(nn.Module):
     stage also holds timm's stem conv and norm (``conv_stem``, ``bn1``). [B, C, H, W] ->
     [B, C', H / s, W / s]."""
 
-    def __init__(self, blocks: Dict[int, nn.Module], stem: Optional[Tuple[nn.Module, nn.Module]] = None):
+    def __init__(
+        self, blocks: Dict[int, nn.Module], stem: Optional[Tuple[nn.Module, nn.Module]] = None
+    ):
         super().__init__()
         if stem is not None:
             self.conv_stem, self.bn1 = stem
@@ -131,7 +134,8 @@ class DKMobileNetV2Backbone(Backbone):
         if isinstance(freeze_at, bool) or not isinstance(freeze_at, int) \
                 or not 0 <= freeze_at <= len(STAGE_NAMES):
             raise ValueError(
-                f"MODEL.BACKBONE.FREEZE_AT must be an int in 0-{len(STAGE_NAMES)}, got {freeze_at!r}"
+                f"MODEL.BACKBONE.FREEZE_AT must be an int in 0-{len(STAGE_NAMES)}, "
+                f"got {freeze_at!r}"
             )
         options = dk_options or DKOptions()
         if options.scope_size < KERNEL_SIZE:
@@ -146,14 +150,8 @@ class DKMobileNetV2Backbone(Backbone):
             width,
             dk_type=dk_type,
             dk_stages=dk_stages,
-            scope_size=options.scope_size,
-            rotation_groups=options.rotation_groups,
-            rotation_clip=options.rotation_clip,
-            rotation_clip_range=options.rotation_clip_range,
-            generator=options.generator,
-            num_experts=options.num_experts,
-            scope_init=options.scope_init,
             in_chans=in_channels,
+            **dataclasses.asdict(options),
             num_classes=0,
         ))
         ends = {info["module"]: info for info in trunk.feature_info}
@@ -179,7 +177,9 @@ class DKMobileNetV2Backbone(Backbone):
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         if x.dim() != 4:
-            raise ValueError(f"DKMobileNetV2Backbone takes [B, C, H, W] inputs, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"DKMobileNetV2Backbone takes [B, C, H, W] inputs, got shape {tuple(x.shape)}"
+            )
         outputs = {}
         last = max(STAGE_NAMES.index(name) for name in self._out_features)
         for stage in STAGE_NAMES[: last + 1]:
@@ -225,11 +225,4 @@ def build_dk_mobilenetv2_backbone(cfg, input_shape: ShapeSpec) -> DKMobileNetV2B
 @BACKBONE_REGISTRY.register()
 def build_dk_mobilenetv2_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     """detectron2's ``FPN`` (with ``LastLevelMaxPool``) on :func:`build_dk_mobilenetv2_backbone`."""
-    return FPN(
-        bottom_up=build_dk_mobilenetv2_backbone(cfg, input_shape),
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return fpn_from_config(cfg, build_dk_mobilenetv2_backbone(cfg, input_shape))

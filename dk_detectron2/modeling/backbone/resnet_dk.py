@@ -33,6 +33,7 @@ __all__ = [
     "DKBasicBlock",
     "SeparableConv",
     "check_conv_type",
+    "fpn_from_config",
     "make_resnet_dk_stages",
     "build_resnet_dk_backbone",
     "build_resnet_dk_fpn_backbone",
@@ -360,8 +361,14 @@ def build_resnet_dk_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
 @BACKBONE_REGISTRY.register()
 def build_resnet_dk_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     """detectron2's ``FPN`` (with ``LastLevelMaxPool``) on :func:`build_resnet_dk_backbone`."""
+    return fpn_from_config(cfg, build_resnet_dk_backbone(cfg, input_shape))
+
+
+def fpn_from_config(cfg, bottom_up) -> FPN:
+    """detectron2's ``FPN`` with ``LastLevelMaxPool`` (P6) on the backbone ``bottom_up``, from
+    ``MODEL.FPN`` (as detectron2's ``build_resnet_fpn_backbone``)."""
     return FPN(
-        bottom_up=build_resnet_dk_backbone(cfg, input_shape),
+        bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
         norm=cfg.MODEL.FPN.NORM,
