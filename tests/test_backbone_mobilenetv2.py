@@ -1,6 +1,7 @@
 """The MobileNet-V2 backbones: stages, strides and channels, MODEL.DK placement, norms and
-freezing, errors that name the config key, a Mask R-CNN training step, and the hand-over of a
-classification checkpoint (the detector's backbone computes the timm model's stages)."""
+freezing, errors that name the config key, a Mask R-CNN training step, the hand-over of a
+classification checkpoint (the detector's backbone computes the timm model's stages), and
+TorchScript / torch.export of the backbone."""
 import logging
 import os
 
@@ -22,6 +23,7 @@ from dk_detectron2.layers import CondConv2d, DeformKernel2d
 from dk_detectron2.modeling.backbone import DKMobileNetV2Backbone
 
 from _classification_checkpoints import assert_stages_match, save_timm_checkpoint, trained_like
+from _export_models import with_random_generators
 from _training_inputs import two_training_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,11 +133,12 @@ def test_norms_and_freezing():
     assert any(isinstance(m, nn.SyncBatchNorm) for m in backbone.modules())
 
 
-def test_out_features_stop_at_the_last_stage_asked_for():
+def test_out_features_choose_the_stages_returned():
     cfg = _cfg()
     cfg.MODEL.MOBILENETV2.OUT_FEATURES = ["stem", "res3"]
     backbone = build_backbone(cfg, INPUT)
-    features = backbone(torch.randn(1, 3, 32, 32))
+    assert sorted(backbone.output_shape()) == ["res3", "stem"]
+    features = backbone(torch.randn(2, 3, 32, 32))
     assert list(features) == ["stem", "res3"]
     assert features["stem"].shape[-1] == 16 and features["res3"].shape[-1] == 4
 
@@ -166,7 +169,7 @@ def test_missing_config_section_and_bad_input():
     cfg.MODEL.BACKBONE.NAME = "build_dk_mobilenetv2_backbone"
     with pytest.raises(KeyError, match="add_dk_config"):
         build_backbone(cfg, INPUT)
-    with pytest.raises(ValueError, match=r"\[B, C, H, W\].*\(3, 32, 32\)"):
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\].*\[3, 32, 32\]"):
         DKMobileNetV2Backbone(width=0.5)(torch.randn(3, 32, 32))
 
 
@@ -243,3 +246,20 @@ def test_a_rigid_checkpoint_into_the_dk_config_computes_the_rigid_model(tmp_path
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert_stages_match(backbone(x), _timm_stages(rigid, x), STAGES, TOLERANCE)
+
+
+def test_scripted_and_exported_backbone_equal_eager(tmp_path):
+    """Deployment: TorchScript (saved and reloaded) and torch.export of the DK backbone run the
+    DK operator and compute the eager features."""
+    torch.manual_seed(0)
+    backbone = with_random_generators(DKMobileNetV2Backbone(width=0.5, norm="BN"), std=0.05)
+    path = str(tmp_path / "backbone.ts")
+    torch.jit.script(backbone).save(path)
+    scripted = torch.jit.load(path)
+    assert "dk_detectron2::deform_kernel2d" in str(scripted.inlined_graph)
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(3))
+    exported = torch.export.export(backbone, (x,)).module()
+    with torch.no_grad():
+        expected = backbone(x)
+        assert_stages_match(scripted(x), expected, STAGES, TOLERANCE)
+        assert_stages_match(exported(x), expected, STAGES, TOLERANCE)

@@ -57,20 +57,18 @@ KERNEL_SIZE = 3  # of every depthwise conv of MobileNet-V2
 
 class MobileNetV2Stage(nn.Module):
     """Consecutive timm block stages under their timm names (``blocks.<index>``); the first
-    stage also holds timm's stem conv and norm (``conv_stem``, ``bn1``). [B, C, H, W] ->
-    [B, C', H / s, W / s]."""
+    stage also holds timm's stem conv and norm (``conv_stem``, ``bn1``; identities elsewhere).
+    [B, C, H, W] -> [B, C', H / s, W / s]."""
 
     def __init__(
         self, blocks: Dict[int, nn.Module], stem: Optional[Tuple[nn.Module, nn.Module]] = None
     ):
         super().__init__()
-        if stem is not None:
-            self.conv_stem, self.bn1 = stem
+        self.conv_stem, self.bn1 = stem if stem is not None else (nn.Identity(), nn.Identity())
         self.blocks = nn.ModuleDict({str(index): block for index, block in blocks.items()})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "conv_stem"):
-            x = self.bn1(self.conv_stem(x))
+        x = self.bn1(self.conv_stem(x))
         for block in self.blocks.values():
             x = block(x)
         return x
@@ -177,16 +175,15 @@ class DKMobileNetV2Backbone(Backbone):
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         if x.dim() != 4:
-            raise ValueError(
-                f"DKMobileNetV2Backbone takes [B, C, H, W] inputs, got shape {tuple(x.shape)}"
-            )
-        outputs = {}
-        last = max(STAGE_NAMES.index(name) for name in self._out_features)
-        for stage in STAGE_NAMES[: last + 1]:
-            x = getattr(self, stage)(x)
-            if stage in self._out_features:
-                outputs[stage] = x
-        return outputs
+            raise ValueError(f"DKMobileNetV2Backbone takes [B, C, H, W] inputs, got {x.shape}")
+        # Every stage runs (written out, for scripting); the ones asked for are returned.
+        stages = {}
+        stages["stem"] = x = self.stem(x)
+        stages["res2"] = x = self.res2(x)
+        stages["res3"] = x = self.res3(x)
+        stages["res4"] = x = self.res4(x)
+        stages["res5"] = self.res5(x)
+        return {name: stages[name] for name in self._out_features}
 
 
 def _check_config(cfg) -> None:
