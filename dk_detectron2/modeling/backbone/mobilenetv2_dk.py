@@ -86,7 +86,7 @@ class DKMobileNetV2Backbone(Backbone):
     Detectron2 backbone: [B, C_in, H, W] -> {stage: [B, C, H / stride, W / stride]} for
     ``out_features``.
 
-    Args (the config key of each in brackets, named in every error message):
+    Args (the config key of each in parentheses, named in every error message):
         width: channel multiplier (MODEL.MOBILENETV2.WIDTH), e.g. 1.0, 0.75, 0.5.
         dk_type: a ``DK_CONV_REGISTRY`` name (MODEL.DK.TYPE).
         on_per_stage: 4 booleans for res2..res5 (MODEL.DK.ON_PER_STAGE).
