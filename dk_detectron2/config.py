@@ -67,4 +67,7 @@ def add_dk_config(cfg):
     _C.MODEL.MOBILENETV2.NORM = "FrozenBN"
     # Stages returned: stem (stride 2), res2 (4), res3 (8), res4 (16), res5 (32).
     _C.MODEL.MOBILENETV2.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # K of the depthwise convs in the stages MODEL.DK.ON_PER_STAGE turns on (odd; MobileNet-V2's
+    # own is 3). 5 with MODEL.DK.TYPE "rigid_conv" is the rigid control with a 5x5 scope's support.
+    _C.MODEL.MOBILENETV2.KERNEL_SIZE = 3
     return cfg

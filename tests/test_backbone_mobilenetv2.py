@@ -47,11 +47,13 @@ def _cfg(**dk):
     return cfg
 
 
-def _load_config(variant: str):
-    """The shapes pipeline config of the rigid ("dw") or DK ("dk") MobileNet-V2 detector."""
+def _load_config(variant: str, opts=()):
+    """The shapes pipeline config of the rigid ("dw") or DK ("dk") MobileNet-V2 detector, with
+    config ``opts`` (key, value, ...)."""
     cfg = get_cfg()
     add_dk_config(cfg)
     cfg.merge_from_file(CONFIG.format(variant))
+    cfg.merge_from_list(list(opts))
     return cfg
 
 
@@ -154,6 +156,7 @@ def test_out_features_choose_the_stages_returned():
         ("MOBILENETV2", "WIDTH", 0.0),
         ("MOBILENETV2", "NORM", "GN"),
         ("MOBILENETV2", "OUT_FEATURES", ["res6"]),
+        ("MOBILENETV2", "KERNEL_SIZE", 4),
         ("BACKBONE", "FREEZE_AT", 6),
     ],
 )
@@ -200,11 +203,19 @@ def _timm_stages(model, x):
     return outputs
 
 
-# classification model (name, kwargs) -> the detection config it is handed to
+# classification model (name, kwargs) -> the detection config it is handed to, and its options
 HANDOVER_CASES = {
-    "dk_mobilenetv2_050": ({}, "dk"),
-    "dk_mobilenetv2_050 rigid_conv": ({"dk_type": "rigid_conv"}, "dw"),
-    "mobilenetv2_050": ({}, "dw"),  # timm's own
+    "dk_mobilenetv2_050": ({}, "dk", []),
+    "dk_mobilenetv2_050 rigid_conv": ({"dk_type": "rigid_conv"}, "dw", []),
+    "mobilenetv2_050": ({}, "dw", []),  # timm's own
+    # the rigid 5x5 control and CondConv of the classification study
+    "dk_mobilenetv2_050 rigid_conv 5x5": (
+        {"dk_type": "rigid_conv", "kernel_size": 5}, "dw", ["MODEL.MOBILENETV2.KERNEL_SIZE", 5]
+    ),
+    "dk_mobilenetv2_050 cond_conv": (
+        {"dk_type": "cond_conv", "num_experts": 3}, "dw",
+        ["MODEL.DK.TYPE", "cond_conv", "MODEL.DK.NUM_EXPERTS", 3],
+    ),
 }
 
 
@@ -213,11 +224,11 @@ def test_the_detector_backbone_from_a_classification_checkpoint_computes_its_sta
     case, tmp_path, caplog
 ):
     arch = case.split()[0]
-    kwargs, variant = HANDOVER_CASES[case]
+    kwargs, variant, opts = HANDOVER_CASES[case]
     torch.manual_seed(0)
     classifier = trained_like(timm.create_model(arch, num_classes=6, **kwargs)).eval()
     path = save_timm_checkpoint(classifier, tmp_path, arch=arch)
-    detector = build_model(_load_config(variant))
+    detector = build_model(_load_config(variant, opts))
     with caplog.at_level(logging.INFO, logger="fvcore.common.checkpoint"):
         DKCheckpointer(detector).load(path)
     log = caplog.text

@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 from detectron2.config import get_cfg
+from detectron2.modeling import build_backbone
 
 from dk_detectron2 import add_dk_config
 from dk_detectron2.classification.train import build_parser
@@ -67,7 +68,9 @@ PIPELINES = [
     ("shapes_pretrained_lr01.yaml", "cls_shapes_lr01.yaml", "study_cls_lr01",
      {"dw_pre01": "rigid3_sgd01", "dk_pre01": "dk_sgd01"}),
     ("shapes_pretrained_mbv2.yaml", "cls_shapes_mbv2_recipe.yaml", "study_cls_mbv2_recipe",
-     {"mbv2_pre01": "mbv2_rigid3_sgd01", "mbv2_dk_pre01": "mbv2_dk_sgd01"}),
+     {"mbv2_pre01": "mbv2_rigid3_sgd01", "mbv2_dk_pre01": "mbv2_dk_sgd01",
+      "mbv2_r5_pre01": "mbv2_rigid5_sgd01", "mbv2_w075_pre01": "mbv2_rigid3_w075_sgd01",
+      "mbv2_cc19_pre01": "mbv2_condconv19_sgd01"}),
 ]
 
 
@@ -88,4 +91,6 @@ def test_pipeline_spec_reads_the_classification_study_backbones(pipeline_spec, c
         cfg = get_cfg()
         add_dk_config(cfg)
         cfg.merge_from_file(os.path.join(REPO, pipeline[name].config))
+        cfg.merge_from_list(list(pipeline[name].opts))
         assert cfg.INPUT.FORMAT == "RGB"
+        build_backbone(cfg)  # the row's options make a valid backbone

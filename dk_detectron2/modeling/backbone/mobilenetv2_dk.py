@@ -52,7 +52,7 @@ STAGE_BLOCKS: Dict[str, Tuple[int, ...]] = {
 STAGE_NAMES = tuple(STAGE_BLOCKS)
 NORMS = ("BN", "FrozenBN", "SyncBN")
 RIGID_TYPE = "rigid_conv"
-KERNEL_SIZE = 3  # of every depthwise conv of MobileNet-V2
+KERNEL_SIZE = 3  # of every depthwise conv of MobileNet-V2 (the default)
 
 
 class MobileNetV2Stage(nn.Module):
@@ -96,6 +96,9 @@ class DKMobileNetV2Backbone(Backbone):
         freeze_at: 0 trains everything; n freezes the first n stages (stem, res2, ...)
             (MODEL.BACKBONE.FREEZE_AT), as Detectron2's ResNet.
         in_channels: channels of the input image.
+        kernel_size: K of the depthwise convs in the stages that are on, odd
+            (MODEL.MOBILENETV2.KERNEL_SIZE); 3 is MobileNet-V2's own, 5 with ``dk_type``
+            "rigid_conv" the rigid control with a 5x5 scope's support.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class DKMobileNetV2Backbone(Backbone):
         out_features: Sequence[str] = ("res2", "res3", "res4", "res5"),
         freeze_at: int = 0,
         in_channels: int = 3,
+        kernel_size: int = KERNEL_SIZE,
     ):
         super().__init__()
         check_conv_type("MODEL.DK.TYPE", dk_type)
@@ -135,10 +139,15 @@ class DKMobileNetV2Backbone(Backbone):
                 f"MODEL.BACKBONE.FREEZE_AT must be an int in 0-{len(STAGE_NAMES)}, "
                 f"got {freeze_at!r}"
             )
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 \
+                or kernel_size % 2 == 0:
+            raise ValueError(
+                f"MODEL.MOBILENETV2.KERNEL_SIZE must be an odd positive int, got {kernel_size!r}"
+            )
         options = dk_options or DKOptions()
-        if options.scope_size < KERNEL_SIZE:
-            raise ValueError(f"MODEL.DK.SCOPE_SIZE must be >= the kernel size {KERNEL_SIZE} of "
-                             f"MobileNet-V2's depthwise convs, got {options.scope_size!r}")
+        if options.scope_size < kernel_size:
+            raise ValueError(f"MODEL.DK.SCOPE_SIZE must be >= the kernel size {kernel_size} of "
+                             f"the depthwise convs, got {options.scope_size!r}")
         dk_stages = [
             index
             for stage, on in zip(STAGE_NAMES[1:], on_per_stage) if on
@@ -148,6 +157,7 @@ class DKMobileNetV2Backbone(Backbone):
             width,
             dk_type=dk_type,
             dk_stages=dk_stages,
+            kernel_size=kernel_size,
             in_chans=in_channels,
             **dataclasses.asdict(options),
             num_classes=0,
@@ -216,6 +226,7 @@ def build_dk_mobilenetv2_backbone(cfg, input_shape: ShapeSpec) -> DKMobileNetV2B
         out_features=cfg.MODEL.MOBILENETV2.OUT_FEATURES,
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
         in_channels=input_shape.channels,
+        kernel_size=cfg.MODEL.MOBILENETV2.KERNEL_SIZE,
     )
 
 
