@@ -424,6 +424,40 @@ def test_the_lr01_pipeline_figures_quote_the_study():
             "lower on every seed") in readme
 
 
+def test_the_mobilenet_pipeline_figures_quote_the_study():
+    """The pipeline with MobileNet-V2 backbones (five paired seeds): the results page's table rows
+    and the README's sentence quote docs/results/study_pretrained_mbv2.json, each detector started
+    from the same seed of the classification rerun, whose top-1 the table gives."""
+    import statistics
+
+    study = json.loads(_read("docs", "results", "study_pretrained_mbv2.json"))
+    summary, runs = study["summary"], study["runs"]
+    rigid, dk = summary["mbv2_pre01"], summary["mbv2_dk_pre01"]
+    over = dk["bbox/AP - mbv2_pre01"]
+    assert rigid["bbox/AP"]["n"] == dk["bbox/AP"]["n"] == over["n"] == 5
+    box = _metric_by_seed("study_pretrained_mbv2.json", "mbv2_dk_pre01", metric="bbox/AP")
+    base = _metric_by_seed("study_pretrained_mbv2.json", "mbv2_pre01", metric="bbox/AP")
+    assert all(box[s] > base[s] for s in box), "higher on every seed"
+    sources = {"mbv2_pre01": "mbv2_rigid3_sgd01", "mbv2_dk_pre01": "mbv2_dk_sgd01"}
+    for run in runs:
+        if run["name"] in sources:
+            path = f"/study_cls_mbv2_recipe/{sources[run['name']]}/seed_{run['seed']}/last.pth.tar"
+            assert path in run["command"]
+    page = " ".join(_read("docs", "results_classification.md").split())
+    se = over["std"] / 5 ** 0.5
+    for row, backbone in sources.items():
+        top1 = _metric_by_seed("study_cls_mbv2_replica.json", backbone)
+        values = [top1[s] for s in range(5)]
+        cells = [_mean_std({"mean": statistics.mean(values), "std": statistics.stdev(values)}),
+                 _mean_std(summary[row]["bbox/AP"]), _mean_std(summary[row]["segm/AP"])]
+        assert f"| 0-4 | {' | '.join(cells)} |" in page, (row, cells)
+    assert f"**{_mean_std(over, signed=True)}** (s.e. {se:.1f}; higher on every seed)" in page
+    readme = " ".join(_read("README.md").split())
+    assert (f"{_mean_std(dk['bbox/AP'])} against {_mean_std(rigid['bbox/AP'])} box AP "
+            f"(**{_mean_std(over, signed=True)}**, five paired seeds, s.e. {se:.1f}, higher on "
+            "every seed") in readme
+
+
 def test_the_mobilenet_rerun_holds_and_pools_both():
     """MobileNet-V2's rerun on the second CPU: its verdict, and the ten pairs of both machines
     pooled from both committed studies, every one positive."""
