@@ -391,71 +391,57 @@ def test_the_dw_resnet_rerun_does_not_replicate_and_pools_both():
         assert quoted in page, quoted
 
 
-def test_the_lr01_pipeline_figures_quote_the_study():
-    """The pipeline from the lr-0.01 backbones (five paired seeds): the results page's table row
-    and the README's sentence quote docs/results/study_pretrained_lr01.json, and the backbones'
-    top-1 are those of the classification rows it started from (the second-CPU rerun)."""
+PIPELINE_FIGURES = [
+    # (pipeline study, rigid row, DK row, classification study of the backbones and its output
+    #  folder, rigid backbone row, DK backbone row, the sign of DK's difference on every seed)
+    ("study_pretrained_lr01.json", "dw_pre01", "dk_pre01", "study_cls_lr01_replica.json",
+     "study_cls_lr01", "rigid3_sgd01", "dk_sgd01", "lower"),
+    ("study_pretrained_mbv2.json", "mbv2_pre01", "mbv2_dk_pre01", "study_cls_mbv2_replica.json",
+     "study_cls_mbv2_recipe", "mbv2_rigid3_sgd01", "mbv2_dk_sgd01", "higher"),
+]
+
+
+@pytest.mark.parametrize("study_file, rigid_row, dk_row, backbone_study, folder, rigid_backbone, "
+                         "dk_backbone, direction", PIPELINE_FIGURES,
+                         ids=[p[0] for p in PIPELINE_FIGURES])
+def test_the_pipeline_figures_quote_the_study(study_file, rigid_row, dk_row, backbone_study,
+                                              folder, rigid_backbone, dk_backbone, direction):
+    """The pipelines from the lr-0.01 DW-ResNet and MobileNet-V2 backbones (five paired seeds
+    each): the results page's table rows and the README's sentence quote the committed study,
+    each detector started from the same seed of the classification study (the second-CPU rerun)
+    whose top-1 the table gives, and DK's difference has one sign on every seed, beyond two
+    standard errors."""
     import statistics
 
-    study = json.loads(_read("docs", "results", "study_pretrained_lr01.json"))
+    study = json.loads(_read("docs", "results", study_file))
     summary, runs = study["summary"], study["runs"]
-    rigid, dk = summary["dw_pre01"], summary["dk_pre01"]
-    over = dk["bbox/AP - dw_pre01"]
+    rigid, dk = summary[rigid_row], summary[dk_row]
+    over = dk[f"bbox/AP - {rigid_row}"]
     assert rigid["bbox/AP"]["n"] == dk["bbox/AP"]["n"] == over["n"] == 5
-    box = _metric_by_seed("study_pretrained_lr01.json", "dk_pre01", metric="bbox/AP")
-    base = _metric_by_seed("study_pretrained_lr01.json", "dw_pre01", metric="bbox/AP")
-    assert all(box[s] < base[s] for s in box), "lower on every seed"
-    for run in runs:
-        source = "rigid3_sgd01" if run["name"] == "dw_pre01" else "dk_sgd01"
-        assert f"/study_cls_lr01/{source}/seed_{run['seed']}/last.pth.tar" in run["command"]
-    page = " ".join(_read("docs", "results_classification.md").split())
+    box = _metric_by_seed(study_file, dk_row, metric="bbox/AP")
+    base = _metric_by_seed(study_file, rigid_row, metric="bbox/AP")
+    sign = 1 if direction == "higher" else -1
+    assert all(sign * (box[s] - base[s]) > 0 for s in box), f"{direction} on every seed"
     se = over["std"] / 5 ** 0.5
     assert abs(over["mean"]) > 2 * se, "beyond two standard errors"
-    for row, backbone in (("dw_pre01", "rigid3_sgd01"), ("dk_pre01", "dk_sgd01")):
-        top1 = _metric_by_seed("study_cls_lr01_replica.json", backbone)
-        values = [top1[s] for s in range(5)]
-        cells = [_mean_std({"mean": statistics.mean(values), "std": statistics.stdev(values)}),
-                 _mean_std(summary[row]["bbox/AP"]), _mean_std(summary[row]["segm/AP"])]
-        assert f"| 0-4 | {' | '.join(cells)} |" in page, (row, cells)
-    assert f"**{_mean_std(over, signed=True)}** (s.e. {se:.1f}; lower on every seed)" in page
-    readme = " ".join(_read("README.md").split())
-    assert (f"{_mean_std(dk['bbox/AP'])} against {_mean_std(rigid['bbox/AP'])} box AP "
-            f"(**{_mean_std(over, signed=True)}**, five paired seeds, beyond two standard errors, "
-            "lower on every seed") in readme
-
-
-def test_the_mobilenet_pipeline_figures_quote_the_study():
-    """The pipeline with MobileNet-V2 backbones (five paired seeds): the results page's table rows
-    and the README's sentence quote docs/results/study_pretrained_mbv2.json, each detector started
-    from the same seed of the classification rerun, whose top-1 the table gives."""
-    import statistics
-
-    study = json.loads(_read("docs", "results", "study_pretrained_mbv2.json"))
-    summary, runs = study["summary"], study["runs"]
-    rigid, dk = summary["mbv2_pre01"], summary["mbv2_dk_pre01"]
-    over = dk["bbox/AP - mbv2_pre01"]
-    assert rigid["bbox/AP"]["n"] == dk["bbox/AP"]["n"] == over["n"] == 5
-    box = _metric_by_seed("study_pretrained_mbv2.json", "mbv2_dk_pre01", metric="bbox/AP")
-    base = _metric_by_seed("study_pretrained_mbv2.json", "mbv2_pre01", metric="bbox/AP")
-    assert all(box[s] > base[s] for s in box), "higher on every seed"
-    sources = {"mbv2_pre01": "mbv2_rigid3_sgd01", "mbv2_dk_pre01": "mbv2_dk_sgd01"}
+    sources = {rigid_row: rigid_backbone, dk_row: dk_backbone}
     for run in runs:
         if run["name"] in sources:
-            path = f"/study_cls_mbv2_recipe/{sources[run['name']]}/seed_{run['seed']}/last.pth.tar"
-            assert path in run["command"]
+            assert (f"/{folder}/{sources[run['name']]}/seed_{run['seed']}/last.pth.tar"
+                    in run["command"])
     page = " ".join(_read("docs", "results_classification.md").split())
-    se = over["std"] / 5 ** 0.5
     for row, backbone in sources.items():
-        top1 = _metric_by_seed("study_cls_mbv2_replica.json", backbone)
+        top1 = _metric_by_seed(backbone_study, backbone)
         values = [top1[s] for s in range(5)]
         cells = [_mean_std({"mean": statistics.mean(values), "std": statistics.stdev(values)}),
                  _mean_std(summary[row]["bbox/AP"]), _mean_std(summary[row]["segm/AP"])]
         assert f"| 0-4 | {' | '.join(cells)} |" in page, (row, cells)
-    assert f"**{_mean_std(over, signed=True)}** (s.e. {se:.1f}; higher on every seed)" in page
+    quoted = _mean_std(over, signed=True)
+    assert f"**{quoted}** (s.e. {se:.1f}; {direction} on every seed)" in page
     readme = " ".join(_read("README.md").split())
     assert (f"{_mean_std(dk['bbox/AP'])} against {_mean_std(rigid['bbox/AP'])} box AP "
-            f"(**{_mean_std(over, signed=True)}**, five paired seeds, s.e. {se:.1f}, higher on "
-            "every seed") in readme
+            f"(**{quoted}**, five paired seeds, beyond two standard errors, {direction} on every "
+            "seed") in readme
 
 
 def test_the_mobilenet_rerun_holds_and_pools_both():
