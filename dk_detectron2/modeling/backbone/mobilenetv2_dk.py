@@ -33,7 +33,7 @@ from torch import nn
 
 from ...classification.mobilenetv2 import DKMobileNetV2, mobilenetv2_kwargs
 from ...layers.registry import DKOptions
-from .resnet_dk import check_conv_type, fpn_from_config
+from .resnet_dk import check_conv_type, check_on_per_stage, fpn_from_config
 
 __all__ = [
     "DKMobileNetV2Backbone",
@@ -116,12 +116,7 @@ class DKMobileNetV2Backbone(Backbone):
     ):
         super().__init__()
         check_conv_type("MODEL.DK.TYPE", dk_type)
-        on_per_stage = list(on_per_stage)
-        if len(on_per_stage) != 4 or not all(isinstance(v, bool) for v in on_per_stage):
-            raise ValueError(
-                "MODEL.DK.ON_PER_STAGE must be 4 booleans (res2, res3, res4, res5), "
-                f"got {on_per_stage!r}"
-            )
+        on_per_stage = check_on_per_stage(on_per_stage)
         if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
             raise ValueError(f"MODEL.MOBILENETV2.WIDTH must be a positive number, got {width!r}")
         if norm not in NORMS:
@@ -179,9 +174,7 @@ class DKMobileNetV2Backbone(Backbone):
         for stage in STAGE_NAMES[:freeze_at]:
             self.add_module(stage, getattr(self, stage).freeze())
         self._out_features = out_features
-        self.width = width
-        self.dk_type = dk_type
-        self.dk_stages = tuple(dk_stages)
+        self.dk_stages = tuple(dk_stages)  # timm block stages whose depthwise convs are dk_type
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         if x.dim() != 4:

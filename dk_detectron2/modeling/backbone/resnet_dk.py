@@ -33,6 +33,7 @@ __all__ = [
     "DKBasicBlock",
     "SeparableConv",
     "check_conv_type",
+    "check_on_per_stage",
     "fpn_from_config",
     "make_resnet_dk_stages",
     "build_resnet_dk_backbone",
@@ -199,6 +200,17 @@ def check_conv_type(key: str, name: str) -> str:
         ) from None
 
 
+def check_on_per_stage(on_per_stage: Sequence[bool]) -> List[bool]:
+    """MODEL.DK.ON_PER_STAGE as a list of 4 booleans (res2..res5); ValueError otherwise."""
+    on_per_stage = list(on_per_stage)
+    if len(on_per_stage) != 4 or not all(isinstance(v, bool) for v in on_per_stage):
+        raise ValueError(
+            "MODEL.DK.ON_PER_STAGE must be 4 booleans (res2, res3, res4, res5), "
+            f"got {on_per_stage!r}"
+        )
+    return on_per_stage
+
+
 def make_resnet_dk_stages(
     depth: int = 50,
     *,
@@ -235,12 +247,7 @@ def make_resnet_dk_stages(
         raise ValueError(
             f"MODEL.RESNETS.DEPTH must be one of {sorted(NUM_BLOCKS_PER_STAGE)}, got {depth}"
         )
-    on_per_stage = list(on_per_stage)
-    if len(on_per_stage) != 4 or not all(isinstance(v, bool) for v in on_per_stage):
-        raise ValueError(
-            "MODEL.DK.ON_PER_STAGE must be 4 booleans (res2, res3, res4, res5), "
-            f"got {on_per_stage!r}"
-        )
+    on_per_stage = check_on_per_stage(on_per_stage)
     check_conv_type("MODEL.DK.TYPE", dk_type)
     check_conv_type("MODEL.DK.BASE_TYPE", base_type)
     # DKOptions checked its own fields; what depends on the architecture is checked here.
