@@ -348,21 +348,27 @@ def _pooled_paired_difference(row, reference, studies):
              "min": min(differences)}, len(differences))
 
 
-@pytest.mark.parametrize("label, study, rigid3, dk, seeds", [
+@pytest.mark.parametrize("label, study, rigid3, dk, rigid5, seeds", [
     ("DW-ResNet, lr 0.01, the same seeds on a second CPU", "study_cls_lr01_replica.json",
-     "rigid3_sgd01", "dk_sgd01", 5),
+     "rigid3_sgd01", "dk_sgd01", None, 5),
     ("MobileNet-V2, lr 0.01, the same seeds on a second CPU", "study_cls_mbv2_replica.json",
-     "mbv2_rigid3_sgd01", "mbv2_dk_sgd01", 5),
+     "mbv2_rigid3_sgd01", "mbv2_dk_sgd01", "mbv2_rigid5_sgd01", 5),
 ])
-def test_the_second_cpu_rows_quote_their_studies(label, study, rigid3, dk, seeds):
-    """The README's table rows of the second-CPU reruns and the results page's DK rows come from
-    the reruns' committed studies."""
+def test_the_second_cpu_rows_quote_their_studies(label, study, rigid3, dk, rigid5, seeds):
+    """The README's table rows of the second-CPU reruns (with the rigid 5x5 control where it was
+    rerun, "not run" where not) and the results page's DK rows come from the reruns' committed
+    studies."""
     summary = json.loads(_read("docs", "results", study))["summary"]
     rigid_top1, dk_top1 = summary[rigid3]["top1"], summary[dk]["top1"]
     over, n = _paired_difference(dk, rigid3, study=study)
     assert rigid_top1["n"] == dk_top1["n"] == n == seeds
+    control = "not run |"
+    if rigid5 is not None:
+        over5, n5 = _paired_difference(dk, rigid5, study=study)
+        assert summary[rigid5]["top1"]["n"] == n5 == seeds
+        control = f"{_mean_std(summary[rigid5]['top1'])} | {_mean_std(over5, signed=True)}"
     row = (f"| {label} | {_mean_std(rigid_top1)} | {_mean_std(dk_top1)} | "
-           f"{_mean_std(over, signed=True)} | not run | |")
+           f"{_mean_std(over, signed=True)} | {control} |")
     assert row in _read("README.md").splitlines(), row
     page = " ".join(_read("docs", "results_classification.md").split())
     assert f"| `{dk}` | 0-{seeds - 1} | {_mean_std(dk_top1)} |" in page
@@ -459,3 +465,31 @@ def test_the_mobilenet_rerun_holds_and_pools_both():
     quoted, se = _mean_std(pooled, signed=True), pooled["std"] / n ** 0.5
     assert f"ten pairs give **{quoted}** (s.e. {se:.1f}, beyond two standard errors" in page
     assert f"the ten pairs {quoted}, every one positive" in " ".join(_read("README.md").split())
+
+
+@pytest.mark.parametrize("control, label, positive", [
+    ("mbv2_rigid5_sgd01", "over the rigid 5×5", "nine of ten positive"),
+    ("mbv2_rigid3_w075_sgd01", "over the width-0.75 network", "all ten positive"),
+])
+def test_the_mobilenet_controls_on_both_cpus(control, label, positive):
+    """MobileNet-V2's rigid controls rerun on the second CPU: DK's paired difference to each on
+    that CPU, and both machines' ten pairs pooled, as the results page quotes them."""
+    replica = "study_cls_mbv2_replica.json"
+    over, n = _paired_difference("mbv2_dk_sgd01", control, study=replica)
+    assert n == 5
+    page = " ".join(_read("docs", "results_classification.md").split())
+    quoted = f"DK is {_mean_std(over, signed=True)} above it (s.e. {over['std'] / 5 ** 0.5:.1f}"
+    assert quoted in page, quoted
+
+    studies = ("study_cls_mbv2_recipe.json", replica)
+    signs = [_metric_by_seed(study, "mbv2_dk_sgd01")[s] - _metric_by_seed(study, control)[s] > 0
+             for study in studies for s in range(5)]
+    pooled, n = _pooled_paired_difference("mbv2_dk_sgd01", control, studies)
+    assert n == 10
+    assert sum(signs) == {"nine of ten positive": 9, "all ten positive": 10}[positive]
+    se = pooled["std"] / n ** 0.5
+    quoted = f"{label} **{_mean_std(pooled, signed=True)}**"
+    assert quoted in page and f"(s.e. {se:.1f}" in page.split(quoted, 1)[1][:40], quoted
+    assert positive in page
+    if control == "mbv2_rigid5_sgd01":
+        assert f"the lower end for the rigid 5×5 is {_signed(pooled['mean'] - 2 * se)}" in page
