@@ -493,3 +493,39 @@ def test_the_mobilenet_controls_on_both_cpus(control, label, positive):
     assert positive in page
     if control == "mbv2_rigid5_sgd01":
         assert f"the lower end for the rigid 5×5 is {_signed(pooled['mean'] - 2 * se)}" in page
+
+
+@pytest.mark.parametrize("control, backbone", [("mbv2_r5_pre01", "mbv2_rigid5_sgd01")])
+def test_the_mobilenet_pipeline_controls_quote_the_study(control, backbone):
+    """A control row of the MobileNet-V2 pipeline: its backbone's top-1 (the second-CPU
+    classification study), box / mask AP and difference to the rigid 3×3 row as the results
+    page's table gives them, and DK's paired lead over it, on every seed, in the page and the
+    README."""
+    import statistics
+
+    study_file = "study_pretrained_mbv2.json"
+    summary = json.loads(_read("docs", "results", study_file))["summary"]
+    row = summary[control]
+    seeds = sorted(_metric_by_seed(study_file, control, metric="bbox/AP"))
+    top1 = _metric_by_seed("study_cls_mbv2_replica.json", backbone)
+    values = [top1[s] for s in seeds]
+    cells = [_mean_std({"mean": statistics.mean(values), "std": statistics.stdev(values)}),
+             _mean_std(row["bbox/AP"]), _mean_std(row["segm/AP"]),
+             _mean_std(row["bbox/AP - mbv2_pre01"], signed=True),
+             _mean_std(row["segm/AP - mbv2_pre01"], signed=True)]
+    page = " ".join(_read("docs", "results_classification.md").split())
+    assert f"| `{control}` | " in page
+    assert f"| {seeds[0]}-{seeds[-1]} | {' | '.join(cells)} |" in page, cells
+
+    box = _metric_by_seed(study_file, "mbv2_dk_pre01", metric="bbox/AP")
+    base = _metric_by_seed(study_file, control, metric="bbox/AP")
+    lead = [box[s] - base[s] for s in seeds]
+    assert all(d > 0 for d in lead), "DK higher on every seed"
+    over = {"mean": statistics.mean(lead), "std": statistics.stdev(lead)}
+    se = over["std"] / len(lead) ** 0.5
+    assert over["mean"] > 2 * se
+    quoted = f"**{_mean_std(over, signed=True)}** box AP"
+    assert f"{quoted} (s.e. {se:.1f}, beyond two standard errors; higher on every seed: " in page
+    assert ", ".join(_signed(d) for d in lead) in page
+    readme = " ".join(_read("README.md").split())
+    assert f"{_mean_std(row['bbox/AP'])}) and DK is still above it by {quoted}" in readme
