@@ -94,6 +94,13 @@ def _mean_std(stats, signed=False):
     return f"{mean} ± {stats['std']:.1f}"
 
 
+def _spread(values):
+    """{"mean", "std"} of ``values`` (sample std), the form the studies' summaries use."""
+    import statistics
+
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values)}
+
+
 def _metric_by_seed(study, row, metric="top1"):
     """The final ``metric`` (default top-1) per seed of ``row``'s finished runs in the committed
     ``study`` (docs/results/)."""
@@ -106,13 +113,11 @@ def _paired_difference(row, reference, study="study_cls.json", reference_study=N
     """Mean and std over the committed runs of top1[row] (in ``study``) - top1[reference] (in
     ``reference_study``, default the same study), paired by seed, and the number of seeds both
     have."""
-    import statistics
-
     top1 = _metric_by_seed(study, row)
     base = _metric_by_seed(reference_study or study, reference)
     seeds = sorted(set(top1) & set(base))
     differences = [top1[s] - base[s] for s in seeds]
-    return {"mean": statistics.mean(differences), "std": statistics.stdev(differences)}, len(seeds)
+    return _spread(differences), len(seeds)
 
 
 @pytest.mark.parametrize("study, row, metric, signed", [
@@ -336,16 +341,14 @@ def test_the_readme_summary_table_quotes_the_studies(label, study, rigid3, dk, r
 
 def _pooled_paired_difference(row, reference, studies):
     """top1[row] - top1[reference] paired by seed within each committed study and pooled over
-    ``studies`` (the same experiment on different machines): mean, std and the smallest pair,
-    and the number of pairs."""
-    import statistics
-
+    ``studies`` (the same experiment on different machines): mean, std, the smallest pair and
+    how many are positive, and the number of pairs."""
     differences = []
     for study in studies:
         top1, base = _metric_by_seed(study, row), _metric_by_seed(study, reference)
         differences += [top1[s] - base[s] for s in sorted(set(top1) & set(base))]
-    return ({"mean": statistics.mean(differences), "std": statistics.stdev(differences),
-             "min": min(differences)}, len(differences))
+    return ({**_spread(differences), "min": min(differences),
+             "positive": sum(d > 0 for d in differences)}, len(differences))
 
 
 @pytest.mark.parametrize("label, study, rigid3, dk, rigid5, seeds", [
@@ -417,8 +420,6 @@ def test_the_pipeline_figures_quote_the_study(study_file, rigid_row, dk_row, bac
     each detector started from the same seed of the classification study (the second-CPU rerun)
     whose top-1 the table gives, and DK's difference has one sign on every seed, beyond two
     standard errors."""
-    import statistics
-
     study = json.loads(_read("docs", "results", study_file))
     summary, runs = study["summary"], study["runs"]
     rigid, dk = summary[rigid_row], summary[dk_row]
@@ -439,7 +440,7 @@ def test_the_pipeline_figures_quote_the_study(study_file, rigid_row, dk_row, bac
     for row, backbone in sources.items():
         top1 = _metric_by_seed(backbone_study, backbone)
         values = [top1[s] for s in range(5)]
-        cells = [_mean_std({"mean": statistics.mean(values), "std": statistics.stdev(values)}),
+        cells = [_mean_std(_spread(values)),
                  _mean_std(summary[row]["bbox/AP"]), _mean_std(summary[row]["segm/AP"])]
         assert f"| 0-4 | {' | '.join(cells)} |" in page, (row, cells)
     quoted = _mean_std(over, signed=True)
@@ -467,11 +468,11 @@ def test_the_mobilenet_rerun_holds_and_pools_both():
     assert f"the ten pairs {quoted}, every one positive" in " ".join(_read("README.md").split())
 
 
-@pytest.mark.parametrize("control, label, positive", [
-    ("mbv2_rigid5_sgd01", "over the rigid 5×5", "nine of ten positive"),
-    ("mbv2_rigid3_w075_sgd01", "over the width-0.75 network", "all ten positive"),
+@pytest.mark.parametrize("control, label, positive, count, quotes_lower_end", [
+    ("mbv2_rigid5_sgd01", "over the rigid 5×5", "nine of ten positive", 9, True),
+    ("mbv2_rigid3_w075_sgd01", "over the width-0.75 network", "all ten positive", 10, False),
 ])
-def test_the_mobilenet_controls_on_both_cpus(control, label, positive):
+def test_the_mobilenet_controls_on_both_cpus(control, label, positive, count, quotes_lower_end):
     """MobileNet-V2's rigid controls rerun on the second CPU: DK's paired difference to each on
     that CPU, and both machines' ten pairs pooled, as the results page quotes them."""
     replica = "study_cls_mbv2_replica.json"
@@ -481,17 +482,14 @@ def test_the_mobilenet_controls_on_both_cpus(control, label, positive):
     quoted = f"DK is {_mean_std(over, signed=True)} above it (s.e. {over['std'] / 5 ** 0.5:.1f}"
     assert quoted in page, quoted
 
-    studies = ("study_cls_mbv2_recipe.json", replica)
-    signs = [_metric_by_seed(study, "mbv2_dk_sgd01")[s] - _metric_by_seed(study, control)[s] > 0
-             for study in studies for s in range(5)]
-    pooled, n = _pooled_paired_difference("mbv2_dk_sgd01", control, studies)
-    assert n == 10
-    assert sum(signs) == {"nine of ten positive": 9, "all ten positive": 10}[positive]
+    pooled, n = _pooled_paired_difference("mbv2_dk_sgd01", control,
+                                          ("study_cls_mbv2_recipe.json", replica))
+    assert n == 10 and pooled["positive"] == count
     se = pooled["std"] / n ** 0.5
     quoted = f"{label} **{_mean_std(pooled, signed=True)}**"
     assert quoted in page and f"(s.e. {se:.1f}" in page.split(quoted, 1)[1][:40], quoted
     assert positive in page
-    if control == "mbv2_rigid5_sgd01":
+    if quotes_lower_end:
         assert f"the lower end for the rigid 5×5 is {_signed(pooled['mean'] - 2 * se)}" in page
 
 
@@ -505,15 +503,13 @@ def test_the_mobilenet_pipeline_controls_quote_the_study(control, backbone, read
     classification study), box / mask AP and difference to the rigid 3×3 row as the results
     page's table gives them, and DK's paired lead over it, on every seed, in the page and the
     README."""
-    import statistics
-
     study_file = "study_pretrained_mbv2.json"
     summary = json.loads(_read("docs", "results", study_file))["summary"]
     row = summary[control]
     seeds = sorted(_metric_by_seed(study_file, control, metric="bbox/AP"))
     top1 = _metric_by_seed("study_cls_mbv2_replica.json", backbone)
     values = [top1[s] for s in seeds]
-    cells = [_mean_std({"mean": statistics.mean(values), "std": statistics.stdev(values)}),
+    cells = [_mean_std(_spread(values)),
              _mean_std(row["bbox/AP"]), _mean_std(row["segm/AP"]),
              _mean_std(row["bbox/AP - mbv2_pre01"], signed=True),
              _mean_std(row["segm/AP - mbv2_pre01"], signed=True)]
@@ -525,7 +521,7 @@ def test_the_mobilenet_pipeline_controls_quote_the_study(control, backbone, read
     base = _metric_by_seed(study_file, control, metric="bbox/AP")
     lead = [box[s] - base[s] for s in seeds]
     assert all(d > 0 for d in lead), "DK higher on every seed"
-    over = {"mean": statistics.mean(lead), "std": statistics.stdev(lead)}
+    over = _spread(lead)
     se = over["std"] / len(lead) ** 0.5
     assert over["mean"] > 2 * se
     quoted = f"**{_mean_std(over, signed=True)}** box AP"
