@@ -137,13 +137,22 @@ def test_study_runs_resumes_and_reports(tmp_path, fake_train):
     assert _calls(root)[len(calls):] == [("base", "3"), ("dk", "3"), ("ft", "3")]
     with open(os.path.join(root, "study.json")) as f:
         assert all(r["seconds"] is not None for r in json.load(f)["runs"])
-    # An invocation that plans one seed only rewrites the report with that seed's runs; a later
-    # report of all seeds still has every run's time (kept beside each run's results).
+    # An invocation that plans one seed still reports the finished runs of the others (as when
+    # one-seed invocations run side by side), seed-major, each with its time.
     Study(configs, [3], root, baseline="base", train_script=fake_train).write_report()
-    Study(configs, [1, 2, 3], root, baseline="base", train_script=fake_train).write_report()
+    with open(os.path.join(root, "study.json")) as f:
+        report = json.load(f)
+    assert [(r["name"], r["seed"]) for r in report["runs"]] == [
+        (n, s) for s in (1, 2, 3) for n in ("base", "dk", "ft")]
+    assert all(r["seconds"] is not None for r in report["runs"])
+    assert report["summary"]["dk"]["bbox/AP - base"]["n"] == 3
+    # report_seeds names exactly the seeds reported; its unfinished runs are listed as such.
+    Study(configs, [3], root, baseline="base", train_script=fake_train,
+          report_seeds=[2, 4]).write_report()
     with open(os.path.join(root, "study.json")) as f:
         runs = json.load(f)["runs"]
-    assert len(runs) == 9 and all(r["seconds"] is not None for r in runs)
+    assert [(r["name"], r["seed"], r["metrics"] is None) for r in runs] == [
+        (n, s, s == 4) for s in (2, 4) for n in ("base", "dk", "ft")]
 
 
 def test_an_unfinished_run_starts_over_and_failures_are_reported(tmp_path, fake_train):
@@ -174,6 +183,15 @@ def test_command_line_builds_the_study(tmp_path, fake_train):
     with open(root / "study.json") as f:
         names = [r["name"] for r in json.load(f)["runs"]]
     assert names == ["base", "dk", "extra", "base", "extra"]  # the report keeps every run
+    # A one-seed invocation reports the other seed's finished runs too, unless told otherwise.
+    common = ["--spec", str(spec), "--output", str(root), "--baseline", "base"]
+    assert study_tool.main(common + ["--seeds", "1", "--summarize-only"]) == 0
+    with open(root / "study.json") as f:
+        assert [(r["name"], r["seed"]) for r in json.load(f)["runs"]] == [
+            ("base", 0), ("dk", 0), ("base", 1)]
+    assert study_tool.main(common + ["--seeds", "1", "--report-seeds", "1", "--summarize-only"]) == 0
+    with open(root / "study.json") as f:
+        assert [(r["name"], r["seed"]) for r in json.load(f)["runs"]] == [("base", 1)]
     with pytest.raises(SystemExit, match="not in the study"):
         study_tool.main(["--spec", str(spec), "--output", str(root), "--only", "nope"])
     with pytest.raises(FileNotFoundError, match="--train-script"):

@@ -7,8 +7,10 @@ finished runs are skipped when the study is started again, so a killed study res
 stopped (an unfinished run starts over). A finished run's wall time is kept beside its results
 (``ROOT/NAME/seed_s/study_seconds.json``). After every run the study writes
 
-* ``ROOT/study.json``: every planned run (config, seed, command, threads, seconds, metrics) and
-  the summary (an invocation with fewer ``--seeds`` reports those; the runs of the others stay);
+* ``ROOT/study.json``: every planned run (config, seed, command, threads, seconds, metrics), every
+  finished run of the study's configs found in ``ROOT`` for other seeds (so that invocations
+  training one seed each, side by side or one after another, leave a report of all of them;
+  ``--report-seeds`` reports exactly the seeds it names), and the summary;
 * ``ROOT/study.md``: per config mean ± std (sample std over seeds) of box / mask AP, and the paired
   difference to ``--baseline`` over the seeds both have finished;
 * ``ROOT/study.png``: box AP per config, every seed a point, mean and ± std marked.
@@ -37,12 +39,14 @@ from typing import Dict, List, Optional, Sequence
 from ..checkpoint.atomic import atomic_write
 from .study_report import METRICS, format_markdown, metric, plot_study, summarize
 
-__all__ = ["Study", "StudyConfig", "StudyRun", "load_spec", "plan_runs", "summarize", "format_markdown"]
+__all__ = ["Study", "StudyConfig", "StudyRun", "finished_seeds", "load_spec", "plan_runs",
+           "summarize", "format_markdown"]
 
 logger = logging.getLogger("dk_detectron2.study")
 
 SPEC_KEYS = {"name", "config", "opts", "seeds", "baseline"}
 _DEPENDENCY = re.compile(r"\{root\}/([^/]+)/seed_\{seed\}")
+_SEED_FOLDER = re.compile(r"seed_(-?\d+)")
 
 
 @dataclass
@@ -173,6 +177,22 @@ def plan_runs(configs: Sequence[StudyConfig], seeds: Sequence[int], root: str,
             for s in seeds for c in configs if c.seeds is None or int(s) in c.seeds]
 
 
+def finished_seeds(configs: Sequence[StudyConfig], root: str,
+                   results_file: str = "eval_results.json") -> List[int]:
+    """The seeds, sorted, for which some config of the study has a finished run in ``root``
+    (a ``NAME/seed_S`` folder holding the runner's results file)."""
+    seeds = set()
+    for config in configs:
+        folder = os.path.join(root, config.name)
+        if not os.path.isdir(folder):
+            continue
+        for entry in os.listdir(folder):
+            match = _SEED_FOLDER.fullmatch(entry)
+            if match and os.path.exists(os.path.join(folder, entry, results_file)):
+                seeds.add(int(match.group(1)))
+    return sorted(seeds)
+
+
 class DetectionRunner:
     """What a study of Detectron2 runs needs to know: ``train_net.py --config-file CONFIG SEED s
     OUTPUT_DIR ... KEY VALUE ...`` per run, ``eval_results.json`` when finished, box / mask AP,
@@ -223,7 +243,8 @@ class Study:
     poll_seconds = 5.0  # how often running runs are checked
 
     def __init__(self, configs, seeds, root, baseline=None, threads=1, jobs=1,
-                 python=sys.executable, train_script="train_net.py", runner=None):
+                 python=sys.executable, train_script="train_net.py", runner=None,
+                 report_seeds=None):
         names = {c.name for c in configs}
         if baseline is not None and baseline not in names:
             raise ValueError(f"--baseline {baseline!r} is not one of the study's configs")
@@ -238,6 +259,8 @@ class Study:
         self.runner = runner or DetectionRunner(train_script)
         self.runs = plan_runs(self.configs, seeds, root, self.runner.results_file)
         self.only = None  # config names to train (None: all); the report keeps every run
+        # None: the planned runs and every finished run of other seeds in root; else exactly these
+        self.report_seeds = None if report_seeds is None else [int(s) for s in report_seeds]
         self._previous_seconds = self._load_previous_seconds()  # runs timed before per-run files
 
     def _load_previous_seconds(self) -> Dict:
@@ -251,6 +274,18 @@ class Study:
             logger.warning(f"ignoring unreadable {path}: {e}")
             return {}
 
+    def report_runs(self) -> List[StudyRun]:
+        """The runs the report covers, seed-major: those of ``report_seeds`` when given, else the
+        planned runs plus every finished run of the study's configs for another seed."""
+        results_file = self.runner.results_file
+        if self.report_seeds is not None:
+            return plan_runs(self.configs, self.report_seeds, self.root, results_file)
+        planned = {r.seed for r in self.runs}
+        others = [s for s in finished_seeds(self.configs, self.root, results_file) if s not in planned]
+        extra = [r for r in plan_runs(self.configs, others, self.root, results_file) if r.finished]
+        order = {c.name: i for i, c in enumerate(self.configs)}
+        return sorted(self.runs + extra, key=lambda r: (r.seed, order[r.config.name]))
+
     def records(self) -> List[Dict]:
         def seconds(run):
             saved = run.saved_seconds()
@@ -258,7 +293,7 @@ class Study:
             return saved if saved is not None else self._previous_seconds.get(key)
 
         return [_record(r, self.runner.command(r, self.python), self.threads, seconds(r),
-                        self.runner) for r in self.runs]
+                        self.runner) for r in self.report_runs()]
 
     def write_report(self) -> None:
         os.makedirs(self.root, exist_ok=True)
@@ -348,7 +383,10 @@ def argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", help="YAML list of {name, config, opts}")
     p.add_argument("--config", action="append", nargs="+", default=[],
                    metavar="NAME CONFIG [KEY VALUE]", help="a study config (repeatable)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to train")
+    p.add_argument("--report-seeds", type=int, nargs="+",
+                   help="report exactly these seeds (default: --seeds and every seed with a "
+                        "finished run in --output)")
     p.add_argument("--output", required=True, help="study folder (runs, study.md/json/png)")
     p.add_argument("--baseline", help="config name the paired differences are taken against")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
@@ -377,7 +415,7 @@ def main(argv=None) -> int:
 
         runner = ClassificationRunner(settings["train_args"])
     study = Study(configs, args.seeds, args.output, args.baseline, args.threads, args.jobs,
-                  train_script=args.train_script, runner=runner)
+                  train_script=args.train_script, runner=runner, report_seeds=args.report_seeds)
     if args.only:
         unknown = set(args.only) - {c.name for c in configs}
         if unknown:
