@@ -143,6 +143,22 @@ def test_out_features_choose_the_stages_returned():
     features = backbone(torch.randn(2, 3, 32, 32))
     assert list(features) == ["stem", "res3"]
     assert features["stem"].shape[-1] == 16 and features["res3"].shape[-1] == 4
+    # The stages after res3 are not built: no parameters to train, and the stages that are built
+    # compute what the full backbone's do with the same weights.
+    assert backbone.built_stages == ("stem", "res2", "res3")
+    assert not list(backbone.res4.parameters()) and not list(backbone.res5.parameters())
+    assert backbone.dk_stages == (2,)  # res3 (timm block stage 2); res2 is off by default
+    cfg.MODEL.MOBILENETV2.OUT_FEATURES = list(STAGES)
+    full = build_backbone(cfg, INPUT).eval()
+    missing, unexpected = backbone.load_state_dict(full.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith(("res4.", "res5.")) for k in unexpected)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(backbone.eval()(x)["res3"], full(x)["res3"])
+    cfg.MODEL.BACKBONE.FREEZE_AT = 5  # freezing counts the stages built
+    cfg.MODEL.MOBILENETV2.OUT_FEATURES = ["res2"]
+    frozen = build_backbone(cfg, INPUT)
+    assert not any(p.requires_grad for p in frozen.parameters())
 
 
 @pytest.mark.parametrize(

@@ -92,7 +92,8 @@ class DKMobileNetV2Backbone(Backbone):
         on_per_stage: 4 booleans for res2..res5 (MODEL.DK.ON_PER_STAGE).
         dk_options: scope size, rotation groups and clipping, generator, experts (MODEL.DK.*).
         norm: "BN" (trainable BatchNorm), "FrozenBN" or "SyncBN" (MODEL.MOBILENETV2.NORM).
-        out_features: stages to return, from stem, res2..res5 (MODEL.MOBILENETV2.OUT_FEATURES).
+        out_features: stages to return, from stem, res2..res5 (MODEL.MOBILENETV2.OUT_FEATURES);
+            the stages after the deepest of them are not built.
         freeze_at: 0 trains everything; n freezes the first n stages (stem, res2, ...)
             (MODEL.BACKBONE.FREEZE_AT), as Detectron2's ResNet.
         in_channels: channels of the input image.
@@ -159,7 +160,15 @@ class DKMobileNetV2Backbone(Backbone):
         ))
         ends = {info["module"]: info for info in trunk.feature_info}
         self._out_feature_channels, self._out_feature_strides = {}, {}
+        # As Detectron2's ResNet, stages after the deepest one returned are not built (an identity
+        # keeps forward one scriptable chain): no computation, and no parameters without
+        # gradients for DistributedDataParallel to wait for.
+        depth = max(STAGE_NAMES.index(name) for name in out_features) + 1
+        self.built_stages = STAGE_NAMES[:depth]
         for stage, indices in STAGE_BLOCKS.items():
+            if stage not in self.built_stages:
+                self.add_module(stage, nn.Identity())
+                continue
             blocks = {index: trunk.blocks[index] for index in indices}
             stem = (trunk.conv_stem, trunk.bn1) if stage == "stem" else None
             self.add_module(stage, MobileNetV2Stage(blocks, stem))
@@ -169,17 +178,19 @@ class DKMobileNetV2Backbone(Backbone):
         if norm == "FrozenBN":
             freeze_batch_norm_2d(self)
         elif norm == "SyncBN":
-            for stage in STAGE_NAMES:
+            for stage in self.built_stages:
                 self.add_module(stage, convert_sync_batchnorm(getattr(self, stage)))
-        for stage in STAGE_NAMES[:freeze_at]:
+        for stage in self.built_stages[:freeze_at]:
             self.add_module(stage, getattr(self, stage).freeze())
         self._out_features = out_features
-        self.dk_stages = tuple(dk_stages)  # timm block stages whose depthwise convs are dk_type
+        # timm block stages whose depthwise convs are dk_type, among those built
+        built_blocks = {index for stage in self.built_stages for index in STAGE_BLOCKS[stage]}
+        self.dk_stages = tuple(index for index in dk_stages if index in built_blocks)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         if x.dim() != 4:
             raise ValueError(f"DKMobileNetV2Backbone takes [B, C, H, W] inputs, got {x.shape}")
-        # Every stage runs (written out, for scripting); the ones asked for are returned.
+        # Written out for scripting; the stages after the deepest one returned are identities.
         stages = {}
         stages["stem"] = x = self.stem(x)
         stages["res2"] = x = self.res2(x)
