@@ -468,13 +468,17 @@ def test_the_mobilenet_rerun_holds_and_pools_both():
     assert f"the ten pairs {quoted}, every one positive" in " ".join(_read("README.md").split())
 
 
-@pytest.mark.parametrize("control, label, positive, count, quotes_lower_end", [
-    ("mbv2_rigid5_sgd01", "over the rigid 5×5", "nine of ten positive", 9, True),
-    ("mbv2_rigid3_w075_sgd01", "over the width-0.75 network", "all ten positive", 10, False),
+@pytest.mark.parametrize("control, label, positive, count, quotes_lower_end, readme", [
+    ("mbv2_rigid5_sgd01", "over the rigid 5×5", "nine of ten positive", 9, True, None),
+    ("mbv2_rigid3_w075_sgd01", "over the width-0.75 network", "all ten positive", 10, False, None),
+    ("mbv2_condconv19_sgd01", "DK over 19-expert CondConv", "eight of ten positive", 8, False,
+     "on a second CPU {cpu}, and over ten pairs {pooled}, still within"),
 ])
-def test_the_mobilenet_controls_on_both_cpus(control, label, positive, count, quotes_lower_end):
-    """MobileNet-V2's rigid controls rerun on the second CPU: DK's paired difference to each on
-    that CPU, and both machines' ten pairs pooled, as the results page quotes them."""
+def test_the_mobilenet_controls_on_both_cpus(control, label, positive, count, quotes_lower_end,
+                                              readme):
+    """MobileNet-V2's controls rerun on the second CPU: DK's paired difference to each on
+    that CPU, and both machines' ten pairs pooled, as the results page (and the README, where
+    ``readme`` gives its sentence) quotes them."""
     replica = "study_cls_mbv2_replica.json"
     over, n = _paired_difference("mbv2_dk_sgd01", control, study=replica)
     assert n == 5
@@ -491,6 +495,10 @@ def test_the_mobilenet_controls_on_both_cpus(control, label, positive, count, qu
     assert positive in page
     if quotes_lower_end:
         assert f"the lower end for the rigid 5×5 is {_signed(pooled['mean'] - 2 * se)}" in page
+    if readme is not None:
+        sentence = readme.format(cpu=_mean_std(over, signed=True),
+                                 pooled=_mean_std(pooled, signed=True))
+        assert sentence in " ".join(_read("README.md").split()), sentence
 
 
 @pytest.mark.parametrize("control, backbone, readme", [
