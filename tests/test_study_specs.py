@@ -70,7 +70,8 @@ PIPELINES = [
     ("shapes_pretrained_mbv2.yaml", "cls_shapes_mbv2_recipe.yaml", "study_cls_mbv2_recipe",
      {"mbv2_pre01": "mbv2_rigid3_sgd01", "mbv2_dk_pre01": "mbv2_dk_sgd01",
       "mbv2_r5_pre01": "mbv2_rigid5_sgd01", "mbv2_w075_pre01": "mbv2_rigid3_w075_sgd01",
-      "mbv2_cc19_pre01": "mbv2_condconv19_sgd01", "mbv2_pre01_2x": "mbv2_rigid3_sgd01",
+      "mbv2_cc19_pre01": "mbv2_condconv19_sgd01", "mbv2_dk_frozen_pre01": "mbv2_dk_frozen_sgd01",
+      "mbv2_pre01_2x": "mbv2_rigid3_sgd01",
       "mbv2_dk_pre01_2x": "mbv2_dk_sgd01"}),
 ]
 
