@@ -543,3 +543,27 @@ def test_the_mobilenet_pipeline_controls_quote_the_study(control, backbone, beyo
     readme_text = " ".join(_read("README.md").split())
     sentence = readme.format(box=_mean_std(row["bbox/AP"]), quoted=quoted)
     assert sentence in readme_text, sentence
+
+
+def test_the_mobilenet_frozen_rotations_control_quotes_the_study():
+    """MobileNet-V2's DK with its rotations frozen at zero (second CPU): its table row, its gain over
+    the rigid 3x3 on every seed and DK's difference to it (within two standard errors), as the
+    results page and the README quote them."""
+    replica = "study_cls_mbv2_replica.json"
+    summary = json.loads(_read("docs", "results", replica))["summary"]["mbv2_dk_frozen_sgd01"]
+    over_rigid, n = _paired_difference("mbv2_dk_frozen_sgd01", "mbv2_rigid3_sgd01", study=replica)
+    dk_minus, n_dk = _paired_difference("mbv2_dk_sgd01", "mbv2_dk_frozen_sgd01", study=replica)
+    assert n == n_dk == summary["top1"]["n"] == 5
+    frozen = _metric_by_seed(replica, "mbv2_dk_frozen_sgd01")
+    rigid = _metric_by_seed(replica, "mbv2_rigid3_sgd01")
+    assert all(frozen[s] > rigid[s] for s in frozen), "higher on every seed"
+    assert abs(dk_minus["mean"]) < 2 * dk_minus["std"] / n ** 0.5
+    page = " ".join(_read("docs", "results_classification.md").split())
+    readme = " ".join(_read("README.md").split())
+    se = over_rigid["std"] / n ** 0.5
+    gain = f"{_mean_std(over_rigid, signed=True)} (s.e. {se:.1f}; higher on every seed)"
+    assert f"| `mbv2_dk_frozen_sgd01` | 0-4 | {_mean_std(summary['top1'])} | " in page
+    assert f"| {gain} |" in page, gain
+    for text in (page, readme):
+        assert f"**{_mean_std(over_rigid, signed=True)}** over the rigid 3×3" in text
+        assert f"{_mean_std(dk_minus, signed=True)} from it" in text.replace("**", ""), dk_minus
