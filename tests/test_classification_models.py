@@ -215,3 +215,49 @@ def test_mobilenet_width_075_rigid_is_dk_050s_budget_control():
 def test_mobilenet_kernel_size_must_be_odd(kernel_size):
     with pytest.raises(ValueError, match=r"kernel_size must be an odd positive int, got"):
         create("dk_mobilenetv2_050", dk_type="rigid_conv", kernel_size=kernel_size)
+
+
+def _replaced_depthwise_weights(model):
+    """The weights of the depthwise convs that ``dk_stages`` replaced, with their channel counts."""
+    return [(block.conv_dw.weight.detach(), block.conv_dw.out_channels)
+            for stage in model.dk_stages for block in model.blocks[stage]]
+
+
+def _std_over_expected(weights, expected_std):
+    """Std of each weight over its expected std, pooled (sum of squares) over the layers."""
+    squares = sum(float((w / expected_std(c)).square().sum()) for w, c in weights)
+    return (squares / sum(w.numel() for w, _ in weights)) ** 0.5
+
+
+def test_mobilenet_depthwise_init_msra_starts_the_rigid_conv_at_dks_scale():
+    """``depthwise_init="module"`` (the default) keeps PyTorch's init for the rigid conv (uniform,
+    std 1 / (K sqrt 3)) and Detectron2's c2_msra_fill for DK; ``"msra"`` gives the rigid conv DK's
+    zero-rotation std sqrt(2 / (C K^2)), leaves DK's init and every unreplaced layer as they were."""
+    rigid = create("dk_mobilenetv2_050", dk_type="rigid_conv")
+    rigid_msra = create("dk_mobilenetv2_050", dk_type="rigid_conv", depthwise_init="msra")
+    dk = create("dk_mobilenetv2_050")
+    dk_msra = create("dk_mobilenetv2_050", depthwise_init="msra")
+    assert (rigid.depthwise_init, rigid_msra.depthwise_init) == ("module", "msra")
+
+    def he_std(channels):
+        return (2.0 / (channels * 9)) ** 0.5
+
+    def pytorch_std(channels):
+        return 1.0 / (3 * 3**0.5)
+
+    assert _std_over_expected(_replaced_depthwise_weights(rigid), pytorch_std) == pytest.approx(1, abs=0.05)
+    assert _std_over_expected(_replaced_depthwise_weights(rigid_msra), he_std) == pytest.approx(1, abs=0.05)
+    # DK's zero-rotation taps read the scope's central 3 x 3 cells (scope 5, K 3).
+    dk_taps = [(w[..., 1:4, 1:4], c) for w, c in _replaced_depthwise_weights(dk)]
+    assert _std_over_expected(dk_taps, he_std) == pytest.approx(1, abs=0.05)
+    for (a, _), (b, _) in zip(_replaced_depthwise_weights(dk), _replaced_depthwise_weights(dk_msra)):
+        assert torch.equal(a, b)
+    replaced = {f"blocks.{s}." for s in rigid.dk_stages}
+    for (name, p), (_, q) in zip(rigid.named_parameters(), rigid_msra.named_parameters()):
+        if not any(name.startswith(prefix) and ".conv_dw." in name for prefix in replaced):
+            assert torch.equal(p, q), name
+
+
+def test_mobilenet_depthwise_init_must_be_known():
+    with pytest.raises(ValueError, match=r"depthwise_init must be one of \('module', 'msra'\), got 'timm'"):
+        create("dk_mobilenetv2_050", depthwise_init="timm")

@@ -71,6 +71,7 @@ PIPELINES = [
      {"mbv2_pre01": "mbv2_rigid3_sgd01", "mbv2_dk_pre01": "mbv2_dk_sgd01",
       "mbv2_r5_pre01": "mbv2_rigid5_sgd01", "mbv2_w075_pre01": "mbv2_rigid3_w075_sgd01",
       "mbv2_cc19_pre01": "mbv2_condconv19_sgd01", "mbv2_dk_frozen_pre01": "mbv2_dk_frozen_sgd01",
+      "mbv2_msra_pre01": "mbv2_rigid3_msra_sgd01",
       "mbv2_pre01_2x": "mbv2_rigid3_sgd01",
       "mbv2_dk_pre01_2x": "mbv2_dk_sgd01"}),
 ]

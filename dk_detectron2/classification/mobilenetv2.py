@@ -15,8 +15,9 @@ timm's ``blocks`` stages; default 2-6, the blocks at stride 8 and beyond, as res
 ResNets), ``scope_size``, ``rotation_groups``, ``rotation_clip``, ``rotation_clip_range``,
 ``generator``, ``num_experts``, ``scope_init`` (defaults of ``add_dk_config``), ``kernel_size`` (K of
 the replaced convs, odd; default the blocks' own 3; ``dk_type=rigid_conv, kernel_size=5`` is the
-rigid control with a 5x5 scope's support), and timm's ``EfficientNet`` arguments
-(``num_classes``, ``drop_rate``, ``drop_path_rate``, ...).
+rigid control with a 5x5 scope's support), ``depthwise_init`` (how the replaced convs start, see
+:data:`DEPTHWISE_INITS`), and timm's ``EfficientNet`` arguments (``num_classes``, ``drop_rate``,
+``drop_path_rate``, ...).
 """
 from functools import partial
 from typing import Optional, Sequence, Tuple
@@ -27,11 +28,11 @@ from timm.models._efficientnet_builder import decode_arch_def, resolve_bn_args, 
 from timm.models.efficientnet import EfficientNet
 from torch import nn
 
-from ..layers.registry import DKOptions, build_dk_conv
+from ..layers.registry import DKOptions, build_dk_conv, c2_msra_fill_dk_conv
 from .checkpoint_filter import checkpoint_filter_fn
 from .pretrained_cfgs import classification_cfg
 
-__all__ = ["DKMobileNetV2", "mobilenetv2_kwargs"]
+__all__ = ["DEPTHWISE_INITS", "DKMobileNetV2", "mobilenetv2_kwargs"]
 
 # MobileNet-V2's stages in timm's block notation (Sandler et al. 2018, Table 2).
 ARCH_DEF = (
@@ -44,6 +45,15 @@ ARCH_DEF = (
     ("ir_r1_k3_s1_e6_c320",),
 )
 DEFAULT_DK_STAGES = (2, 3, 4, 5, 6)
+
+# How the replaced depthwise convs are initialised (``depthwise_init``):
+# - "module": each variant's own. The DK variants and CondConv take Detectron2's ``c2_msra_fill``
+#   of the K x K kernel (He normal, std sqrt(2 / (C_out K^2)), ~0.05 at 100 channels); the rigid
+#   conv keeps PyTorch's default (uniform, std 1 / (K sqrt(3)), ~0.19 at K = 3) -- the studies'
+#   rigid rows were made so.
+# - "msra": Detectron2's ``c2_msra_fill`` for every variant, the rigid conv included, as the DK
+#   ResNets initialise theirs: the rigid conv starts at DK's zero-rotation scale.
+DEPTHWISE_INITS = ("module", "msra")
 
 
 class DKMobileNetV2(EfficientNet):
@@ -63,8 +73,13 @@ class DKMobileNetV2(EfficientNet):
         num_experts: int = DKOptions.num_experts,
         scope_init: str = DKOptions.scope_init,
         kernel_size: Optional[int] = None,
+        depthwise_init: str = "module",
         **kwargs,
     ):
+        if depthwise_init not in DEPTHWISE_INITS:
+            raise ValueError(
+                f"depthwise_init must be one of {DEPTHWISE_INITS}, got {depthwise_init!r}"
+            )
         if kernel_size is not None and (
             isinstance(kernel_size, bool) or not isinstance(kernel_size, int)
             or kernel_size < 1 or kernel_size % 2 == 0
@@ -89,17 +104,24 @@ class DKMobileNetV2(EfficientNet):
         )
         self.dk_type = dk_type
         self.dk_stages = tuple(stages)
+        self.depthwise_init = depthwise_init
         for stage in stages:
             for block in self.blocks[stage]:
-                block.conv_dw = _registry_depthwise(dk_type, block.conv_dw, options, kernel_size)
+                block.conv_dw = _registry_depthwise(
+                    dk_type, block.conv_dw, options, kernel_size, depthwise_init
+                )
 
 
 def _registry_depthwise(
-    name: str, conv: nn.Conv2d, options: DKOptions, kernel_size: Optional[int] = None
+    name: str,
+    conv: nn.Conv2d,
+    options: DKOptions,
+    kernel_size: Optional[int] = None,
+    depthwise_init: str = "module",
 ) -> nn.Module:
     """A ``DK_CONV_REGISTRY`` conv with the geometry of the depthwise ``conv`` (K x K with
-    ``kernel_size``, padded to keep the output size), He-initialised as timm initialises ``conv``
-    (normal, std sqrt(2 / fan_out))."""
+    ``kernel_size``, padded to keep the output size), initialised as ``depthwise_init`` says
+    (:data:`DEPTHWISE_INITS`)."""
     if not isinstance(conv, nn.Conv2d) or conv.groups != conv.in_channels:
         raise TypeError(f"expected a depthwise nn.Conv2d, got {conv!r}")
     size, padding = conv.kernel_size, conv.padding
@@ -118,8 +140,8 @@ def _registry_depthwise(
         bias=conv.bias is not None,
         options=options,
     )
-    if hasattr(replacement, "c2_msra_fill_"):
-        replacement.c2_msra_fill_()
+    if depthwise_init == "msra" or hasattr(replacement, "c2_msra_fill_"):
+        c2_msra_fill_dk_conv(replacement)
     return replacement
 
 

@@ -19,6 +19,7 @@ Register a new variant with ``@DK_CONV_REGISTRY.register()`` on a builder named 
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence, Tuple
 
+import fvcore.nn.weight_init as weight_init
 from detectron2.layers import Conv2d
 from detectron2.utils.registry import Registry
 from torch import nn
@@ -39,6 +40,7 @@ __all__ = [
     "DK_CONV_ALIASES",
     "DKOptions",
     "build_dk_conv",
+    "c2_msra_fill_dk_conv",
     "dk_conv_names",
     "resolve_dk_conv_name",
 ]
@@ -46,6 +48,16 @@ __all__ = [
 DK_CONV_REGISTRY = Registry("DK_CONV")
 # Former names -> registered names (configs that use them keep working).
 DK_CONV_ALIASES = {"depthwise": "rigid_conv"}
+
+
+def c2_msra_fill_dk_conv(conv: nn.Module) -> None:
+    """Detectron2's ``c2_msra_fill`` (He normal, fan-out, zero bias) for any registry conv: the
+    variant's own ``c2_msra_fill_`` where it has one (the DK variants scale the scope so that the
+    zero-rotation K x K kernel gets the He std; generators stay at zero), fvcore's otherwise."""
+    if hasattr(conv, "c2_msra_fill_"):
+        conv.c2_msra_fill_()
+    else:
+        weight_init.c2_msra_fill(conv)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,13 @@ from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 from torch import nn
 
-from ...layers.registry import DKOptions, build_dk_conv, dk_conv_names, resolve_dk_conv_name
+from ...layers.registry import (
+    DKOptions,
+    build_dk_conv,
+    c2_msra_fill_dk_conv,
+    dk_conv_names,
+    resolve_dk_conv_name,
+)
 
 __all__ = [
     "DKBottleneckBlock",
@@ -48,14 +54,6 @@ NUM_BLOCKS_PER_STAGE = {
     152: [3, 8, 36, 3],
 }
 KERNEL_SIZE = 3
-
-
-def _init_conv(conv: nn.Module) -> None:
-    """Detectron2's ``c2_msra_fill`` for any registry conv (generators stay at zero)."""
-    if hasattr(conv, "c2_msra_fill_"):
-        conv.c2_msra_fill_()
-    else:
-        weight_init.c2_msra_fill(conv)
 
 
 class DKBottleneckBlock(BottleneckBlock):
@@ -112,7 +110,7 @@ class DKBottleneckBlock(BottleneckBlock):
             norm=get_norm(norm, bottleneck_channels),
             options=dk_options,
         )
-        _init_conv(self.conv2)
+        c2_msra_fill_dk_conv(self.conv2)
 
 
 class SeparableConv(nn.Module):
@@ -177,7 +175,7 @@ class DKBasicBlock(BasicBlock):
                 norm=norm_layer,
                 options=options,
             )
-            _init_conv(conv)
+            c2_msra_fill_dk_conv(conv)
             return conv
 
         if not depthwise:
