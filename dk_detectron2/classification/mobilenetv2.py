@@ -49,8 +49,8 @@ DEFAULT_DK_STAGES = (2, 3, 4, 5, 6)
 # How the replaced depthwise convs are initialised (``depthwise_init``):
 # - "module": each variant's own. The DK variants and CondConv take Detectron2's ``c2_msra_fill``
 #   of the K x K kernel (He normal, std sqrt(2 / (C_out K^2)), ~0.05 at 100 channels); the rigid
-#   conv keeps PyTorch's default (uniform, std 1 / (K sqrt(3)), ~0.19 at K = 3) -- the studies'
-#   rigid rows were made so.
+#   conv keeps PyTorch's default (uniform, std 1 / (K sqrt(3)), 0.19 at K = 3: 4-9x larger at
+#   width 0.5) -- the studies' rigid rows were made so.
 # - "msra": Detectron2's ``c2_msra_fill`` for every variant, the rigid conv included, as the DK
 #   ResNets initialise theirs: the rigid conv starts at DK's zero-rotation scale.
 DEPTHWISE_INITS = ("module", "msra")
