@@ -70,4 +70,8 @@ def add_dk_config(cfg):
     # K of the depthwise convs in the stages MODEL.DK.ON_PER_STAGE turns on (odd; MobileNet-V2's
     # own is 3). 5 with MODEL.DK.TYPE "rigid_conv" is the rigid control with a 5x5 scope's support.
     _C.MODEL.MOBILENETV2.KERNEL_SIZE = 3
+    # How those depthwise convs start before any weights load: "msra" (Detectron2's c2_msra_fill,
+    # the rigid conv included, so that it starts where DK's layer starts) or "rigid_pytorch" (the
+    # rigid conv keeps PyTorch's default init; DEPTHWISE_INITS in classification/mobilenetv2.py).
+    _C.MODEL.MOBILENETV2.DEPTHWISE_INIT = "msra"
     return cfg

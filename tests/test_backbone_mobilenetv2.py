@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 from detectron2.config import get_cfg
-from detectron2.layers import ShapeSpec
+from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling import build_backbone, build_model
 from detectron2.modeling.backbone import BACKBONE_REGISTRY
 from detectron2.utils.events import EventStorage
@@ -173,6 +173,7 @@ def test_out_features_choose_the_stages_returned():
         ("MOBILENETV2", "NORM", "GN"),
         ("MOBILENETV2", "OUT_FEATURES", ["res6"]),
         ("MOBILENETV2", "KERNEL_SIZE", 4),
+        ("MOBILENETV2", "DEPTHWISE_INIT", "timm"),
         ("BACKBONE", "FREEZE_AT", 6),
     ],
 )
@@ -181,6 +182,26 @@ def test_bad_config_fails_at_build_naming_the_key(section, key, value):
     setattr(getattr(cfg.MODEL, section), key, value)
     with pytest.raises(ValueError, match=rf"MODEL\.{section}\.{key}"):
         build_backbone(cfg, INPUT)
+
+
+@pytest.mark.parametrize("depthwise_init", ["msra", "rigid_pytorch"])
+def test_depthwise_init_reaches_the_trunk(depthwise_init):
+    """MODEL.MOBILENETV2.DEPTHWISE_INIT is the trunk's ``depthwise_init``: with "msra" (the default)
+    the rigid depthwise convs of the stages that are on start at c2_msra_fill's std, sqrt(2 / 9C)."""
+    cfg = _cfg(TYPE="rigid_conv")
+    assert cfg.MODEL.MOBILENETV2.DEPTHWISE_INIT == "msra"
+    cfg.MODEL.MOBILENETV2.DEPTHWISE_INIT = depthwise_init
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg, INPUT)
+    # the registry's rigid convs (Detectron2's Conv2d) replaced timm's (nn.Conv2d) where DK is on
+    convs = [m for m in backbone.modules() if isinstance(m, Conv2d) and m.groups == m.in_channels]
+    assert convs
+    ratios = [float(c.weight.std()) / ((2.0 / (9 * c.out_channels)) ** 0.5) for c in convs]
+    mean_ratio = sum(ratios) / len(ratios)
+    if depthwise_init == "msra":
+        assert mean_ratio == pytest.approx(1, abs=0.1), ratios
+    else:
+        assert mean_ratio > 3, ratios
 
 
 def test_missing_config_section_and_bad_input():

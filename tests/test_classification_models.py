@@ -230,14 +230,14 @@ def _std_over_expected(weights, expected_std):
 
 
 def test_mobilenet_depthwise_init_msra_starts_the_rigid_conv_at_dks_scale():
-    """``depthwise_init="module"`` (the default) keeps PyTorch's init for the rigid conv (uniform,
-    std 1 / (K sqrt 3)) and Detectron2's c2_msra_fill for DK; ``"msra"`` gives the rigid conv DK's
-    zero-rotation std sqrt(2 / (C K^2)), leaves DK's init and every unreplaced layer as they were."""
+    """``depthwise_init="msra"`` (the default) gives the rigid conv DK's zero-rotation std
+    sqrt(2 / (C K^2)); ``"rigid_pytorch"`` keeps PyTorch's init for the rigid conv (uniform, std
+    1 / (K sqrt 3)) and changes nothing else: DK's init and every unreplaced layer are the same."""
     rigid = create("dk_mobilenetv2_050", dk_type="rigid_conv")
-    rigid_msra = create("dk_mobilenetv2_050", dk_type="rigid_conv", depthwise_init="msra")
+    rigid_pytorch = create("dk_mobilenetv2_050", dk_type="rigid_conv", depthwise_init="rigid_pytorch")
     dk = create("dk_mobilenetv2_050")
-    dk_msra = create("dk_mobilenetv2_050", depthwise_init="msra")
-    assert (rigid.depthwise_init, rigid_msra.depthwise_init) == ("module", "msra")
+    dk_pytorch = create("dk_mobilenetv2_050", depthwise_init="rigid_pytorch")
+    assert (rigid.depthwise_init, rigid_pytorch.depthwise_init) == ("msra", "rigid_pytorch")
 
     def he_std(channels):
         return (2.0 / (channels * 9)) ** 0.5
@@ -245,19 +245,21 @@ def test_mobilenet_depthwise_init_msra_starts_the_rigid_conv_at_dks_scale():
     def pytorch_std(channels):
         return 1.0 / (3 * 3**0.5)
 
-    assert _std_over_expected(_replaced_depthwise_weights(rigid), pytorch_std) == pytest.approx(1, abs=0.05)
-    assert _std_over_expected(_replaced_depthwise_weights(rigid_msra), he_std) == pytest.approx(1, abs=0.05)
+    assert _std_over_expected(_replaced_depthwise_weights(rigid), he_std) == pytest.approx(1, abs=0.05)
+    assert _std_over_expected(_replaced_depthwise_weights(rigid_pytorch), pytorch_std) == \
+        pytest.approx(1, abs=0.05)
     # DK's zero-rotation taps read the scope's central 3 x 3 cells (scope 5, K 3).
     dk_taps = [(w[..., 1:4, 1:4], c) for w, c in _replaced_depthwise_weights(dk)]
     assert _std_over_expected(dk_taps, he_std) == pytest.approx(1, abs=0.05)
-    for (a, _), (b, _) in zip(_replaced_depthwise_weights(dk), _replaced_depthwise_weights(dk_msra)):
+    for (a, _), (b, _) in zip(_replaced_depthwise_weights(dk), _replaced_depthwise_weights(dk_pytorch)):
         assert torch.equal(a, b)
     replaced = {f"blocks.{s}." for s in rigid.dk_stages}
-    for (name, p), (_, q) in zip(rigid.named_parameters(), rigid_msra.named_parameters()):
+    for (name, p), (_, q) in zip(rigid.named_parameters(), rigid_pytorch.named_parameters()):
         if not any(name.startswith(prefix) and ".conv_dw." in name for prefix in replaced):
             assert torch.equal(p, q), name
 
 
 def test_mobilenet_depthwise_init_must_be_known():
-    with pytest.raises(ValueError, match=r"depthwise_init must be one of \('module', 'msra'\), got 'timm'"):
+    with pytest.raises(ValueError, match=r"depthwise_init must be one of \('msra', 'rigid_pytorch'\), "
+                                         r"got 'timm'"):
         create("dk_mobilenetv2_050", depthwise_init="timm")

@@ -31,7 +31,7 @@ from detectron2.modeling.backbone.fpn import FPN
 from timm.layers import convert_sync_batchnorm, freeze_batch_norm_2d
 from torch import nn
 
-from ...classification.mobilenetv2 import DKMobileNetV2, mobilenetv2_kwargs
+from ...classification.mobilenetv2 import DEPTHWISE_INITS, DKMobileNetV2, mobilenetv2_kwargs
 from ...layers.registry import DKOptions
 from .resnet_dk import check_conv_type, check_on_per_stage, fpn_from_config
 
@@ -100,6 +100,8 @@ class DKMobileNetV2Backbone(Backbone):
         kernel_size: K of the depthwise convs in the stages that are on, odd
             (MODEL.MOBILENETV2.KERNEL_SIZE); 3 is MobileNet-V2's own, 5 with ``dk_type``
             "rigid_conv" the rigid control with a 5x5 scope's support.
+        depthwise_init: how those convs start (MODEL.MOBILENETV2.DEPTHWISE_INIT), one of
+            ``DEPTHWISE_INITS``: "msra" or "rigid_pytorch".
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class DKMobileNetV2Backbone(Backbone):
         freeze_at: int = 0,
         in_channels: int = 3,
         kernel_size: int = KERNEL_SIZE,
+        depthwise_init: str = "msra",
     ):
         super().__init__()
         check_conv_type("MODEL.DK.TYPE", dk_type)
@@ -140,6 +143,11 @@ class DKMobileNetV2Backbone(Backbone):
             raise ValueError(
                 f"MODEL.MOBILENETV2.KERNEL_SIZE must be an odd positive int, got {kernel_size!r}"
             )
+        if depthwise_init not in DEPTHWISE_INITS:
+            raise ValueError(
+                f"MODEL.MOBILENETV2.DEPTHWISE_INIT must be one of {DEPTHWISE_INITS}, "
+                f"got {depthwise_init!r}"
+            )
         options = dk_options or DKOptions()
         if options.scope_size < kernel_size:
             raise ValueError(f"MODEL.DK.SCOPE_SIZE must be >= the kernel size {kernel_size} of "
@@ -154,6 +162,7 @@ class DKMobileNetV2Backbone(Backbone):
             dk_type=dk_type,
             dk_stages=dk_stages,
             kernel_size=kernel_size,
+            depthwise_init=depthwise_init,
             in_chans=in_channels,
             **dataclasses.asdict(options),
             num_classes=0,
@@ -231,6 +240,7 @@ def build_dk_mobilenetv2_backbone(cfg, input_shape: ShapeSpec) -> DKMobileNetV2B
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
         in_channels=input_shape.channels,
         kernel_size=cfg.MODEL.MOBILENETV2.KERNEL_SIZE,
+        depthwise_init=cfg.MODEL.MOBILENETV2.DEPTHWISE_INIT,
     )
 
 
