@@ -545,14 +545,19 @@ def test_the_mobilenet_pipeline_controls_quote_the_study(control, backbone, beyo
     assert sentence in readme_text, sentence
 
 
-def test_the_mobilenet_frozen_rotations_control_quotes_the_study():
-    """MobileNet-V2's DK with its rotations frozen at zero (second CPU): its table row, its gain over
-    the rigid 3x3 on every seed and DK's difference to it (within two standard errors), as the
-    results page and the README quote them."""
+@pytest.mark.parametrize("row, dk_phrase", [
+    ("mbv2_dk_frozen_sgd01", "{} from it"),
+    ("mbv2_rigid3_msra_sgd01", "DK is {} above it"),
+])
+def test_the_mobilenet_frozen_and_msra_controls_quote_the_study(row, dk_phrase):
+    """MobileNet-V2's DK with its rotations frozen at zero, and the rigid 3x3 started at DK's
+    initial scale (second CPU): the table row, the gain over the rigid 3x3 on every seed and DK's
+    difference to the control (within two standard errors), as the results page and the README
+    quote them."""
     replica = "study_cls_mbv2_replica.json"
-    summary = json.loads(_read("docs", "results", replica))["summary"]["mbv2_dk_frozen_sgd01"]
-    over_rigid, n = _paired_difference("mbv2_dk_frozen_sgd01", "mbv2_rigid3_sgd01", study=replica)
-    dk_minus, n_dk = _paired_difference("mbv2_dk_sgd01", "mbv2_dk_frozen_sgd01", study=replica)
+    summary = json.loads(_read("docs", "results", replica))["summary"][row]
+    over_rigid, n = _paired_difference(row, "mbv2_rigid3_sgd01", study=replica)
+    dk_minus, n_dk = _paired_difference("mbv2_dk_sgd01", row, study=replica)
     assert n == n_dk == summary["top1"]["n"] == 5
     assert min(over_rigid["differences"]) > 0, "higher on every seed"
     assert abs(dk_minus["mean"]) < 2 * dk_minus["std"] / n ** 0.5
@@ -560,8 +565,9 @@ def test_the_mobilenet_frozen_rotations_control_quotes_the_study():
     readme = " ".join(_read("README.md").split())
     se = over_rigid["std"] / n ** 0.5
     gain = f"{_mean_std(over_rigid, signed=True)} (s.e. {se:.1f}; higher on every seed)"
-    assert f"| `mbv2_dk_frozen_sgd01` | 0-4 | {_mean_std(summary['top1'])} | " in page
+    assert f"| `{row}` | 0-4 | {_mean_std(summary['top1'])} | " in page
     assert f"| {gain} |" in page, gain
     for text in (page, readme):
         assert f"**{_mean_std(over_rigid, signed=True)}** over the rigid 3×3" in text
-        assert f"{_mean_std(dk_minus, signed=True)} from it" in text.replace("**", ""), dk_minus
+        phrase = dk_phrase.format(_mean_std(dk_minus, signed=True))
+        assert phrase in text.replace("**", ""), phrase
