@@ -510,6 +510,9 @@ def test_the_mobilenet_controls_on_both_cpus(control, label, positive, count, qu
     ("mbv2_dk_frozen_pre01", "mbv2_dk_frozen_sgd01", False,
      "makes a detector as good ({box}): DK is {quoted} from it (five paired seeds, within two "
      "standard errors"),
+    ("mbv2_msra_pre01", "mbv2_rigid3_msra_sgd01", False,
+     "makes a detector of {box}: DK is {quoted} above it (five paired seeds, within two standard "
+     "errors)"),
 ])
 def test_the_mobilenet_pipeline_controls_quote_the_study(control, backbone, beyond, readme):
     """A control row of the MobileNet-V2 pipeline: its backbone's top-1 (the second-CPU
