@@ -54,7 +54,7 @@ DEFAULT_DK_STAGES = (2, 3, 4, 5, 6)
 # - "rigid_pytorch": the same, except that the rigid conv keeps PyTorch's default (uniform, std
 #   1 / (K sqrt(3)), 0.19 at K = 3: 4-9x larger at width 0.5). At lr 0.01 this start costs the
 #   rigid network 4.4 +/- 2.3 top-1 points on dk_shapes_cls (docs/results_classification.md); the
-#   studies' earlier rigid rows were trained so and name it to reproduce.
+#   studies' rigid rows trained at that start name it to reproduce.
 DEPTHWISE_INITS = ("msra", "rigid_pytorch")
 
 
