@@ -579,3 +579,24 @@ def test_the_mobilenet_frozen_and_msra_controls_quote_the_study(row, dk_phrase, 
         sentence = readme_sentence.format(top1=_mean_std(summary["top1"]),
                                           dk=_mean_std(dk_minus, signed=True))
         assert sentence in readme, sentence
+
+
+def test_the_mobilenet_rigid5_at_the_msra_start_is_above_dk():
+    """The rigid 5x5 MobileNet-V2 at the msra start: its table row and DK's deficit to it (beyond
+    two standard errors, lower on every seed), as the results page and the README quote them."""
+    replica = "study_cls_mbv2_replica.json"
+    row = "mbv2_rigid5_msra_sgd01"
+    summary = json.loads(_read("docs", "results", replica))["summary"][row]
+    over_rigid, n = _paired_difference(row, "mbv2_rigid3_sgd01", study=replica)
+    dk_minus, n_dk = _paired_difference("mbv2_dk_sgd01", row, study=replica)
+    assert n == n_dk == 5
+    assert max(dk_minus["differences"]) < 0 and -dk_minus["mean"] > 2 * dk_minus["std"] / n ** 0.5
+    se = over_rigid["std"] / n ** 0.5
+    page = " ".join(_read("docs", "results_classification.md").split())
+    readme = " ".join(_read("README.md").split())
+    assert (f"| `{row}` | 0-4 | {_mean_std(summary['top1'])} | " in page
+            and f"| {_mean_std(over_rigid, signed=True)} (s.e. {se:.1f}; higher on every seed) |" in page)
+    per_seed = ", ".join(_signed(d) for d in dk_minus["differences"])
+    assert f"DK is **{_mean_std(dk_minus, signed=True)}** below it (s.e. " in page
+    assert f"lower on every seed: {per_seed})" in page
+    assert f"reaches {_mean_std(summary['top1'])} and DK is **{_mean_std(dk_minus, signed=True)}** below it" in readme
