@@ -548,6 +548,22 @@ def test_the_mobilenet_pipeline_controls_quote_the_study(control, backbone, beyo
     assert sentence in readme_text, sentence
 
 
+def _mobilenet_replica_control(row):
+    """A second-CPU MobileNet-V2 classification row: its summary, its paired gain over the rigid
+    3x3 and DK's paired difference to it (with the seed count), the table's gain cell, and the
+    results page and README as single-spaced text."""
+    replica = "study_cls_mbv2_replica.json"
+    summary = json.loads(_read("docs", "results", replica))["summary"][row]
+    over_rigid, n = _paired_difference(row, "mbv2_rigid3_sgd01", study=replica)
+    dk_minus, n_dk = _paired_difference("mbv2_dk_sgd01", row, study=replica)
+    assert n == n_dk == summary["top1"]["n"] == 5
+    se = over_rigid["std"] / n ** 0.5
+    gain = f"{_mean_std(over_rigid, signed=True)} (s.e. {se:.1f}; higher on every seed)"
+    page = " ".join(_read("docs", "results_classification.md").split())
+    readme = " ".join(_read("README.md").split())
+    return summary, over_rigid, dk_minus, n, gain, page, readme
+
+
 @pytest.mark.parametrize("row, dk_phrase, readme_sentence", [
     ("mbv2_dk_frozen_sgd01", "{} from it", None),
     ("mbv2_rigid3_msra_sgd01", "DK is {} above it",
@@ -558,17 +574,9 @@ def test_the_mobilenet_frozen_and_msra_controls_quote_the_study(row, dk_phrase, 
     initial scale (second CPU): the table row, the gain over the rigid 3x3 on every seed and DK's
     difference to the control (within two standard errors), as the results page and the README
     quote them."""
-    replica = "study_cls_mbv2_replica.json"
-    summary = json.loads(_read("docs", "results", replica))["summary"][row]
-    over_rigid, n = _paired_difference(row, "mbv2_rigid3_sgd01", study=replica)
-    dk_minus, n_dk = _paired_difference("mbv2_dk_sgd01", row, study=replica)
-    assert n == n_dk == summary["top1"]["n"] == 5
+    summary, over_rigid, dk_minus, n, gain, page, readme = _mobilenet_replica_control(row)
     assert min(over_rigid["differences"]) > 0, "higher on every seed"
     assert abs(dk_minus["mean"]) < 2 * dk_minus["std"] / n ** 0.5
-    page = " ".join(_read("docs", "results_classification.md").split())
-    readme = " ".join(_read("README.md").split())
-    se = over_rigid["std"] / n ** 0.5
-    gain = f"{_mean_std(over_rigid, signed=True)} (s.e. {se:.1f}; higher on every seed)"
     assert f"| `{row}` | 0-4 | {_mean_std(summary['top1'])} | " in page
     assert f"| {gain} |" in page, gain
     for text in (page, readme):
@@ -584,18 +592,10 @@ def test_the_mobilenet_frozen_and_msra_controls_quote_the_study(row, dk_phrase, 
 def test_the_mobilenet_rigid5_at_the_msra_start_is_above_dk():
     """The rigid 5x5 MobileNet-V2 at the msra start: its table row and DK's deficit to it (beyond
     two standard errors, lower on every seed), as the results page and the README quote them."""
-    replica = "study_cls_mbv2_replica.json"
     row = "mbv2_rigid5_msra_sgd01"
-    summary = json.loads(_read("docs", "results", replica))["summary"][row]
-    over_rigid, n = _paired_difference(row, "mbv2_rigid3_sgd01", study=replica)
-    dk_minus, n_dk = _paired_difference("mbv2_dk_sgd01", row, study=replica)
-    assert n == n_dk == 5
+    summary, over_rigid, dk_minus, n, gain, page, readme = _mobilenet_replica_control(row)
     assert max(dk_minus["differences"]) < 0 and -dk_minus["mean"] > 2 * dk_minus["std"] / n ** 0.5
-    se = over_rigid["std"] / n ** 0.5
-    page = " ".join(_read("docs", "results_classification.md").split())
-    readme = " ".join(_read("README.md").split())
-    assert (f"| `{row}` | 0-4 | {_mean_std(summary['top1'])} | " in page
-            and f"| {_mean_std(over_rigid, signed=True)} (s.e. {se:.1f}; higher on every seed) |" in page)
+    assert f"| `{row}` | 0-4 | {_mean_std(summary['top1'])} | " in page and f"| {gain} |" in page
     per_seed = ", ".join(_signed(d) for d in dk_minus["differences"])
     assert f"DK is **{_mean_std(dk_minus, signed=True)}** below it (s.e. " in page
     assert f"lower on every seed: {per_seed})" in page
