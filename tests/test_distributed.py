@@ -21,6 +21,9 @@ Two cases:
   different images with one object each and a fixed number of proposals per image, so each process
   contributes a different gradient and only their all-reduced average matches the 1-process step.
   Without the all-reduce (``DK_TEST_FAULT=no-allreduce``) the comparison fails.
+
+And the launcher's teardown: a finished worker leaves no process-group thread running for the
+interpreter's finalization to meet (where one that needs the GIL aborts the process).
 """
 import os
 import subprocess
@@ -129,3 +132,58 @@ def test_the_comparison_sees_a_missing_all_reduce(tmp_path):
     # Without the all-reduce every rotation generator tensor's update differs by hundreds of
     # times the tolerance: each one is a mismatch, with a wide margin.
     assert rotations and all(n in mismatches for n in rotations), mismatches
+
+
+def _communicating_work():
+    """What a training run does with the process groups: a DDP step (the world group's gloo
+    threads), ``comm.all_gather`` (Detectron2's cached global gloo group) and the local rank
+    (Detectron2's local group)."""
+    from detectron2.utils import comm
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(torch.nn.Linear(4, 2))
+    model(torch.randn(3, 4)).sum().backward()
+    gathered = comm.all_gather(comm.get_local_rank())
+    assert gathered == [0, 1], gathered
+
+
+def _backend_threads():
+    """Names of this process's threads that belong to a process group or its store."""
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/comm") as handle:
+            names.append(handle.read().strip())
+    return sorted(n for n in names if "gloo" in n or "tcpstore" in n)
+
+
+def _worker_then_report(local_rank, dist_url, output_dir):
+    """Runs one worker of ``launch`` to its end, then writes the backend threads still running
+    (those that interpreter finalization would meet) to ``output_dir/rank{local_rank}.txt``."""
+    from dk_detectron2.engine.launch import DEFAULT_TIMEOUT, _distributed_worker
+
+    during = []
+
+    def work():
+        _communicating_work()
+        during.extend(_backend_threads())
+
+    _distributed_worker(local_rank, work, 2, 2, 0, dist_url, (), DEFAULT_TIMEOUT, "gloo")
+    with open(os.path.join(output_dir, f"rank{local_rank}.txt"), "w") as handle:
+        handle.write(" ".join(during) + "\n" + " ".join(_backend_threads()) + "\n")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names come from /proc")
+@pytest.mark.timeout(300)
+def test_a_finished_worker_leaves_no_process_group_threads_to_interpreter_finalization(tmp_path):
+    """The gloo threads of every process group (world, local, Detectron2's cached gather group)
+    and the store's are gone when a worker returns, so finalization cannot abort in them
+    (SIGABRT after the work finished, when such a thread needs the GIL)."""
+    import torch.multiprocessing as mp
+    from detectron2.engine.launch import _find_free_port
+
+    mp.start_processes(_worker_then_report, nprocs=2,
+                       args=(f"tcp://127.0.0.1:{_find_free_port()}", str(tmp_path)))
+    for rank in (0, 1):
+        during, after = (tmp_path / f"rank{rank}.txt").read_text().split("\n")[:2]
+        assert "pt_gloo_runloop" in during.split(), during  # the check sees the threads it needs to
+        assert after == "", f"rank {rank}: threads still running after the worker: {after}"

@@ -6,6 +6,7 @@ caller (``"gloo"`` for CPU models, ``"nccl"`` for CUDA ones) and otherwise behav
 machine spawns ``num_processes_per_machine`` workers, each joins the process group and calls
 ``main_func(*args)``. With a world size of 1 it just calls ``main_func``.
 """
+import gc
 import logging
 from datetime import timedelta
 
@@ -87,8 +88,22 @@ def _distributed_worker(
         torch.cuda.set_device(local_rank)
     comm.synchronize()
     main_func(*args)
-    # Every rank leaves together and tears its process group down itself: a group left to the
-    # interpreter's teardown can abort in the backend's threads ("terminate called without an
-    # active exception", SIGABRT) after the work has finished.
+    _leave_process_groups()
+
+
+def _leave_process_groups():
+    """Every rank leaves together, and its process groups are freed before the worker returns.
+
+    A group still alive at interpreter finalization is destroyed there, when its backend's threads
+    can no longer take the GIL: the process aborts after its work has finished ("terminate called
+    without an active exception", SIGABRT). ``dist.destroy_process_group`` only unregisters the
+    groups; Detectron2's ``comm`` module keeps two of them alive (the local group, and the cached
+    global gloo group of ``comm.all_gather``), so those references are dropped here too, and the
+    groups' threads are joined now, while the interpreter is whole.
+    """
     comm.synchronize()
     dist.destroy_process_group()
+    comm._LOCAL_PROCESS_GROUP = None
+    comm._get_global_gloo_group.cache_clear()
+    comm.create_local_process_group.cache_clear()  # a later launch in this process makes a new one
+    gc.collect()
