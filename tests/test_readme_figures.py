@@ -548,6 +548,53 @@ def test_the_mobilenet_pipeline_controls_quote_the_study(control, backbone, beyo
     assert sentence in readme_text, sentence
 
 
+SEVEN_SEED_REPORTS = [
+    # (report over seeds 0-6, its five-seed report, DK row, rigid msra row, metric)
+    ("study_pretrained_mbv2_seeds0-6.json", "study_pretrained_mbv2.json", "mbv2_dk_pre01",
+     "mbv2_msra_pre01", "bbox/AP"),
+    ("study_cls_mbv2_replica_seeds0-6.json", "study_cls_mbv2_replica.json", "mbv2_dk_sgd01",
+     "mbv2_rigid3_msra_sgd01", "top1"),
+]
+
+
+@pytest.mark.parametrize("report, five_seed_report, dk_row, rigid_row, metric",
+                         SEVEN_SEED_REPORTS, ids=[r[0] for r in SEVEN_SEED_REPORTS])
+def test_the_seven_seed_mobilenet_reports_extend_the_five_seed_ones(report, five_seed_report,
+                                                                     dk_row, rigid_row, metric):
+    """Seeds 5 and 6 of DK and of the rigid 3x3 at the msra start: each report over seeds 0-6
+    holds the five-seed report's runs of both rows unchanged plus the two new seeds, takes its
+    paired difference against the rigid row, and the results page quotes it (within two
+    standard errors) with the new seeds' differences."""
+    summary = json.loads(_read("docs", "results", report))["summary"]
+    for row in (dk_row, rigid_row):
+        seven, five = (_metric_by_seed(r, row, metric) for r in (report, five_seed_report))
+        assert sorted(seven) == list(range(7)) and all(seven[s] == five[s] for s in five)
+    over, n = _paired_difference(dk_row, rigid_row, study=report, metric=metric)
+    stored = summary[dk_row][f"{metric} - {rigid_row}"]
+    assert n == stored["n"] == 7 and abs(over["mean"] - stored["mean"]) < 1e-9
+    se = over["std"] / n ** 0.5
+    assert abs(over["mean"]) < 2 * se, "within two standard errors"
+    page = " ".join(_read("docs", "results_classification.md").split())
+    new_seeds = ", ".join(_signed(d) for d in over["differences"][5:])
+    unit = "box AP" if metric == "bbox/AP" else "top-1"
+    quoted = f"**{_mean_std(over, signed=True)}** {unit} from"
+    assert quoted in page, quoted
+    assert f"(s.e. {se:.1f}, within" in page
+    own, rigid = (_mean_std(summary[r][metric]) for r in (dk_row, rigid_row))
+    assert f"{own} against {rigid}" in page
+    if metric == "bbox/AP":
+        assert f"over seven (seeds 5 and 6: {new_seeds};" in page, new_seeds
+        mask = _mean_std(summary[dk_row][f"segm/AP - {rigid_row}"], signed=True)
+        assert f"mask {mask}," in page
+        readme = " ".join(_read("README.md").split())
+        assert (f"DK is **{_mean_std(over, signed=True)}** box AP from it (seven paired seeds, "
+                f"within two standard errors; seeds 5 and 6: {new_seeds})") in readme
+    else:
+        assert f"seeds 5 and 6: {new_seeds})" in page, new_seeds
+        readme = " ".join(_read("README.md").split())
+        assert f"its backbone {_mean_std(over, signed=True)} top-1 from the rigid one" in readme
+
+
 def _mobilenet_replica_control(row):
     """A second-CPU MobileNet-V2 classification row: its summary, its paired gain over the rigid
     3x3 and DK's paired difference to it (with the seed count), the table's gain cell, and the
