@@ -575,6 +575,7 @@ def test_the_seven_seed_mobilenet_reports_extend_the_five_seed_ones(report, five
     se = over["std"] / n ** 0.5
     assert abs(over["mean"]) < 2 * se, "within two standard errors"
     page = " ".join(_read("docs", "results_classification.md").split())
+    readme = " ".join(_read("README.md").split())
     new_seeds = ", ".join(_signed(d) for d in over["differences"][5:])
     unit = "box AP" if metric == "bbox/AP" else "top-1"
     quoted = f"**{_mean_std(over, signed=True)}** {unit} from"
@@ -586,12 +587,10 @@ def test_the_seven_seed_mobilenet_reports_extend_the_five_seed_ones(report, five
         assert f"over seven (seeds 5 and 6: {new_seeds};" in page, new_seeds
         mask = _mean_std(summary[dk_row][f"segm/AP - {rigid_row}"], signed=True)
         assert f"mask {mask}," in page
-        readme = " ".join(_read("README.md").split())
         assert (f"DK is **{_mean_std(over, signed=True)}** box AP from it (seven paired seeds, "
                 f"within two standard errors; seeds 5 and 6: {new_seeds})") in readme
     else:
         assert f"seeds 5 and 6: {new_seeds})" in page, new_seeds
-        readme = " ".join(_read("README.md").split())
         assert f"its backbone {_mean_std(over, signed=True)} top-1 from the rigid one" in readme
 
 
@@ -646,4 +645,5 @@ def test_the_mobilenet_rigid5_at_the_msra_start_is_above_dk():
     per_seed = ", ".join(_signed(d) for d in dk_minus["differences"])
     assert f"DK is **{_mean_std(dk_minus, signed=True)}** below it (s.e. " in page
     assert f"lower on every seed: {per_seed})" in page
-    assert f"reaches {_mean_std(summary['top1'])} and DK is **{_mean_std(dk_minus, signed=True)}** below it" in readme
+    assert (f"reaches {_mean_std(summary['top1'])} and DK is "
+            f"**{_mean_std(dk_minus, signed=True)}** below it") in readme
